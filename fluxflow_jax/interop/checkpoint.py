@@ -1,0 +1,329 @@
+"""Reading and writing PyTorch ``fluxflow`` checkpoint files.
+
+Layout written by ``save_fluxflow`` (loadable by ``fluxflow.models.versioning.
+load_versioned_checkpoint`` and by strict ``load_state_dict`` into v030 classes):
+
+    flxflow_final.safetensors   diffuser.compressor.* / diffuser.flow_processor.* /
+                                diffuser.expander.*
+    text_encoder.safetensors    text_encoder.* (language_model.* included)
+    D_img.safetensors           D_img.*
+    model_metadata.json         {"model_version": "0.3.0", "architecture": {...}, ...}
+
+Weights are only ever read from safetensors. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import safetensors.numpy
+from flax import nnx
+
+import fluxflow_jax
+from fluxflow_jax.interop.keymap import COMPONENT_TABLES
+from fluxflow_jax.interop.state import CheckpointError, export_tensors, import_tensors
+from fluxflow_jax.models.bundle import COMPONENT_CLASSES, FluxFlowModels
+from fluxflow_jax.models.config import FluxFlowConfig
+
+MODEL_VERSION = "0.3.0"
+WEIGHT_FILES = ("model.safetensors", "flxflow_final.safetensors")
+TEXT_ENCODER_FILE = "text_encoder.safetensors"
+DISCRIMINATOR_FILE = "D_img.safetensors"
+METADATA_FILE = "model_metadata.json"
+# Non-persistent in current transformers, but files written by transformers < 4.31 hold it.
+_IGNORED_KEYS = {"text_encoder.language_model.embeddings.position_ids"}
+_VAE_COMPONENTS = ("compressor", "flow_processor", "expander")
+
+# Architecture fields the PyTorch loader reads from model_metadata.json (ModelLoaderV03).
+_TORCH_ARCHITECTURE_FIELDS = ("vae_dim", "downscales", "flow_dim", "in_channels", "max_hw",
+                              "vae_attn_layers", "text_embed_dim", "flow_attn_heads",
+                              "flow_transformer_layers", "upscales")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def load_fluxflow(path: str | os.PathLike, *, dtype=None) -> FluxFlowModels:
+    """Load a fluxflow checkpoint (directory or single ``.safetensors`` file) into NNX modules.
+
+    The architecture comes from tensor shapes, completed by ``model_metadata.json`` for the
+    fields shapes cannot tell (``max_hw``, attention head counts). Components absent from the
+    checkpoint are None. Modules are returned in eval mode. ``dtype`` (e.g. ``jnp.float64``)
+    casts every tensor; by default they keep the file's float32.
+    """
+    tensors, metadata, source = _read_checkpoint(Path(path))
+    groups = _split_components(tensors, source)
+    if not groups:
+        raise CheckpointError(f"{source} holds no fluxflow weights (expected keys starting "
+                              "with diffuser.compressor., diffuser.flow_processor., "
+                              "diffuser.expander., text_encoder. or D_img.)")
+    config = infer_config(groups, metadata.get("architecture", {}), source=source)
+    models = FluxFlowModels(config)
+    for name, component_tensors in groups.items():
+        setattr(models, name, component_from_tensors(name, config, component_tensors,
+                                                     source=source, dtype=dtype))
+    return models.eval()
+
+
+def component_from_tensors(name: str, config: FluxFlowConfig,
+                           tensors: Mapping[str, np.ndarray], *, source: str = "state dict",
+                           dtype=None) -> nnx.Module:
+    """Build component ``name`` (in eval mode) from its PyTorch state dict, keys unprefixed.
+
+    The module is created abstractly (no random init) and every variable is then filled.
+    """
+    prefix, build_table = COMPONENT_TABLES[name]
+    module = nnx.eval_shape(lambda: COMPONENT_CLASSES[name](config, rngs=nnx.Rngs(0)))
+    import_tensors(module, build_table(config), tensors, source=f"{source} ({prefix}*)",
+                   dtype=dtype)
+    module.eval()
+    return module
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict, str]:
+    """All tensors of a checkpoint (by full key), its metadata, and a name for messages."""
+    if path.is_dir():
+        weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+        files = [f for f in (weights, path / TEXT_ENCODER_FILE, path / DISCRIMINATOR_FILE)
+                 if f is not None and f.is_file()]
+        if not files:
+            raise CheckpointError(
+                f"{path} holds no checkpoint: expected {' or '.join(WEIGHT_FILES)}, "
+                f"{TEXT_ENCODER_FILE} or {DISCRIMINATOR_FILE}")
+        metadata_path = path / METADATA_FILE
+    elif path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: weights are only read from .safetensors files")
+        files, metadata_path = [path], path.parent / METADATA_FILE
+    else:
+        raise CheckpointError(f"{path} does not exist")
+    tensors: dict[str, np.ndarray] = {}
+    for file in files:
+        for key, value in _load_safetensors(file).items():
+            if key in tensors:
+                raise CheckpointError(f"key '{key}' appears in more than one file of {path}")
+            tensors[key] = value
+    return tensors, _read_metadata(metadata_path), str(path)
+
+
+def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
+    try:
+        return safetensors.numpy.load_file(str(file))
+    except Exception as err:  # the library raises several types for corrupt headers
+        raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from err
+
+
+def _read_metadata(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from err
+    version = metadata.get("model_version", MODEL_VERSION)
+    if not str(version).startswith("0.3."):
+        raise CheckpointError(
+            f"{path} declares model_version {version!r}; fluxflow-jax implements the v030 "
+            "architecture (model_version 0.3.x)")
+    return metadata
+
+
+def _split_components(tensors: Mapping[str, np.ndarray],
+                      source: str) -> dict[str, dict[str, np.ndarray]]:
+    """Group tensors by component, keys stripped of their prefix.
+
+    As in the reference loader, VAE/flow keys are read behind ``diffuser.`` when any key has
+    that prefix, and bare (``compressor.*``) otherwise.
+    """
+    prefixed = any(k.startswith("diffuser.") for k in tensors)
+    prefixes = {name: (prefix if prefixed or name not in _VAE_COMPONENTS
+                       else prefix.removeprefix("diffuser."))
+                for name, (prefix, _) in COMPONENT_TABLES.items()}
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    unexpected = []
+    for key, value in tensors.items():
+        if key in _IGNORED_KEYS:
+            continue
+        name = next((n for n, p in prefixes.items() if key.startswith(p)), None)
+        if name is None:
+            unexpected.append(key)
+        else:
+            groups.setdefault(name, {})[key[len(prefixes[name]):]] = value
+    if unexpected:
+        shown = ", ".join(f"'{k}'" for k in sorted(unexpected)[:10])
+        more = f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""
+        raise CheckpointError(f"{source}: unexpected keys {shown}{more} (not part of any "
+                              "fluxflow v030 component)")
+    return groups
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _count(keys, pattern: str) -> int:
+    regex = re.compile(pattern)
+    return len({m.group(1) for k in keys if (m := regex.fullmatch(k))})
+
+
+def _shape_facts(groups: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, list[int]]:
+    """Architecture fields each component's shapes imply (a field may be implied twice)."""
+    facts: dict[str, list[int]] = {}
+    add = lambda field, value: facts.setdefault(field, []).append(int(value))
+    if (c := groups.get("compressor")) and "latent_proj.0.0.weight" in c:
+        add("vae_dim", c["latent_proj.0.0.weight"].shape[0] // 5)
+        add("in_channels", c["encoder_first_step.0.0.weight"].shape[1] - 2)
+        add("downscales", _count(c, r"encoder_z\.(\d+)\.0\.weight"))
+        add("vae_attn_layers", _count(c, r"token_attn\.(\d+)\.attn\.in_proj_weight"))
+    if (f := groups.get("flow_processor")) and "vae_to_dmodel.weight" in f:
+        flow_dim, vae_dim = f["vae_to_dmodel.weight"].shape
+        add("flow_dim", flow_dim)
+        add("vae_dim", vae_dim)
+        add("text_embed_dim", f["text_proj.weight"].shape[1])
+        add("flow_transformer_layers", _count(f, r"transformer_blocks\.(\d+)\.self_attn\."
+                                                 r"q_proj\.weight"))
+        add("time_steps", f["time_embed.0.weight"].shape[0])
+        if "transformer_blocks.0.rotary_pe.inv_freq" in f:
+            add("flow_attn_heads",
+                flow_dim // (2 * f["transformer_blocks.0.rotary_pe.inv_freq"].shape[0]))
+    if (e := groups.get("expander")) and "to_rgb_conv.0.weight" in e:
+        add("vae_dim", e["to_rgb_conv.0.weight"].shape[1])
+        add("in_channels", e["to_rgb_conv.6.weight"].shape[0])
+        add("upscales", _count(e, r"upscale\.layers\.(\d+)\.conv1\.0\.weight"))
+        if "upscale.layers.0.spade.mlp_shared.0.weight" in e:
+            add("spade_hidden", e["upscale.layers.0.spade.mlp_shared.0.weight"].shape[0])
+    if (t := groups.get("text_encoder")) and "ouput_layer.3.weight" in t:
+        words = t.get("language_model.embeddings.word_embeddings.weight")
+        if words is not None:
+            add("text_vocab_size", words.shape[0])
+            add("text_dim", words.shape[1])
+        positions = t.get("language_model.embeddings.position_embeddings.weight")
+        if positions is not None:
+            add("text_max_positions", positions.shape[0])
+        add("text_layers", _count(t, r"language_model\.transformer\.layer\.(\d+)\.attention\."
+                                     r"q_lin\.weight"))
+        if "language_model.transformer.layer.0.ffn.lin1.weight" in t:
+            add("text_hidden_dim", t["language_model.transformer.layer.0.ffn.lin1.weight"]
+                .shape[0])
+        add("text_head_width", t["ouput_layer.3.weight"].shape[1])
+        add("text_embed_dim", t["ouput_layer.4.weight"].shape[0] // 5)
+    if (d := groups.get("discriminator")) and "backbone.0.0.weight_orig" in d:
+        add("disc_base_channels", d["backbone.0.0.weight_orig"].shape[0])
+        add("disc_depth", _count(d, r"backbone\.(\d+)\.conv1\.0\.weight_orig"))
+        add("disc_ctx_dim", d["ctx_proj.0.weight_orig"].shape[1]
+            if "ctx_proj.0.weight_orig" in d else 0)
+    return facts
+
+
+def infer_config(groups: Mapping[str, Mapping[str, np.ndarray]], architecture: Mapping[str, Any],
+                 *, source: str = "checkpoint") -> FluxFlowConfig:
+    """The ``FluxFlowConfig`` of a checkpoint: shapes first, metadata for the rest.
+
+    A metadata field or a pair of components that disagree with the shapes is an error.
+    """
+    known = {f.name for f in FluxFlowConfig.__dataclass_fields__.values()}
+    fields: dict[str, Any] = {k: v for k, v in architecture.items() if k in known}
+    problems = []
+    for field, values in _shape_facts(groups).items():
+        if len(set(values)) > 1:
+            problems.append(f"components disagree on {field}: {sorted(set(values))}")
+            continue
+        if field in fields and fields[field] != values[0]:
+            problems.append(f"{METADATA_FILE} says {field}={fields[field]} but the weights "
+                            f"have {values[0]}")
+        fields[field] = values[0]
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+    if fields.get("disc_ctx_dim") == fields.get("vae_dim", FluxFlowConfig.vae_dim):
+        fields["disc_ctx_dim"] = None  # the canonical spelling of "conditioned on the latent"
+    try:
+        return FluxFlowConfig(**fields)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def save_fluxflow(path: str | os.PathLike, models: FluxFlowModels, *,
+                  weights_name: str = "flxflow_final.safetensors",
+                  training_info: Mapping[str, Any] | None = None) -> Path:
+    """Write ``models`` as a PyTorch-loadable fluxflow checkpoint directory (see module doc).
+
+    Only the components present are written; the VAE/flow file needs all three of
+    compressor, flow processor and expander, as the PyTorch pipeline does.
+    """
+    out = Path(path)
+    present = models.present()
+    vae_parts = [n for n in _VAE_COMPONENTS if n in present]
+    if vae_parts and len(vae_parts) != len(_VAE_COMPONENTS):
+        missing = sorted(set(_VAE_COMPONENTS) - set(vae_parts))
+        raise ValueError(f"cannot write {weights_name} without {missing}: the PyTorch "
+                         "pipeline needs compressor, flow_processor and expander together")
+    payloads: dict[str, bytes] = {}
+    if vae_parts:
+        payloads[weights_name] = _serialize(models, _VAE_COMPONENTS)
+    if "text_encoder" in present:
+        payloads[TEXT_ENCODER_FILE] = _serialize(models, ("text_encoder",))
+    if "discriminator" in present:
+        payloads[DISCRIMINATOR_FILE] = _serialize(models, ("discriminator",))
+    if vae_parts:
+        payloads[METADATA_FILE] = json.dumps(
+            _metadata(models.config, payloads[weights_name], training_info), indent=2).encode()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in payloads.items():
+        atomic_write(out / name, data)
+    return out
+
+
+def _serialize(models: FluxFlowModels, components: tuple[str, ...]) -> bytes:
+    tensors: dict[str, np.ndarray] = {}
+    for name in components:
+        prefix, build_table = COMPONENT_TABLES[name]
+        tensors.update(export_tensors(getattr(models, name), build_table(models.config),
+                                      prefix))
+    return safetensors.numpy.save(tensors, metadata={"format": "pt"})
+
+
+def _metadata(config: FluxFlowConfig, weights: bytes,
+              training_info: Mapping[str, Any] | None) -> dict:
+    fields = {f: getattr(config, f) for f in config.__dataclass_fields__}
+    return {
+        "model_version": MODEL_VERSION,
+        "library_version": f"fluxflow-jax {fluxflow_jax.__version__}",
+        # The PyTorch loader's fields first; the rest describe the full JAX config.
+        "architecture": {**{f: fields.pop(f) for f in _TORCH_ARCHITECTURE_FIELDS}, **fields},
+        "components": {"compressor": "FluxCompressor", "flow_processor": "FluxFlowProcessor",
+                       "expander": "FluxExpander"},
+        "training_info": dict(training_info or {}),
+        "checksum": {"weights_hash": hashlib.sha256(weights).hexdigest(),
+                     "algorithm": "sha256"},
+    }
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new
+    one, never a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

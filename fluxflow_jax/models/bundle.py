@@ -1,0 +1,60 @@
+"""``FluxFlowModels``: the set of networks that make up one FluxFlow model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flax import nnx
+
+from fluxflow_jax.models.compressor import FluxCompressor
+from fluxflow_jax.models.config import FluxFlowConfig
+from fluxflow_jax.models.discriminator import PatchDiscriminator
+from fluxflow_jax.models.expander import FluxExpander
+from fluxflow_jax.models.flow import FluxFlowProcessor
+from fluxflow_jax.models.text_encoder import BertTextEncoder
+
+COMPONENT_CLASSES: dict[str, type[nnx.Module]] = {
+    "compressor": FluxCompressor,
+    "flow_processor": FluxFlowProcessor,
+    "expander": FluxExpander,
+    "text_encoder": BertTextEncoder,
+    "discriminator": PatchDiscriminator,
+}
+COMPONENTS = tuple(COMPONENT_CLASSES)
+
+
+@dataclass
+class FluxFlowModels:
+    """The networks of one model; a component a checkpoint does not hold is None."""
+
+    config: FluxFlowConfig
+    compressor: FluxCompressor | None = None
+    flow_processor: FluxFlowProcessor | None = None
+    expander: FluxExpander | None = None
+    text_encoder: BertTextEncoder | None = None
+    discriminator: PatchDiscriminator | None = None
+
+    @classmethod
+    def create(cls, config: FluxFlowConfig, rngs: nnx.Rngs,
+               components: tuple[str, ...] = COMPONENTS) -> "FluxFlowModels":
+        """Freshly initialised networks (PyTorch-style init) for the named components."""
+        unknown = set(components) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown components {sorted(unknown)}; valid: {list(COMPONENTS)}")
+        return cls(config, **{name: COMPONENT_CLASSES[name](config, rngs=rngs)
+                              for name in components})
+
+    def present(self) -> dict[str, nnx.Module]:
+        """The components that exist, by name."""
+        return {name: getattr(self, name) for name in COMPONENTS
+                if getattr(self, name) is not None}
+
+    def eval(self) -> "FluxFlowModels":
+        for module in self.present().values():
+            module.eval()
+        return self
+
+    def train(self) -> "FluxFlowModels":
+        for module in self.present().values():
+            module.train()
+        return self

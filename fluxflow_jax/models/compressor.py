@@ -1,0 +1,125 @@
+"""FluxCompressor: the VAE encoder (architecture v030 of fluxflow 0.8.1).
+
+Images (NHWC, [-1, 1]) plus two coordinate channels go through ``downscales`` stride-2
+stages of Bezier-activated convolutions; the latent grid is projected to a mean and a
+log-variance, sampled, flattened into tokens, given position information and refined by
+self-attention. The result is packed with a trailing "hw token" that records the grid size.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fluxflow_jax.models import layers
+from fluxflow_jax.models.bezier import TrainableBezier, bezier_activation
+from fluxflow_jax.models.config import FluxFlowConfig
+from fluxflow_jax.models.geometry import coordinate_channels, hw_token, sincos_table_2d
+
+
+class Encoded(NamedTuple):
+    """Compressor output with the posterior, for the KL term."""
+
+    packed: jax.Array  # [B, T+1, D]
+    mu: jax.Array  # [B, h, w, D]
+    logvar: jax.Array  # [B, h, w, D]
+
+
+class TokenAttentionBlock(nnx.Module):
+    """Pre-norm self-attention plus a Bezier feed-forward (``nn.MultiheadAttention`` math)."""
+
+    def __init__(self, dim: int, heads: int, ff_mult: int, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.norm1 = layers.layer_norm(dim, rngs=rngs)
+        self.in_proj = nnx.Linear(dim, 3 * dim, kernel_init=nnx.initializers.xavier_uniform(),
+                                  rngs=rngs)
+        self.out_proj = layers.linear(dim, dim, rngs=rngs)
+        self.out_proj.bias[...] = jnp.zeros_like(self.out_proj.bias[...])
+        self.norm2 = layers.layer_norm(dim, rngs=rngs)
+        self.ff_in = layers.linear(dim, 5 * dim * ff_mult, rngs=rngs)
+        self.ff_out = layers.linear(dim * ff_mult, dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q, k, v = jnp.split(self.in_proj(self.norm1(x)), 3, axis=-1)
+        x = x + self.out_proj(layers.attention(q, k, v, self.heads))
+        hidden = bezier_activation(self.ff_in(self.norm2(x)), "sigmoid", "silu")
+        return x + self.ff_out(hidden)
+
+
+class FluxCompressor(nnx.Module):
+    def __init__(self, config: FluxFlowConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c, dim = config.compressor_channels, config.vae_dim
+        self.encoder_first_step = nnx.List([
+            layers.conv(c[i], 5 * c[i + 1], 3, padding=1, use_bias=False, rngs=rngs)
+            for i in range(config.downscales)])
+        self.encoder_z = nnx.List([
+            layers.conv(c[i + 1], 5 * c[i + 1], 8, stride=2, padding=3, rngs=rngs)
+            for i in range(config.downscales)])
+        self.latent_proj = nnx.List([layers.conv(c[-1] if i == 0 else dim, 5 * dim, 1,
+                                                 rngs=rngs) for i in range(2)])
+        self.mu_proj = nnx.List([layers.conv(dim, 5 * dim, 1, rngs=rngs) for _ in range(2)])
+        self.logvar_proj = nnx.List([layers.conv(dim, 5 * dim, 1, rngs=rngs)
+                                     for _ in range(2)])
+        self.mu_activation = TrainableBezier(dim, (-0.5, -0.1, 0.1, 0.5))
+        self.logvar_activation = TrainableBezier(dim, (-1.0, -0.2, 0.2, 1.0))
+        self.token_attn = nnx.List([
+            TokenAttentionBlock(dim, config.vae_attn_heads, config.vae_ff_mult, rngs=rngs)
+            for _ in range(config.vae_attn_layers)])
+
+    def encode(self, images: jax.Array, *, noise: jax.Array | None = None,
+               key: jax.Array | None = None) -> Encoded:
+        """Encode images [B, H, W, C] and sample z = mu + noise * exp(logvar / 2).
+
+        The reparameterisation noise [B, h, w, D] is either given or drawn from ``key``;
+        exactly one of them must be passed.
+        """
+        b, height, width, _ = images.shape
+        x = jnp.concatenate([images, coordinate_channels(b, height, width, images.dtype)], -1)
+        for first, down in zip(self.encoder_first_step, self.encoder_z):
+            x = bezier_activation(first(x), "tanh", "silu")
+            x = bezier_activation(down(x), "tanh", "silu")
+        latent = x
+        for proj in self.latent_proj:
+            latent = bezier_activation(proj(latent), "tanh", "silu")
+        mu, logvar = latent, latent
+        for mu_proj, logvar_proj in zip(self.mu_proj, self.logvar_proj):
+            mu = bezier_activation(mu_proj(mu), "sigmoid", "silu")
+            logvar = bezier_activation(logvar_proj(logvar), "sigmoid", "silu")
+        mu, logvar = self.mu_activation(mu), self.logvar_activation(logvar)
+
+        noise = self._reparameterisation_noise(noise, key, mu)
+        z = mu + noise * jnp.exp(0.5 * logvar)
+
+        _, h, w, dim = latent.shape
+        tokens = (z.reshape(b, h * w, dim) + sincos_table_2d(h, w, dim, z.dtype)[None]
+                  + latent.reshape(b, h * w, dim))
+        for block in self.token_attn:
+            tokens = block(tokens)
+        hw = hw_token(b, h, w, dim, self.config.max_hw, tokens.dtype)
+        return Encoded(jnp.concatenate([tokens, hw], axis=1), mu, logvar)
+
+    def __call__(self, images: jax.Array, *, noise: jax.Array | None = None,
+                 key: jax.Array | None = None) -> jax.Array:
+        """Packed latent tokens [B, h*w + 1, vae_dim] for images [B, H, W, C] in [-1, 1]."""
+        return self.encode(images, noise=noise, key=key).packed
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int]:
+        """Latent grid (h, w) for an image size: each stage maps n to (n - 2) // 2 + 1."""
+        for _ in range(self.config.downscales):
+            height, width = (height - 2) // 2 + 1, (width - 2) // 2 + 1
+        return height, width
+
+    @staticmethod
+    def _reparameterisation_noise(noise, key, mu: jax.Array) -> jax.Array:
+        if (noise is None) == (key is None):
+            raise ValueError("FluxCompressor needs exactly one of noise= (an array shaped "
+                             f"like the latent, {mu.shape}) or key= (a PRNG key)")
+        if noise is None:
+            return jax.random.normal(key, mu.shape, mu.dtype)
+        if noise.shape != mu.shape:
+            raise ValueError(f"noise has shape {noise.shape}; the latent is {mu.shape}")
+        return noise.astype(mu.dtype)

@@ -1,0 +1,107 @@
+"""One dataclass holding every architecture field of the FluxFlow networks.
+
+Defaults are the reference *training* defaults (fluxflow-training 0.2.x with fluxflow 0.8.1
+architecture v030): VAE latent width 128, flow width 128, text embedding 1024, 4 down/up
+scales, 4 compressor attention layers, 10 flow blocks. That pipeline has 111,437,592
+parameters (compressor + flow processor + expander).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FluxFlowConfig:
+    # VAE (compressor / expander)
+    in_channels: int = 3
+    vae_dim: int = 128
+    downscales: int = 4
+    upscales: int = 4
+    max_hw: int = 1024
+    vae_attn_layers: int = 4
+    vae_attn_heads: int = 8
+    vae_ff_mult: int = 2
+    spade_hidden: int = 128
+    # Flow transformer
+    flow_dim: int = 128
+    flow_attn_heads: int = 8
+    flow_transformer_layers: int = 10
+    text_embed_dim: int = 1024
+    time_steps: int = 1000
+    # Text encoder (DistilBERT + output head)
+    text_vocab_size: int = 30522
+    text_dim: int = 768
+    text_layers: int = 6
+    text_heads: int = 12
+    text_hidden_dim: int = 3072
+    text_max_positions: int = 512
+    text_head_width: int = 512
+    text_dropout: float = 0.1
+    text_attention_dropout: float = 0.1
+    # Discriminator (spectral-norm PatchDiscriminator of the training framework)
+    disc_base_channels: int = 64
+    disc_depth: int = 4
+    disc_ctx_dim: int | None = field(default=None)  # None: the VAE latent width
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("invalid FluxFlowConfig: " + "; ".join(problems))
+
+    @property
+    def ctx_tokens(self) -> int:
+        """Tokens the flow processor mixes as context; the reference forces it to downscales."""
+        return self.downscales
+
+    @property
+    def discriminator_ctx_dim(self) -> int:
+        return self.vae_dim if self.disc_ctx_dim is None else self.disc_ctx_dim
+
+    def problems(self) -> list[str]:
+        """Every inconsistency in the fields, each phrased with its fix."""
+        out = []
+        for name in ("in_channels", "vae_dim", "downscales", "upscales", "max_hw",
+                     "vae_attn_heads", "flow_dim", "flow_attn_heads", "text_embed_dim",
+                     "text_dim", "text_heads", "text_layers", "disc_base_channels"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if out:
+            return out
+        if self.vae_dim % self.vae_attn_heads:
+            out.append(f"vae_dim ({self.vae_dim}) must be divisible by vae_attn_heads "
+                       f"({self.vae_attn_heads})")
+        if self.vae_dim % 2:
+            out.append(f"vae_dim ({self.vae_dim}) must be even (2-D sin/cos position table)")
+        if self.flow_dim % self.flow_attn_heads:
+            out.append(f"flow_dim ({self.flow_dim}) must be divisible by flow_attn_heads "
+                       f"({self.flow_attn_heads})")
+        elif (self.flow_dim // self.flow_attn_heads) % 2:
+            out.append(f"flow head width flow_dim/flow_attn_heads "
+                       f"({self.flow_dim // self.flow_attn_heads}) must be even for rotary "
+                       "embeddings")
+        if self.flow_dim % max(1, self.flow_dim // 128):
+            out.append(f"flow_dim ({self.flow_dim}) must be divisible by max(1, flow_dim//128)")
+        if self.vae_dim % max(4, self.vae_dim // 64):
+            out.append(f"vae_dim ({self.vae_dim}) must be divisible by max(4, vae_dim//64) "
+                       "(the expander's context mixer heads)")
+        if self.text_dim % self.text_heads:
+            out.append(f"text_dim ({self.text_dim}) must be divisible by text_heads "
+                       f"({self.text_heads})")
+        return out
+
+    def replace(self, **changes) -> "FluxFlowConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def compressor_channels(self) -> list[int]:
+        """Channel widths of the encoder stages, as the reference computes them.
+
+        The reference rounds float32 ``torch.linspace`` values with Python's round-half-even,
+        so d_model=128 gives [5, 36, 66, 97, 128] (66.5 rounds down).
+        """
+        from fluxflow_jax.models.geometry import torch_linspace
+
+        start, end = self.in_channels + 2, max(self.vae_dim, 8)
+        return [int(round(float(c))) for c in torch_linspace(start, end, self.downscales + 1)]

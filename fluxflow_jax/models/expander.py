@@ -1,0 +1,73 @@
+"""FluxExpander: the VAE decoder (architecture v030 of fluxflow 0.8.1).
+
+Latent tokens are laid back onto their grid and doubled in size ``upscales`` times by
+residual blocks (SPADE conditioned on the latent grid itself, a stride-2 16x16 transposed
+convolution, a dilated convolution), then mapped to RGB and squashed by a learned Bezier.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fluxflow_jax.models import layers
+from fluxflow_jax.models.bezier import TrainableBezier, bezier_activation
+from fluxflow_jax.models.conditioning import SPADE, ContextAttentionMixer
+from fluxflow_jax.models.config import FluxFlowConfig
+from fluxflow_jax.models.geometry import latent_grid
+
+
+class ResidualUpsampleBlock(nnx.Module):
+    def __init__(self, channels: int, context_channels: int, spade_hidden: int, *,
+                 rngs: nnx.Rngs):
+        self.spade = SPADE(context_channels, channels, hidden=spade_hidden, rngs=rngs)
+        self.upsample = layers.conv_transpose(channels, 5 * channels, 16, stride=2, padding=7,
+                                              rngs=rngs)
+        self.refine = layers.conv(channels, 5 * channels, 5, padding=4, dilation=2, rngs=rngs)
+
+    def __call__(self, x: jax.Array, context: jax.Array | None) -> jax.Array:
+        """[B, H, W, C] -> [B, 2H, 2W, C]; with context None, SPADE is skipped entirely."""
+        y = x if context is None else self.spade(x, context)
+        y = bezier_activation(self.upsample(y), "tanh", "silu")
+        y = bezier_activation(self.refine(y), "tanh", "silu")
+        skip = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return y + 0.1 * skip
+
+
+class FluxExpander(nnx.Module):
+    def __init__(self, config: FluxFlowConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dim = config.vae_dim
+        self.upscale = nnx.List([
+            ResidualUpsampleBlock(dim, dim, config.spade_hidden, rngs=rngs)
+            for _ in range(config.upscales)])
+        # Present in the v030 checkpoint layout but never used by its forward pass.
+        self.context_mixer = ContextAttentionMixer(dim, max(4, dim // 64), rngs=rngs)
+        self.rgb_conv1 = layers.conv(dim, 96, 3, padding=1, rngs=rngs)
+        self.rgb_norm1 = layers.group_norm(96, 8, rngs=rngs)
+        self.rgb_conv2 = layers.conv(96, 48, 3, padding=1, rngs=rngs)
+        self.rgb_norm2 = layers.group_norm(48, 8, rngs=rngs)
+        self.rgb_conv3 = layers.conv(48, config.in_channels, 1, rngs=rngs)
+        self.rgb_activation = TrainableBezier(config.in_channels, (-0.5, -0.05, 0.05, 0.5))
+
+    def __call__(self, packed: jax.Array, use_context: bool = True,
+                 hw: tuple[int, int] | None = None) -> jax.Array:
+        """Images [B, h*2^U, w*2^U, C] (roughly in [-0.5, 0.5] at init, not clamped).
+
+        ``hw`` is the latent grid; by default it is read from the hw token, which needs a
+        concrete ``packed`` (pass it explicitly under ``jit``).
+        """
+        h, w = hw if hw is not None else latent_grid(packed, self.config.max_hw)
+        b, tokens, dim = packed.shape
+        if h * w > tokens - 1:
+            raise ValueError(f"latent grid {h}x{w} needs {h * w} tokens; packed has "
+                             f"{tokens - 1}")
+        feat = packed[:, : h * w].reshape(b, h, w, dim)
+        context = feat if use_context else None
+        x = feat
+        for block in self.upscale:
+            x = block(x, context)
+        x = jax.nn.silu(self.rgb_norm1(self.rgb_conv1(x)))
+        x = jax.nn.silu(self.rgb_norm2(self.rgb_conv2(x)))
+        return self.rgb_activation(self.rgb_conv3(x))

@@ -1,0 +1,171 @@
+"""FluxFlowProcessor: the flow transformer (architecture v030 of fluxflow 0.8.1).
+
+It predicts, for noisy latent tokens, a v-prediction conditioned on a pooled text embedding
+and a timestep. Blocks carry four "pillar" streams that feed a Bezier activation; a
+convolutional side branch on the final tokens updates the first ``ctx_tokens`` outputs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fluxflow_jax.models import layers
+from fluxflow_jax.models.bezier import TrainableBezier, bezier_activation
+from fluxflow_jax.models.conditioning import ContextAttentionMixer, GatedContextInjection
+from fluxflow_jax.models.config import FluxFlowConfig
+from fluxflow_jax.models.geometry import coordinate_channels, latent_grid
+
+
+def rotary_inv_freq(head_dim: int) -> np.ndarray:
+    half = head_dim // 2
+    return (1.0 / (10000 ** (np.arange(half, dtype=np.float32) / np.float32(half)))).astype(
+        np.float32)
+
+
+def rotary_tables(inv_freq: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) [S, dh]: angles pos * inv_freq, each repeated twice (interleaved)."""
+    angles = jnp.arange(length, dtype=inv_freq.dtype)[:, None] * inv_freq[None, :]
+    return jnp.repeat(jnp.sin(angles), 2, -1), jnp.repeat(jnp.cos(angles), 2, -1)
+
+
+def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """x * cos + [-x2, x1] * sin with x1/x2 the two halves of the head axis.
+
+    Half-split rotation with interleaved frequencies: unusual, but it is the reference.
+    x is [B, S, heads, dh].
+    """
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class ParallelAttention(nnx.Module):
+    """Attention with queries from one sequence and keys/values (one fused kv projection)
+    from another, both rotated by their own positions."""
+
+    def __init__(self, d_model: int, heads: int, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.q_proj = layers.linear(d_model, d_model, xavier=True, rngs=rngs)
+        self.kv_proj = layers.linear(d_model, 2 * d_model, xavier=True, rngs=rngs)
+        self.out_proj = layers.linear(d_model, d_model, xavier=True, rngs=rngs)
+
+    def __call__(self, x_q, x_kv, rope_q, rope_k) -> jax.Array:
+        b, sq, d = x_q.shape
+        heads = lambda x: x.reshape(x.shape[0], x.shape[1], self.heads, d // self.heads)
+        k, v = jnp.split(self.kv_proj(x_kv), 2, axis=-1)
+        q = apply_rotary(heads(self.q_proj(x_q)), *rope_q)
+        k = apply_rotary(heads(k), *rope_k)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d // self.heads) ** -0.5
+        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), heads(v))
+        return self.out_proj(out.reshape(b, sq, d))
+
+
+class Pillar(nnx.Module):
+    """``depth`` x (Linear, SiLU), SiLU after the last layer too."""
+
+    def __init__(self, d_model: int, depth: int = 3, *, rngs: nnx.Rngs):
+        self.layers = nnx.List([layers.linear(d_model, d_model, xavier=True, rngs=rngs)
+                                for _ in range(depth)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = jax.nn.silu(layer(x))
+        return x
+
+
+class FluxTransformerBlock(nnx.Module):
+    def __init__(self, d_model: int, heads: int, *, rngs: nnx.Rngs):
+        self.self_attn = ParallelAttention(d_model, heads, rngs=rngs)
+        self.cross_attn = ParallelAttention(d_model, heads, rngs=rngs)
+        self.norm1 = layers.layer_norm(d_model, rngs=rngs)
+        self.norm2 = layers.layer_norm(d_model, rngs=rngs)
+        self.norm3 = layers.layer_norm(d_model, rngs=rngs)
+        self.pillars = nnx.List([Pillar(d_model, rngs=rngs) for _ in range(4)])
+        self.ffn = layers.linear(d_model, d_model, xavier=True, rngs=rngs)
+        self.inv_freq = layers.Buffer(jnp.asarray(rotary_inv_freq(d_model // heads)))
+
+    def __call__(self, img, txt, rope_img, rope_txt, previous_pillars):
+        normed = self.norm1(img)
+        img = img + self.self_attn(normed, normed, rope_img, rope_img)
+        img = img + self.cross_attn(self.norm2(img), self.norm2(txt), rope_img, rope_txt)
+        gate = jax.nn.sigmoid(img)
+        pillars = [pillar(gate if prev is None else gate * prev)
+                   for pillar, prev in zip(self.pillars, previous_pillars)]
+        img = img + self.ffn(self.norm3(img))
+        img = bezier_activation(jnp.concatenate([img, *pillars], axis=-1), "sigmoid", None)
+        return img, pillars
+
+
+class FluxFlowProcessor(nnx.Module):
+    def __init__(self, config: FluxFlowConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        df, dv, emb = config.flow_dim, config.vae_dim, config.text_embed_dim
+        self.vae_to_dmodel = layers.linear(dv, df, rngs=rngs)
+        self.dmodel_to_vae = layers.linear(df, dv, rngs=rngs)
+        self.ctx_mixer = ContextAttentionMixer(df, max(1, df // 128), rngs=rngs)
+        self.text_proj = layers.linear(emb, df, rngs=rngs)
+        self.time_embedding = layers.embed(config.time_steps, df, rngs=rngs)
+        self.time_norm = layers.layer_norm(df, rngs=rngs)
+        self.time_activation = TrainableBezier(df)
+        self.time_proj = layers.linear(df, emb, rngs=rngs)
+        self.context_injection = GatedContextInjection(df, df, rngs=rngs)
+        self.transformer_blocks = nnx.List([
+            FluxTransformerBlock(df, config.flow_attn_heads, rngs=rngs)
+            for _ in range(config.flow_transformer_layers)])
+        self.predictor_conv1 = layers.conv(df, df, 5, padding=2, rngs=rngs)
+        self.predictor_activation = TrainableBezier(df, torch_shape=(df, 1, 1))
+        self.predictor_conv2 = layers.conv(df, df, 3, padding=1, rngs=rngs)
+        self.context_conv = layers.conv(df + 2, df, 7, padding=3, rngs=rngs)
+        self.context_activation = TrainableBezier(df, torch_shape=(df, 1, 1))
+
+    def time_conditioning(self, timesteps: jax.Array) -> jax.Array:
+        """[B, text_embed_dim] embedding of t in [0, 1] (index trunc(t * 999), clamped)."""
+        last = self.config.time_steps - 1
+        index = jnp.clip(jnp.trunc(timesteps * last), 0, last).astype(jnp.int32)
+        x = self.time_activation(self.time_norm(self.time_embedding(index)))
+        return self.time_proj(x)
+
+    def __call__(self, packed: jax.Array, text_embeddings: jax.Array, timesteps: jax.Array,
+                 hw: tuple[int, int] | None = None) -> jax.Array:
+        """v-prediction for the image tokens of ``packed`` [B, T+1, Dv]; hw token kept.
+
+        ``timesteps`` [B] are floats in [0, 1]. ``hw`` is the latent grid (read from the hw
+        token when omitted, which needs a concrete ``packed``).
+        """
+        h, w = hw if hw is not None else latent_grid(packed, self.config.max_hw)
+        tokens, hw_vec = packed[:, :-1], packed[:, -1:]
+        b, t_len, _ = tokens.shape
+        x = self.vae_to_dmodel(tokens)
+        context, _ = self.ctx_mixer(x[:, : min(self.config.ctx_tokens, t_len)])
+        cond = text_embeddings + self.time_conditioning(timesteps)
+        txt = self.text_proj(cond)[:, None]
+
+        inv_freq = self.transformer_blocks[0].inv_freq[...].astype(x.dtype)
+        rope_img, rope_txt = rotary_tables(inv_freq, t_len), rotary_tables(inv_freq, 1)
+        pillars = [None] * 4
+        for block in self.transformer_blocks:
+            x = self.context_injection(x, context)
+            x, pillars = block(x, txt, rope_img, rope_txt, pillars)
+            context = context + x.mean(axis=1)
+        out = self.dmodel_to_vae(x)
+        out = out + self._side_branch_update(x, h, w)
+        return jnp.concatenate([out, hw_vec], axis=1)
+
+    def _side_branch_update(self, x: jax.Array, h: int, w: int) -> jax.Array:
+        """Convolutional read-out of the token grid, added to the first ctx_tokens tokens."""
+        b, t_len, df = x.shape
+        valid = min(h * w, t_len)
+        if valid < h * w:
+            h = int(valid**0.5)
+            w = valid // h
+        grid = x[:, :valid].reshape(b, h, w, df)
+        flow = self.predictor_conv2(self.predictor_activation(self.predictor_conv1(grid)))
+        flow = jnp.concatenate([flow, coordinate_channels(b, h, w, flow.dtype)], axis=-1)
+        pooled = self.context_activation(self.context_conv(flow)).mean(axis=(1, 2))
+        update = self.dmodel_to_vae(pooled)
+        k = min(self.config.ctx_tokens, valid)
+        mask = (jnp.arange(t_len) < k).astype(update.dtype)
+        return mask[None, :, None] * update[:, None, :]

@@ -1,0 +1,98 @@
+"""Flax NNX building blocks configured to behave like their PyTorch counterparts.
+
+Inputs are NHWC. Each constructor reproduces PyTorch's default initialisation (or the
+reference's xavier init where it uses one) and PyTorch's numerics: LayerNorm/GroupNorm
+epsilon and exact (two-pass) variance, symmetric explicit padding, and ConvTranspose with
+PyTorch's [in, out, kh, kw] kernel semantics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Buffer(nnx.Variable):
+    """A fixed, non-trainable array that is still part of the serialised state
+    (PyTorch's persistent buffers, e.g. the rotary ``inv_freq``)."""
+
+
+def _uniform(bound: float) -> nnx.Initializer:
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _torch_default_inits(fan_in: int, xavier: bool):
+    """(kernel_init, bias_init): PyTorch's kaiming-uniform(a=sqrt 5) or the reference's
+    xavier-uniform with zero bias."""
+    if xavier:
+        return nnx.initializers.xavier_uniform(), nnx.initializers.zeros_init()
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    return _uniform(bound), _uniform(bound)
+
+
+def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, xavier: bool = False,
+           use_bias: bool = True) -> nnx.Linear:
+    kernel_init, bias_init = _torch_default_inits(in_features, xavier)
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=kernel_init,
+                      bias_init=bias_init, rngs=rngs)
+
+
+def conv(in_channels: int, out_channels: int, kernel_size: int, *, rngs: nnx.Rngs,
+         stride: int = 1, padding: int = 0, dilation: int = 1, use_bias: bool = True,
+         xavier: bool = False) -> nnx.Conv:
+    """``nn.Conv2d`` equivalent (symmetric integer padding)."""
+    kernel_init, bias_init = _torch_default_inits(in_channels * kernel_size**2, xavier)
+    return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
+                    padding=((padding, padding), (padding, padding)),
+                    kernel_dilation=dilation, use_bias=use_bias, kernel_init=kernel_init,
+                    bias_init=bias_init, rngs=rngs)
+
+
+def conv_transpose(in_channels: int, out_channels: int, kernel_size: int, *, stride: int,
+                   padding: int, rngs: nnx.Rngs) -> nnx.ConvTranspose:
+    """``nn.ConvTranspose2d`` equivalent.
+
+    With ``transpose_kernel=True`` the kernel is the PyTorch weight [in, out, kh, kw]
+    transposed to [kh, kw, out, in]; PyTorch's padding p becomes k - 1 - p on each side of
+    the stride-dilated input. PyTorch computes fan-in of this weight from dim 1 (out).
+    """
+    kernel_init, bias_init = _torch_default_inits(out_channels * kernel_size**2, False)
+    pad = kernel_size - 1 - padding
+    return nnx.ConvTranspose(in_channels, out_channels, (kernel_size, kernel_size),
+                             strides=stride, padding=((pad, pad), (pad, pad)),
+                             transpose_kernel=True, kernel_init=kernel_init,
+                             bias_init=bias_init, rngs=rngs)
+
+
+def layer_norm(features: int, *, rngs: nnx.Rngs, epsilon: float = 1e-5) -> nnx.LayerNorm:
+    return nnx.LayerNorm(features, epsilon=epsilon, use_fast_variance=False, rngs=rngs)
+
+
+def group_norm(features: int, groups: int, *, rngs: nnx.Rngs,
+               affine: bool = True) -> nnx.GroupNorm:
+    return nnx.GroupNorm(features, num_groups=groups, epsilon=1e-5, use_scale=affine,
+                         use_bias=affine, use_fast_variance=False, rngs=rngs)
+
+
+def embed(num: int, features: int, *, rngs: nnx.Rngs) -> nnx.Embed:
+    """``nn.Embedding`` equivalent (standard-normal init)."""
+    return nnx.Embed(num, features, embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+    """Softmax attention over [B, S, D] inputs split into contiguous head chunks.
+
+    No mask and no dropout: every attention in the VAE and the flow is this explicit form.
+    """
+    b, sq, d = q.shape
+    split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, d // heads)
+    q, k, v = split(q), split(k), split(v)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d // heads) ** -0.5
+    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+    return out.reshape(b, sq, d)
