@@ -1,7 +1,7 @@
 """Numerical parity with the real PyTorch ``fluxflow`` 0.8.1 (architecture v030).
 
 Same (perturbed, non-default) weights, same inputs, same injected noise. float64 must agree
-to 1e-6 relative (it does to ~1e-12); float32 within FLOAT32_TOL, see its comment.
+to 1e-6 relative (it does to ~1e-12); float32 within ref.FLOAT32_TOL, see its comment.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import copy
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 import torch
 from fluxflow.models.activations import BezierActivation as TorchBezier
@@ -26,45 +25,17 @@ from fluxflow_jax.interop.keymap import CONV, LINEAR, Entry
 from fluxflow_jax.interop.state import import_tensors
 from fluxflow_jax.models import (SPADE, ContextAttentionMixer, FluxFlowConfig,
                                  GatedContextInjection, TrainableBezier, bezier_activation)
-from fluxflow_jax.models.geometry import latent_grid
 
-FLOAT64_TOL = 1e-6
-# float32: the encoder stacks 2*downscales+6 Bezier stages whose tanh/sigmoid/silu products
-# amplify rounding, and the two libraries order reductions (conv, attention, norms)
-# differently; independent float32 implementations of these perturbed nets differ by
-# 1e-6..1e-4 relative (spec: 1e-7..5e-5 at default init). 5e-4 leaves margin without
-# hiding a real mistake, which shows up as 1e-2 or more.
-FLOAT32_TOL = 5e-4
-
-# Two architectures, both with non-square images.
-CONFIGS = {
-    "a": (FluxFlowConfig(vae_dim=16, downscales=2, upscales=2, vae_attn_layers=2, flow_dim=32,
-                         flow_attn_heads=4, flow_transformer_layers=2, text_embed_dim=24),
-          (2, 32, 48)),
-    "b": (FluxFlowConfig(vae_dim=32, downscales=3, upscales=3, vae_attn_layers=1, flow_dim=16,
-                         flow_attn_heads=2, flow_transformer_layers=1, text_embed_dim=16),
-          (2, 24, 40)),
-}
-PRECISIONS = {"float64": (torch.float64, jnp.float64, FLOAT64_TOL),
-              "float32": (torch.float32, jnp.float32, FLOAT32_TOL)}
-
-
-def relative_error(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
-
-
-@pytest.fixture(params=list(PRECISIONS))
+@pytest.fixture(params=list(ref.PRECISIONS))
 def precision(request):
-    torch_dtype, jax_dtype, tol = PRECISIONS[request.param]
+    torch_dtype, jax_dtype, tol = ref.PRECISIONS[request.param]
     with jax.enable_x64(jax_dtype == jnp.float64):
         yield torch_dtype, jax_dtype, tol
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+@pytest.fixture(scope="module", params=list(ref.CONFIGS))
 def case(request):
-    cfg, image_shape = CONFIGS[request.param]
+    cfg, image_shape = ref.CONFIGS[request.param]
     return cfg, image_shape, ref.pipeline(cfg, seed=len(request.param) + ord(request.param))
 
 
@@ -72,84 +43,53 @@ def _component(name, cfg, torch_module, jax_dtype):
     return component_from_tensors(name, cfg, ref.state_numpy(torch_module), dtype=jax_dtype)
 
 
-def _inputs(cfg, image_shape, torch_dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    b, h, w = image_shape
-    images = torch.rand(b, cfg.in_channels, h, w, generator=gen, dtype=torch.float64) * 2 - 1
-    lh, lw = h // 2**cfg.downscales, w // 2**cfg.downscales
-    noise = torch.randn(b, cfg.vae_dim, lh, lw, generator=gen, dtype=torch.float64)
-    text = torch.randn(b, cfg.text_embed_dim, generator=gen, dtype=torch.float64)
-    t = torch.tensor([0.137, 0.862][:b], dtype=torch.float64)
-    return [x.to(torch_dtype) for x in (images, noise, text, t)]
-
-
-def _grid(packed: torch.Tensor, cfg: FluxFlowConfig) -> tuple[int, int]:
-    return latent_grid(packed.detach().numpy(), cfg.max_hw)
-
-
-def _jnp(x: torch.Tensor, dtype, channels_last: bool = False):
-    array = ref.nchw(x) if channels_last else x.detach().numpy()
-    return jnp.asarray(array, dtype=dtype)
-
-
 def test_compressor(case, precision):
     cfg, image_shape, pipe = case
     torch_dtype, jax_dtype, tol = precision
-    images, noise, _, _ = _inputs(cfg, image_shape, torch_dtype)
+    images, noise, _, _ = ref.inputs(cfg, image_shape, torch_dtype)
     torch_model = copy.deepcopy(pipe.compressor).to(torch_dtype)
     ref.inject_noise(torch_model, noise)
     with torch.no_grad():
         packed, mu, logvar = torch_model(images, training=True)
     model = _component("compressor", cfg, torch_model, jax_dtype)
     encode = nnx.jit(lambda m, x, eps: m.encode(x, noise=eps))
-    encoded = encode(model, _jnp(images, jax_dtype, True), _jnp(noise, jax_dtype, True))
+    encoded = encode(model, ref.to_jax(images, jax_dtype, True), ref.to_jax(noise, jax_dtype, True))
     assert encoded.packed.dtype == jax_dtype
-    assert relative_error(encoded.packed, packed) <= tol
-    assert relative_error(encoded.mu, ref.nchw(mu)) <= tol
-    assert relative_error(encoded.logvar, ref.nchw(logvar)) <= tol
-
-
-def _packed_latents(cfg, image_shape, torch_dtype, seed=1):
-    """Random latent tokens with a correct hw token, as the flow and expander receive."""
-    b, h, w = image_shape
-    lh, lw = h // 2**cfg.downscales, w // 2**cfg.downscales
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(b, lh * lw, cfg.vae_dim, generator=gen, dtype=torch.float64)
-    hw = torch.zeros(b, 1, cfg.vae_dim, dtype=torch.float64)
-    hw[:, 0, 0], hw[:, 0, 1] = lh / cfg.max_hw, lw / cfg.max_hw
-    return torch.cat([tokens, hw], 1).to(torch_dtype)
+    assert ref.relative_error(encoded.packed, packed) <= tol
+    assert ref.relative_error(encoded.mu, ref.nchw(mu)) <= tol
+    assert ref.relative_error(encoded.logvar, ref.nchw(logvar)) <= tol
 
 
 def test_flow_processor(case, precision):
     cfg, image_shape, pipe = case
     torch_dtype, jax_dtype, tol = precision
-    _, _, text, t = _inputs(cfg, image_shape, torch_dtype)
-    packed = _packed_latents(cfg, image_shape, torch_dtype)
+    _, _, text, t = ref.inputs(cfg, image_shape, torch_dtype)
+    packed = ref.packed_latents(cfg, image_shape, torch_dtype)
     torch_model = copy.deepcopy(pipe.flow_processor).to(torch_dtype)
     with torch.no_grad():
         expected = torch_model(packed, text, t)
     model = _component("flow_processor", cfg, torch_model, jax_dtype)
-    hw = _grid(packed, cfg)
+    hw = ref.grid(packed, cfg)
     flow = nnx.jit(lambda m, x, e, t: m(x, e, t, hw=hw))
-    actual = flow(model, _jnp(packed, jax_dtype), _jnp(text, jax_dtype), _jnp(t, jax_dtype))
-    assert relative_error(actual, expected) <= tol
+    actual = flow(model, ref.to_jax(packed, jax_dtype), ref.to_jax(text, jax_dtype), ref.to_jax(t, jax_dtype))
+    assert ref.relative_error(actual, expected) <= tol
 
 
 @pytest.mark.parametrize("use_context", [True, False])
 def test_expander(case, precision, use_context):
     cfg, image_shape, pipe = case
     torch_dtype, jax_dtype, tol = precision
-    packed = _packed_latents(cfg, image_shape, torch_dtype)
+    packed = ref.packed_latents(cfg, image_shape, torch_dtype)
     packed[:, :-1] *= 0.5  # tokens only: the hw token must keep the grid size
     torch_model = copy.deepcopy(pipe.expander).to(torch_dtype)
     with torch.no_grad():
         expected = torch_model(packed, use_context=use_context)
     model = _component("expander", cfg, torch_model, jax_dtype)
-    hw = _grid(packed, cfg)
+    hw = ref.grid(packed, cfg)
     actual = nnx.jit(lambda m, x: m(x, use_context=use_context, hw=hw))(
-        model, _jnp(packed, jax_dtype))
+        model, ref.to_jax(packed, jax_dtype))
     assert actual.shape == (image_shape[0], *image_shape[1:], cfg.in_channels)
-    assert relative_error(actual, ref.nchw(expected)) <= tol
+    assert ref.relative_error(actual, ref.nchw(expected)) <= tol
 
 
 @pytest.mark.parametrize("use_context", [True, False])
@@ -157,7 +97,7 @@ def test_full_chain(case, precision, use_context):
     """compressor -> flow -> expander, end to end, with the reparameterisation noise injected."""
     cfg, image_shape, pipe = case
     torch_dtype, jax_dtype, tol = precision
-    images, noise, text, t = _inputs(cfg, image_shape, torch_dtype, seed=3)
+    images, noise, text, t = ref.inputs(cfg, image_shape, torch_dtype, seed=3)
     torch_pipe = copy.deepcopy(pipe).to(torch_dtype)
     ref.inject_noise(torch_pipe.compressor, noise)
     with torch.no_grad():
@@ -174,18 +114,18 @@ def test_full_chain(case, precision, use_context):
         return expander(velocity, use_context=use_context, hw=hw)
 
     actual = chain(parts["compressor"], parts["flow_processor"], parts["expander"],
-                   _jnp(images, jax_dtype, True), _jnp(noise, jax_dtype, True),
-                   _jnp(text, jax_dtype), _jnp(t, jax_dtype))
-    assert relative_error(actual, ref.nchw(expected)) <= tol
+                   ref.to_jax(images, jax_dtype, True), ref.to_jax(noise, jax_dtype, True),
+                   ref.to_jax(text, jax_dtype), ref.to_jax(t, jax_dtype))
+    assert ref.relative_error(actual, ref.nchw(expected)) <= tol
 
 
 @pytest.fixture(scope="module")
 def torch_text_encoder():
-    return ref.text_encoder(CONFIGS["a"][0], seed=5)
+    return ref.text_encoder(ref.CONFIGS["a"][0], seed=5)
 
 
 def test_text_encoder(torch_text_encoder, precision):
-    cfg = CONFIGS["a"][0]
+    cfg = ref.CONFIGS["a"][0]
     torch_dtype, jax_dtype, tol = precision
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(1, cfg.text_vocab_size, (3, 19), generator=gen)
@@ -200,7 +140,7 @@ def test_text_encoder(torch_text_encoder, precision):
     actual = nnx.jit(lambda m, i, a: m(i, a))(model, jnp.asarray(ids.numpy()),
                                                jnp.asarray(mask.numpy()))
     assert actual.shape == (3, cfg.text_embed_dim)
-    assert relative_error(actual, expected) <= tol
+    assert ref.relative_error(actual, expected) <= tol
 
 
 DISC_CONFIG = FluxFlowConfig(vae_dim=16, disc_base_channels=8, disc_depth=3)
@@ -219,16 +159,16 @@ def test_discriminator(precision, training):
     before = {k: v.clone() for k, v in torch_model.state_dict().items() if "weight_u" in k}
     with torch.no_grad():
         feats, logits = torch_model(images, ctx)
-    actual_feats, actual_logits = model(_jnp(images, jax_dtype, True), _jnp(ctx, jax_dtype),
+    actual_feats, actual_logits = model(ref.to_jax(images, jax_dtype, True), ref.to_jax(ctx, jax_dtype),
                                         return_features=True)
     assert actual_logits.shape == (2, 40 // 8, 56 // 8, 1)
-    assert relative_error(actual_logits, ref.nchw(logits)) <= tol
-    assert relative_error(actual_feats, feats) <= tol
+    assert ref.relative_error(actual_logits, ref.nchw(logits)) <= tol
+    assert ref.relative_error(actual_feats, feats) <= tol
     # In train mode both sides ran one power iteration and stored the new u, v.
     after = ref.state_numpy(torch_model)
     assert any(not torch.equal(before[k], torch.from_numpy(after[k])) for k in before) == training
-    assert relative_error(model.head.weight_u[...], after["head.weight_u"]) <= tol
-    assert relative_error(model.blocks[2].conv2.conv2.weight_v[...],
+    assert ref.relative_error(model.head.weight_u[...], after["head.weight_u"]) <= tol
+    assert ref.relative_error(model.blocks[2].conv2.conv2.weight_v[...],
                           after["backbone.4.conv2.2.weight_v"]) <= tol
 
 
@@ -247,9 +187,9 @@ def test_bezier_activation(t_pre, p_pre, ndim):
         # The reference groups channels along dim 1 for 4-D input and along the last dim
         # otherwise; channel-last JAX always groups the last axis.
         channels_last = ndim == 4
-        actual = bezier_activation(_jnp(x, jnp.float64, channels_last), t_pre, p_pre)
+        actual = bezier_activation(ref.to_jax(x, jnp.float64, channels_last), t_pre, p_pre)
         expected = ref.nchw(expected) if channels_last else expected.numpy()
-        assert relative_error(actual, expected) <= 1e-12
+        assert ref.relative_error(actual, expected) <= 1e-12
 
 
 @pytest.mark.parametrize("torch_shape,channel_only", [((6,), True), ((6,), False),
@@ -264,10 +204,10 @@ def test_trainable_bezier(torch_shape, channel_only):
         for p in ("p0", "p1", "p2", "p3"):
             getattr(model, p).set_value(jnp.asarray(getattr(torch_model, p).detach().reshape(-1)))
         channels_last = x.ndim == 4
-        actual = model(_jnp(x, jnp.float64, channels_last))
+        actual = model(ref.to_jax(x, jnp.float64, channels_last))
         expected = torch_model(x)
         expected = ref.nchw(expected) if channels_last else expected.detach().numpy()
-        assert relative_error(actual, expected) <= 1e-12
+        assert ref.relative_error(actual, expected) <= 1e-12
 
 
 def _load_by_table(module, torch_module, table):
@@ -289,9 +229,9 @@ def test_spade_resizes_context_and_skips_without_it():
                         torch.randn(2, 5, 9, 13, dtype=torch.float64),  # downsampled
                         None):
             expected = ref.nchw(torch_model(x, context))
-            actual = model(_jnp(x, jnp.float64, True),
-                           None if context is None else _jnp(context, jnp.float64, True))
-            assert relative_error(actual, expected) <= 1e-12
+            actual = model(ref.to_jax(x, jnp.float64, True),
+                           None if context is None else ref.to_jax(context, jnp.float64, True))
+            assert ref.relative_error(actual, expected) <= 1e-12
 
 
 def test_context_attention_mixer_and_gated_injection():
@@ -307,9 +247,9 @@ def test_context_attention_mixer_and_gated_injection():
         _load_by_table(mixer, torch_mixer, table)
         x = torch.randn(3, 5, 16, dtype=torch.float64)
         pooled, tokens = torch_mixer(x)
-        actual_pooled, actual_tokens = mixer(_jnp(x, jnp.float64))
-        assert relative_error(actual_pooled, pooled.detach()) <= 1e-12
-        assert relative_error(actual_tokens, tokens.detach()) <= 1e-12
+        actual_pooled, actual_tokens = mixer(ref.to_jax(x, jnp.float64))
+        assert ref.relative_error(actual_pooled, pooled.detach()) <= 1e-12
+        assert ref.relative_error(actual_tokens, tokens.detach()) <= 1e-12
 
         torch_gated = ref.perturb(TorchGated(16, 12), seed=4).double()
         gated = GatedContextInjection(16, 12, rngs=nnx.Rngs(0))
@@ -318,5 +258,5 @@ def test_context_attention_mixer_and_gated_injection():
             Entry("bias.weight", ("bias", "kernel"), LINEAR), Entry("bias.bias", ("bias", "bias"))])
         tokens_in, context = torch.randn(3, 7, 12, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
         expected = torch_gated(tokens_in, context).detach()
-        assert relative_error(gated(_jnp(tokens_in, jnp.float64), _jnp(context, jnp.float64)),
+        assert ref.relative_error(gated(ref.to_jax(tokens_in, jnp.float64), ref.to_jax(context, jnp.float64)),
                               expected) <= 1e-12

@@ -3,6 +3,7 @@ deterministically perturbed so no weight keeps its (often trivial) default value
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import torch
 from fluxflow.models.encoders import BertTextEncoder
@@ -12,6 +13,65 @@ from torch import nn
 from torch.nn.utils import spectral_norm
 
 from fluxflow_jax.models import FluxFlowConfig
+from fluxflow_jax.models.geometry import latent_grid
+
+FLOAT64_TOL = 1e-6
+# float32: the encoder stacks 2*downscales+6 Bezier stages whose tanh/sigmoid/silu products
+# amplify rounding, and the two libraries order reductions (conv, attention, norms)
+# differently; independent float32 implementations of these perturbed nets differ by
+# 1e-6..1e-4 relative (spec: 1e-7..5e-5 at default init). 5e-4 leaves margin without
+# hiding a real mistake, which shows up as 1e-2 or more.
+FLOAT32_TOL = 5e-4
+
+# Two architectures, both with non-square images.
+CONFIGS = {
+    "a": (FluxFlowConfig(vae_dim=16, downscales=2, upscales=2, vae_attn_layers=2, flow_dim=32,
+                         flow_attn_heads=4, flow_transformer_layers=2, text_embed_dim=24),
+          (2, 32, 48)),
+    "b": (FluxFlowConfig(vae_dim=32, downscales=3, upscales=3, vae_attn_layers=1, flow_dim=16,
+                         flow_attn_heads=2, flow_transformer_layers=1, text_embed_dim=16),
+          (2, 24, 40)),
+}
+PRECISIONS = {"float64": (torch.float64, jnp.float64, FLOAT64_TOL),
+              "float32": (torch.float32, jnp.float32, FLOAT32_TOL)}
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def inputs(cfg, image_shape, torch_dtype, seed=0):
+    """Images, reparameterisation noise (NCHW), text embeddings and timesteps."""
+    gen = torch.Generator().manual_seed(seed)
+    b, h, w = image_shape
+    images = torch.rand(b, cfg.in_channels, h, w, generator=gen, dtype=torch.float64) * 2 - 1
+    lh, lw = h // 2**cfg.downscales, w // 2**cfg.downscales
+    noise = torch.randn(b, cfg.vae_dim, lh, lw, generator=gen, dtype=torch.float64)
+    text = torch.randn(b, cfg.text_embed_dim, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0.137, 0.862][:b], dtype=torch.float64)
+    return [x.to(torch_dtype) for x in (images, noise, text, t)]
+
+
+def grid(packed: torch.Tensor, cfg: FluxFlowConfig) -> tuple[int, int]:
+    return latent_grid(packed.detach().numpy(), cfg.max_hw)
+
+
+def to_jax(x: torch.Tensor, dtype, channels_last: bool = False):
+    array = nchw(x) if channels_last else x.detach().numpy()
+    return jnp.asarray(array, dtype=dtype)
+
+
+def packed_latents(cfg, image_shape, torch_dtype, seed=1):
+    """Random latent tokens with a correct hw token, as the flow and expander receive."""
+    b, h, w = image_shape
+    lh, lw = h // 2**cfg.downscales, w // 2**cfg.downscales
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(b, lh * lw, cfg.vae_dim, generator=gen, dtype=torch.float64)
+    hw = torch.zeros(b, 1, cfg.vae_dim, dtype=torch.float64)
+    hw[:, 0, 0], hw[:, 0, 1] = lh / cfg.max_hw, lw / cfg.max_hw
+    return torch.cat([tokens, hw], 1).to(torch_dtype)
 
 
 def perturb(module: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:

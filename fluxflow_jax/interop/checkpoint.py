@@ -294,6 +294,7 @@ def _serialize(models: FluxFlowModels, components: tuple[str, ...]) -> bytes:
 def _metadata(config: FluxFlowConfig, weights: bytes,
               training_info: Mapping[str, Any] | None) -> dict:
     fields = {f: getattr(config, f) for f in config.__dataclass_fields__}
+    fields["disc_ctx_dim"] = config.discriminator_ctx_dim
     return {
         "model_version": MODEL_VERSION,
         "library_version": f"fluxflow-jax {fluxflow_jax.__version__}",

@@ -1,0 +1,189 @@
+"""Checkpoint interop without PyTorch: the key table's coverage, bitwise round trips, strict
+errors that name the offending key, config inference, atomic writes, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+from flax import nnx
+
+from fluxflow_jax import cli
+from fluxflow_jax.interop import (COMPONENT_TABLES, CheckpointError, FluxFlowModels,
+                                  load_fluxflow, save_fluxflow)
+from fluxflow_jax.interop.state import check_coverage
+from fluxflow_jax.models import FluxFlowConfig
+from fluxflow_jax.models.bundle import COMPONENT_CLASSES
+
+TINY = FluxFlowConfig(vae_dim=16, downscales=2, upscales=2, vae_attn_layers=1, flow_dim=16,
+                      flow_attn_heads=2, flow_transformer_layers=2, text_embed_dim=16,
+                      text_vocab_size=40, text_dim=24, text_heads=2, text_layers=2,
+                      text_hidden_dim=32, text_max_positions=20, text_head_width=8,
+                      disc_base_channels=4, disc_depth=2)
+
+
+@pytest.fixture(scope="module")
+def models() -> FluxFlowModels:
+    return FluxFlowModels.create(TINY, nnx.Rngs(3))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(models, tmp_path_factory):
+    return save_fluxflow(tmp_path_factory.mktemp("ckpt"), models)
+
+
+def _read(path):
+    return safetensors.numpy.load_file(str(path))
+
+
+@pytest.mark.parametrize("name", list(COMPONENT_TABLES))
+@pytest.mark.parametrize("config", [TINY, TINY.replace(downscales=3, upscales=1,
+                                                        vae_attn_layers=3, disc_ctx_dim=0)])
+def test_key_table_names_every_variable_once(name, config):
+    module = nnx.eval_shape(lambda: COMPONENT_CLASSES[name](config, rngs=nnx.Rngs(0)))
+    check_coverage(module, COMPONENT_TABLES[name][1](config))
+
+
+def test_round_trip_is_bitwise(models, checkpoint):
+    loaded = load_fluxflow(checkpoint)
+    assert loaded.config == TINY
+    for name, module in models.present().items():
+        original = nnx.to_flat_state(nnx.state(module))
+        restored = dict(nnx.to_flat_state(nnx.state(getattr(loaded, name))))
+        assert len(original) == len(restored)
+        for path, variable in original:
+            assert type(restored[path]) is type(variable), path
+            np.testing.assert_array_equal(restored[path][...], variable[...], err_msg=str(path))
+
+
+def test_written_layout(checkpoint):
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "D_img.safetensors", "flxflow_final.safetensors", "model_metadata.json",
+        "text_encoder.safetensors"]
+    main = _read(checkpoint / "flxflow_final.safetensors")
+    assert all(k.split(".")[:2] in (["diffuser", "compressor"], ["diffuser", "flow_processor"],
+                                    ["diffuser", "expander"]) for k in main)
+    assert main["diffuser.expander.upscale.layers.0.conv1.0.weight"].shape == (16, 80, 16, 16)
+    assert main["diffuser.flow_processor.flow_predictor.1.p0"].shape == (16, 1, 1)
+    assert "diffuser.expander.context_mixer.cls" in main
+    inv_freq = main["diffuser.flow_processor.transformer_blocks.1.rotary_pe.inv_freq"]
+    np.testing.assert_allclose(inv_freq, 1 / 10000 ** (np.arange(4) / 4.0), rtol=1e-6)
+    assert all(v.dtype == np.float32 for v in main.values())
+    text = _read(checkpoint / "text_encoder.safetensors")
+    assert "text_encoder.language_model.embeddings.word_embeddings.weight" in text
+    assert "text_encoder.ouput_layer.3.weight" in text
+    assert "D_img.backbone.2.conv1.0.weight_orig" in _read(checkpoint / "D_img.safetensors")
+    metadata = json.loads((checkpoint / "model_metadata.json").read_text())
+    assert metadata["model_version"] == "0.3.0"
+    assert {"vae_dim": 16, "downscales": 2, "flow_dim": 16, "vae_attn_layers": 1}.items() \
+        <= metadata["architecture"].items()
+
+
+def _rewrite(src, dst, edit) -> None:
+    """Copy a checkpoint directory, applying ``edit`` to the main weights file's tensors."""
+    dst.mkdir()
+    for file in src.iterdir():
+        (dst / file.name).write_bytes(file.read_bytes())
+    tensors = dict(_read(src / "flxflow_final.safetensors"))
+    edit(tensors)
+    safetensors.numpy.save_file(tensors, str(dst / "flxflow_final.safetensors"))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.pop("diffuser.compressor.mu_activation.p2"),
+     "missing key 'mu_activation.p2'"),
+    (lambda t: t.update({"diffuser.expander.upscale.layers.0.spade.mlp_gamma.weight":
+                         np.zeros((16, 128, 3, 3), np.float32)}),
+     "unexpected key 'upscale.layers.0.spade.mlp_gamma.weight'"),
+    (lambda t: t.update({"diffuser.flow_processor.ctx_mixer.cls": np.zeros((1, 1, 8),
+                                                                            np.float32)}),
+     "key 'ctx_mixer.cls' has shape [1, 1, 8], expected [1, 1, 16]"),
+    (lambda t: t.update({"diffuser.somewhere_else.weight": np.zeros(3, np.float32)}),
+     "unexpected keys 'diffuser.somewhere_else.weight'"),
+])
+def test_mismatched_checkpoint_names_the_key(checkpoint, tmp_path, edit, message):
+    _rewrite(checkpoint, tmp_path / "bad", edit)
+    with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_fluxflow(tmp_path / "bad")
+
+
+def test_metadata_that_contradicts_the_weights_is_an_error(checkpoint, tmp_path):
+    _rewrite(checkpoint, tmp_path / "bad", lambda t: None)
+    metadata = json.loads((checkpoint / "model_metadata.json").read_text())
+    metadata["architecture"]["vae_attn_layers"] = 2  # the PyTorch loader's default
+    (tmp_path / "bad" / "model_metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(CheckpointError, match="says vae_attn_layers=2 but the weights have 1"):
+        load_fluxflow(tmp_path / "bad")
+
+
+def test_metadata_supplies_what_shapes_cannot(models, tmp_path):
+    config = TINY.replace(max_hw=512, vae_attn_heads=4)
+    save_fluxflow(tmp_path, FluxFlowModels(config, models.compressor, models.flow_processor,
+                                           models.expander))
+    assert load_fluxflow(tmp_path).config.max_hw == 512
+    assert load_fluxflow(tmp_path).config.vae_attn_heads == 4
+
+
+def test_partial_checkpoints(models, tmp_path):
+    save_fluxflow(tmp_path / "te", FluxFlowModels(TINY, text_encoder=models.text_encoder))
+    loaded = load_fluxflow(tmp_path / "te")
+    assert set(loaded.present()) == {"text_encoder"}
+    with pytest.raises(ValueError, match="without \\['expander'\\]"):
+        save_fluxflow(tmp_path / "x", FluxFlowModels(TINY, models.compressor,
+                                                     models.flow_processor))
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p, "does not exist"),
+    (lambda p: (p.mkdir(), p)[1], "holds no checkpoint"),
+    (lambda p: (p.write_bytes(b"not a safetensors file"), p)[1], "not a readable safetensors"),
+    (lambda p: (p.with_suffix(".pt").write_bytes(b"x"), p.with_suffix(".pt"))[1],
+     "only read from .safetensors"),
+])
+def test_unreadable_paths(tmp_path, make, message):
+    with pytest.raises(CheckpointError, match=message):
+        load_fluxflow(make(tmp_path / "ckpt.safetensors"))
+
+
+def test_other_architecture_versions_are_refused(checkpoint, tmp_path):
+    _rewrite(checkpoint, tmp_path / "v070", lambda t: None)
+    metadata = json.loads((checkpoint / "model_metadata.json").read_text())
+    (tmp_path / "v070" / "model_metadata.json").write_text(
+        json.dumps({**metadata, "model_version": "0.7.0"}))
+    with pytest.raises(CheckpointError, match="model_version '0.7.0'"):
+        load_fluxflow(tmp_path / "v070")
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(models, checkpoint, tmp_path,
+                                                       monkeypatch):
+    target = tmp_path / "run"
+    save_fluxflow(target, models)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_fluxflow(target, FluxFlowModels.create(TINY, nnx.Rngs(99)))
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+def test_cli_info(checkpoint, capsys):
+    assert cli.main(["info", str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    expected = sum(x.size for x in jax.tree.leaves(nnx.state(
+        load_fluxflow(checkpoint).compressor, nnx.Param)))
+    assert re.search(rf"compressor\s+{expected:,} parameters", out)
+    assert "vae_dim = 16" in out
+
+
+def test_cli_reports_bad_checkpoint_without_traceback(tmp_path, capsys):
+    assert cli.main(["info", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fluxflow-jax info: error:") and "does not exist" in err
+    assert "Traceback" not in err
