@@ -122,8 +122,9 @@ def test_metadata_that_contradicts_the_weights_is_an_error(checkpoint, tmp_path)
 
 def test_metadata_supplies_what_shapes_cannot(models, tmp_path):
     config = TINY.replace(max_hw=512, vae_attn_heads=4)
-    save_fluxflow(tmp_path, FluxFlowModels(config, models.compressor, models.flow_processor,
-                                           models.expander))
+    with pytest.warns(UserWarning, match=r"vae_attn_heads=4 \(PyTorch uses 8\)"):
+        save_fluxflow(tmp_path, FluxFlowModels(config, models.compressor,
+                                               models.flow_processor, models.expander))
     assert load_fluxflow(tmp_path).config.max_hw == 512
     assert load_fluxflow(tmp_path).config.vae_attn_heads == 4
 

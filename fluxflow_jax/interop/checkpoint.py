@@ -19,6 +19,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -257,10 +258,15 @@ def save_fluxflow(path: str | os.PathLike, models: FluxFlowModels, *,
     """Write ``models`` as a PyTorch-loadable fluxflow checkpoint directory (see module doc).
 
     Only the components present are written; the VAE/flow file needs all three of
-    compressor, flow processor and expander, as the PyTorch pipeline does.
+    compressor, flow processor and expander, as the PyTorch pipeline does. Warns when the
+    config has values PyTorch ``fluxflow`` cannot rebuild (``torch_incompatibilities``).
     """
     out = Path(path)
     present = models.present()
+    incompatible = models.config.torch_incompatibilities()
+    if incompatible:
+        warnings.warn(f"writing {out}: PyTorch fluxflow cannot rebuild this architecture: "
+                      f"{', '.join(incompatible)}", stacklevel=2)
     vae_parts = [n for n in _VAE_COMPONENTS if n in present]
     if vae_parts and len(vae_parts) != len(_VAE_COMPONENTS):
         missing = sorted(set(_VAE_COMPONENTS) - set(vae_parts))

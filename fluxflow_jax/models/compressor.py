@@ -44,7 +44,7 @@ class TokenAttentionBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         q, k, v = jnp.split(self.in_proj(self.norm1(x)), 3, axis=-1)
-        x = x + self.out_proj(layers.attention(q, k, v, self.heads))
+        x = x + self.out_proj(layers.multi_head_attention(q, k, v, self.heads))
         hidden = bezier_activation(self.ff_in(self.norm2(x)), "sigmoid", "silu")
         return x + self.ff_out(hidden)
 

@@ -91,6 +91,16 @@ class FluxFlowConfig:
                        f"({self.text_heads})")
         return out
 
+    def torch_incompatibilities(self) -> list[str]:
+        """Fields PyTorch ``fluxflow`` cannot rebuild: its loaders hard-code these values, so
+        such a checkpoint fails to load there or, for head counts, runs different math."""
+        fixed = {"vae_attn_heads": 8, "vae_ff_mult": 2, "spade_hidden": 128,
+                 "time_steps": 1000, "text_vocab_size": 30522, "text_dim": 768,
+                 "text_layers": 6, "text_heads": 12, "text_hidden_dim": 3072,
+                 "text_max_positions": 512, "text_head_width": 512}
+        return [f"{name}={getattr(self, name)} (PyTorch uses {value})"
+                for name, value in fixed.items() if getattr(self, name) != value]
+
     def replace(self, **changes) -> "FluxFlowConfig":
         return dataclasses.replace(self, **changes)
 

@@ -53,14 +53,11 @@ class ParallelAttention(nnx.Module):
         self.out_proj = layers.linear(d_model, d_model, xavier=True, rngs=rngs)
 
     def __call__(self, x_q, x_kv, rope_q, rope_k) -> jax.Array:
-        b, sq, d = x_q.shape
-        heads = lambda x: x.reshape(x.shape[0], x.shape[1], self.heads, d // self.heads)
         k, v = jnp.split(self.kv_proj(x_kv), 2, axis=-1)
-        q = apply_rotary(heads(self.q_proj(x_q)), *rope_q)
-        k = apply_rotary(heads(k), *rope_k)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d // self.heads) ** -0.5
-        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), heads(v))
-        return self.out_proj(out.reshape(b, sq, d))
+        q = apply_rotary(layers.split_heads(self.q_proj(x_q), self.heads), *rope_q)
+        k = apply_rotary(layers.split_heads(k, self.heads), *rope_k)
+        out = layers.attention(q, k, layers.split_heads(v, self.heads))
+        return self.out_proj(out.reshape(x_q.shape))
 
 
 class Pillar(nnx.Module):

@@ -85,14 +85,22 @@ def embed(num: int, features: int, *, rngs: nnx.Rngs) -> nnx.Embed:
     return nnx.Embed(num, features, embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
-    """Softmax attention over [B, S, D] inputs split into contiguous head chunks.
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+    """[B, S, D] -> [B, S, heads, D/heads], heads as contiguous chunks of the feature axis."""
+    return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
 
-    No mask and no dropout: every attention in the VAE and the flow is this explicit form.
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(dh)) v over [B, S, heads, dh] inputs; no mask, no dropout.
+
+    Written out rather than ``jax.nn.dot_product_attention``, whose logits are float32 even
+    for float64 inputs: float64 parity with PyTorch must stay exact.
     """
-    b, sq, d = q.shape
-    split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, d // heads)
-    q, k, v = split(q), split(k), split(v)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d // heads) ** -0.5
-    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
-    return out.reshape(b, sq, d)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+    """``attention`` on [B, S, D] projections split into ``heads``; returns [B, S, D]."""
+    out = attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
+    return out.reshape(q.shape)

@@ -34,14 +34,14 @@ class DistilBertLayer(nnx.Module):
         self.dropout = nnx.Dropout(config.text_dropout)
 
     def __call__(self, x: jax.Array, key_mask: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-        b, s, d = x.shape
-        split = lambda y: y.reshape(b, s, self.heads, d // self.heads)
-        q = split(self.q_lin(x)) / jnp.sqrt(jnp.asarray(d // self.heads, x.dtype))
+        split = lambda y: layers.split_heads(y, self.heads)
+        q = split(self.q_lin(x))
+        q = q / jnp.sqrt(jnp.asarray(q.shape[-1], x.dtype))  # DistilBERT scales q first
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, split(self.k_lin(x)))
         scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
         weights = self.attention_dropout(jax.nn.softmax(scores, axis=-1), rngs=rngs)
         attended = jnp.einsum("bhqk,bkhd->bqhd", weights, split(self.v_lin(x)))
-        x = self.sa_layer_norm(x + self.dropout(self.out_lin(attended.reshape(b, s, d)),
+        x = self.sa_layer_norm(x + self.dropout(self.out_lin(attended.reshape(x.shape)),
                                                 rngs=rngs))
         ffn = self.lin2(jax.nn.gelu(self.lin1(x), approximate=False))
         return self.output_layer_norm(x + self.dropout(ffn, rngs=rngs))
