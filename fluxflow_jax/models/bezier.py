@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fluxflow_jax.models import init
+
 PreActivation = Literal["sigmoid", "tanh", "silu", "relu"] | None
 
 _PRE_ACTIVATIONS = {
@@ -57,11 +59,11 @@ class TrainableBezier(nnx.Module):
     reference's parameter shape for serialisation.
     """
 
-    def __init__(self, features: int, init: tuple[float, float, float, float] = (
+    def __init__(self, features: int, control_points: tuple[float, float, float, float] = (
             1e-8, 0.25, 0.75, 1.0), *, torch_shape: tuple[int, ...] | None = None):
         self.torch_shape = torch_shape or (features,)
-        for name, value in zip(("p0", "p1", "p2", "p3"), init):
-            setattr(self, name, nnx.Param(jnp.full((features,), value, jnp.float32)))
+        for name, value in zip(("p0", "p1", "p2", "p3"), control_points):
+            setattr(self, name, nnx.Param(init.constant(value)(None, (features,))))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return bezier(jax.nn.sigmoid(x), self.p0[...], self.p1[...], self.p2[...], self.p3[...])

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fluxflow_jax.models import layers
+from fluxflow_jax.models import init, layers
 from fluxflow_jax.models.bezier import TrainableBezier, bezier_activation
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.models.geometry import coordinate_channels, hw_token, sincos_table_2d
@@ -34,10 +34,10 @@ class TokenAttentionBlock(nnx.Module):
     def __init__(self, dim: int, heads: int, ff_mult: int, *, rngs: nnx.Rngs):
         self.heads = heads
         self.norm1 = layers.layer_norm(dim, rngs=rngs)
-        self.in_proj = nnx.Linear(dim, 3 * dim, kernel_init=nnx.initializers.xavier_uniform(),
-                                  rngs=rngs)
-        self.out_proj = layers.linear(dim, dim, rngs=rngs)
-        self.out_proj.bias[...] = jnp.zeros_like(self.out_proj.bias[...])
+        # nn.MultiheadAttention's own init: xavier in_proj, default out_proj, zero biases.
+        self.in_proj = layers.linear(dim, 3 * dim, xavier=True, rngs=rngs)
+        self.out_proj = nnx.Linear(dim, dim, kernel_init=init.uniform(dim**-0.5),
+                                   bias_init=init.zeros, rngs=rngs)
         self.norm2 = layers.layer_norm(dim, rngs=rngs)
         self.ff_in = layers.linear(dim, 5 * dim * ff_mult, rngs=rngs)
         self.ff_out = layers.linear(dim * ff_mult, dim, rngs=rngs)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fluxflow_jax.models import layers
+from fluxflow_jax.models import init, layers
 
 
 def largest_group_count(channels: int, limit: int = 32) -> int:
@@ -57,7 +57,7 @@ class ContextAttentionMixer(nnx.Module):
 
     def __init__(self, d_model: int, heads: int = 4, *, rngs: nnx.Rngs):
         self.heads = heads
-        self.cls = nnx.Param(jnp.zeros((1, 1, d_model), jnp.float32))
+        self.cls = nnx.Param(init.zeros(None, (1, 1, d_model)))
         self.q_proj = layers.linear(d_model, d_model, xavier=True, rngs=rngs)
         self.k_proj = layers.linear(d_model, d_model, xavier=True, rngs=rngs)
         self.v_proj = layers.linear(d_model, d_model, xavier=True, rngs=rngs)

@@ -12,6 +12,14 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
+_POSITIVE = ("in_channels", "vae_dim", "downscales", "upscales", "max_hw", "vae_attn_heads",
+             "vae_ff_mult", "spade_hidden", "flow_dim", "flow_attn_heads",
+             "flow_transformer_layers", "text_embed_dim", "time_steps", "text_vocab_size",
+             "text_dim", "text_layers", "text_heads", "text_hidden_dim", "text_max_positions",
+             "text_head_width", "disc_base_channels")
+_NON_NEGATIVE = ("vae_attn_layers", "disc_depth")
+
+
 @dataclass(frozen=True)
 class FluxFlowConfig:
     # VAE (compressor / expander)
@@ -61,12 +69,16 @@ class FluxFlowConfig:
 
     def problems(self) -> list[str]:
         """Every inconsistency in the fields, each phrased with its fix."""
-        out = []
-        for name in ("in_channels", "vae_dim", "downscales", "upscales", "max_hw",
-                     "vae_attn_heads", "flow_dim", "flow_attn_heads", "text_embed_dim",
-                     "text_dim", "text_heads", "text_layers", "disc_base_channels"):
-            if getattr(self, name) < 1:
-                out.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        out = [f"{name} must be >= 1 (got {getattr(self, name)})" for name in _POSITIVE
+               if getattr(self, name) < 1]
+        out += [f"{name} must be >= 0 (got {getattr(self, name)})" for name in _NON_NEGATIVE
+                if getattr(self, name) < 0]
+        out += [f"{name} must be in [0, 1) (got {getattr(self, name)})"
+                for name in ("text_dropout", "text_attention_dropout")
+                if not 0 <= getattr(self, name) < 1]
+        if self.disc_ctx_dim is not None and self.disc_ctx_dim < 0:
+            out.append(f"disc_ctx_dim must be >= 0, or None for vae_dim "
+                       f"(got {self.disc_ctx_dim})")
         if out:
             return out
         if self.vae_dim % self.vae_attn_heads:

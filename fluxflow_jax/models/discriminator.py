@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fluxflow_jax.models import layers
+from fluxflow_jax.models import init, layers
 from fluxflow_jax.models.config import FluxFlowConfig
 
 _LEAK = 0.2
@@ -34,8 +34,8 @@ class _SpectralNormalized(nnx.Module):
     """
 
     def _init_vectors(self, rows: int, cols: int, rngs: nnx.Rngs) -> None:
-        self.weight_u = SpectralState(_normalize(jax.random.normal(rngs.params(), (rows,))))
-        self.weight_v = SpectralState(_normalize(jax.random.normal(rngs.params(), (cols,))))
+        self.weight_u = SpectralState(init.unit_vector()(rngs.params(), (rows,)))
+        self.weight_v = SpectralState(init.unit_vector()(rngs.params(), (cols,)))
         self.deterministic = False
 
     def _sigma(self, matrix: jax.Array) -> jax.Array:

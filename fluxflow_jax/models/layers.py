@@ -14,26 +14,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fluxflow_jax.models import init
+
 
 class Buffer(nnx.Variable):
     """A fixed, non-trainable array that is still part of the serialised state
     (PyTorch's persistent buffers, e.g. the rotary ``inv_freq``)."""
 
 
-def _uniform(bound: float) -> nnx.Initializer:
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
 def _torch_default_inits(fan_in: int, xavier: bool):
     """(kernel_init, bias_init): PyTorch's kaiming-uniform(a=sqrt 5) or the reference's
     xavier-uniform with zero bias."""
     if xavier:
-        return nnx.initializers.xavier_uniform(), nnx.initializers.zeros_init()
+        return init.xavier_uniform(), init.zeros
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-    return _uniform(bound), _uniform(bound)
+    return init.uniform(bound), init.uniform(bound)
 
 
 def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, xavier: bool = False,
@@ -71,18 +66,20 @@ def conv_transpose(in_channels: int, out_channels: int, kernel_size: int, *, str
 
 
 def layer_norm(features: int, *, rngs: nnx.Rngs, epsilon: float = 1e-5) -> nnx.LayerNorm:
-    return nnx.LayerNorm(features, epsilon=epsilon, use_fast_variance=False, rngs=rngs)
+    return nnx.LayerNorm(features, epsilon=epsilon, use_fast_variance=False,
+                         scale_init=init.ones, bias_init=init.zeros, rngs=rngs)
 
 
 def group_norm(features: int, groups: int, *, rngs: nnx.Rngs,
                affine: bool = True) -> nnx.GroupNorm:
     return nnx.GroupNorm(features, num_groups=groups, epsilon=1e-5, use_scale=affine,
-                         use_bias=affine, use_fast_variance=False, rngs=rngs)
+                         use_bias=affine, use_fast_variance=False, scale_init=init.ones,
+                         bias_init=init.zeros, rngs=rngs)
 
 
-def embed(num: int, features: int, *, rngs: nnx.Rngs) -> nnx.Embed:
-    """``nn.Embedding`` equivalent (standard-normal init)."""
-    return nnx.Embed(num, features, embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+def embed(num: int, features: int, *, rngs: nnx.Rngs, std: float = 1.0) -> nnx.Embed:
+    """``nn.Embedding`` equivalent (normal init; PyTorch's default std is 1)."""
+    return nnx.Embed(num, features, embedding_init=init.normal(std), rngs=rngs)
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:
