@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from fluxflow_jax.models.geometry import torch_linspace
+
 
 _POSITIVE = ("in_channels", "vae_dim", "downscales", "upscales", "max_hw", "vae_attn_heads",
              "vae_ff_mult", "spade_hidden", "flow_dim", "flow_attn_heads",
@@ -123,7 +125,5 @@ class FluxFlowConfig:
         The reference rounds float32 ``torch.linspace`` values with Python's round-half-even,
         so d_model=128 gives [5, 36, 66, 97, 128] (66.5 rounds down).
         """
-        from fluxflow_jax.models.geometry import torch_linspace
-
         start, end = self.in_channels + 2, max(self.vae_dim, 8)
         return [int(round(float(c))) for c in torch_linspace(start, end, self.downscales + 1)]

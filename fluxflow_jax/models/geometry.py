@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -73,7 +74,7 @@ def latent_grid(packed, max_hw: int) -> tuple[int, int]:
     """
     try:
         token = np.asarray(packed[:, -1, :2], dtype=np.float64)
-    except Exception as err:  # a tracer under jit
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError) as err:
         raise ValueError(
             "the latent grid (h, w) is read from the hw token and must be concrete; inside "
             "jax.jit pass hw=(h, w) explicitly") from err
