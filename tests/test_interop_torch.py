@@ -59,8 +59,11 @@ def torch_outputs(pipe: FluxPipeline, text_encoder, discriminator, inputs):
 
 
 def assert_same(actual, expected):
-    for name, a, e in zip(("decoded", "text embedding", "logits"), actual, expected):
-        assert ref.relative_error(a, e) <= ref.FLOAT32_TOL, name
+    """Decoded images come through the whole chain; the others from single modules."""
+    tolerances = {"decoded": ref.FLOAT32_CHAIN_TOL, "text embedding": ref.FLOAT32_TOL,
+                  "logits": ref.FLOAT32_TOL}
+    for (name, tol), a, e in zip(tolerances.items(), actual, expected):
+        assert ref.relative_error(a, e) <= tol, name
 
 
 def _strip(tensors: dict, prefix: str) -> dict:

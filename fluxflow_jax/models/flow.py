@@ -104,7 +104,7 @@ class FluxFlowProcessor(nnx.Module):
         self.dmodel_to_vae = layers.linear(df, dv, rngs=rngs)
         self.ctx_mixer = ContextAttentionMixer(df, max(1, df // 128), rngs=rngs)
         self.text_proj = layers.linear(emb, df, rngs=rngs)
-        self.time_embedding = layers.embed(config.time_steps, df, rngs=rngs)
+        self.time_embedding = layers.Embedding(config.time_steps, df, rngs=rngs)
         self.time_norm = layers.layer_norm(df, rngs=rngs)
         self.time_activation = TrainableBezier(df)
         self.time_proj = layers.linear(df, emb, rngs=rngs)

@@ -77,9 +77,18 @@ def group_norm(features: int, groups: int, *, rngs: nnx.Rngs,
                          bias_init=init.zeros, rngs=rngs)
 
 
-def embed(num: int, features: int, *, rngs: nnx.Rngs, std: float = 1.0) -> nnx.Embed:
-    """``nn.Embedding`` equivalent (normal init; PyTorch's default std is 1)."""
-    return nnx.Embed(num, features, embedding_init=init.normal(std), rngs=rngs)
+class Embedding(nnx.Module):
+    """``nn.Embedding``: a lookup table, normal init (PyTorch's default std is 1).
+
+    Unlike ``nnx.Embed``, whose output dtype is fixed when it is built, the lookup returns
+    the table's current dtype, so a model cast to float64 computes in float64 throughout.
+    """
+
+    def __init__(self, num: int, features: int, *, rngs: nnx.Rngs, std: float = 1.0):
+        self.embedding = nnx.Param(init.normal(std)(rngs.params(), (num, features)))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:

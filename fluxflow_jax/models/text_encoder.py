@@ -57,8 +57,8 @@ class BertTextEncoder(nnx.Module):
     def __init__(self, config: FluxFlowConfig, *, rngs: nnx.Rngs):
         self.config = config
         d = config.text_dim
-        self.word_embeddings = layers.embed(config.text_vocab_size, d, std=0.02, rngs=rngs)
-        self.position_embeddings = layers.embed(config.text_max_positions, d, std=0.02,
+        self.word_embeddings = layers.Embedding(config.text_vocab_size, d, std=0.02, rngs=rngs)
+        self.position_embeddings = layers.Embedding(config.text_max_positions, d, std=0.02,
                                                 rngs=rngs)
         self.embedding_norm = layers.layer_norm(d, epsilon=_BERT_EPS, rngs=rngs)
         self.embedding_dropout = nnx.Dropout(config.text_dropout)
