@@ -65,6 +65,13 @@ def load_fluxflow(path: str | os.PathLike, *, dtype=None) -> FluxFlowModels:
         raise CheckpointError(f"{source} holds no fluxflow weights (expected keys starting "
                               "with diffuser.compressor., diffuser.flow_processor., "
                               "diffuser.expander., text_encoder. or D_img.)")
+    gamma = sorted(k for k in groups.get("expander", {}) if ".spade.mlp_gamma." in k)
+    if gamma:
+        raise CheckpointError(
+            f"{source} has fluxflow-core 0.2.x SPADE keys (e.g. 'expander.{gamma[0]}'): that "
+            "architecture computes different images than v030, which fluxflow-jax "
+            "implements. Remove the mlp_gamma keys to load the rest as v030, as PyTorch "
+            "fluxflow 0.8.1 does.")
     config = infer_config(groups, metadata.get("architecture", {}), source=source)
     models = FluxFlowModels(config)
     for name, component_tensors in groups.items():
@@ -263,15 +270,15 @@ def save_fluxflow(path: str | os.PathLike, models: FluxFlowModels, *,
     """
     out = Path(path)
     present = models.present()
-    incompatible = models.config.torch_incompatibilities()
-    if incompatible:
-        warnings.warn(f"writing {out}: PyTorch fluxflow cannot rebuild this architecture: "
-                      f"{', '.join(incompatible)}", stacklevel=2)
     vae_parts = [n for n in _VAE_COMPONENTS if n in present]
     if vae_parts and len(vae_parts) != len(_VAE_COMPONENTS):
         missing = sorted(set(_VAE_COMPONENTS) - set(vae_parts))
         raise ValueError(f"cannot write {weights_name} without {missing}: the PyTorch "
                          "pipeline needs compressor, flow_processor and expander together")
+    incompatible = models.config.torch_incompatibilities(tuple(present))
+    if incompatible:
+        warnings.warn(f"writing {out}: PyTorch fluxflow cannot rebuild this architecture: "
+                      f"{', '.join(incompatible)}", stacklevel=2)
     payloads: dict[str, bytes] = {}
     if vae_parts:
         payloads[weights_name] = _serialize(models, _VAE_COMPONENTS)

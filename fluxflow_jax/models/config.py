@@ -20,6 +20,15 @@ _POSITIVE = ("in_channels", "vae_dim", "downscales", "upscales", "max_hw", "vae_
              "text_dim", "text_layers", "text_heads", "text_hidden_dim", "text_max_positions",
              "text_head_width", "disc_base_channels")
 _NON_NEGATIVE = ("vae_attn_layers", "disc_depth")
+# Values the PyTorch loaders build regardless of a checkpoint's metadata, per component.
+_TORCH_FIXED = {
+    "compressor": {"vae_attn_heads": 8, "vae_ff_mult": 2},
+    "flow_processor": {"time_steps": 1000},
+    "expander": {"spade_hidden": 128},
+    "text_encoder": {"text_vocab_size": 30522, "text_dim": 768, "text_layers": 6,
+                     "text_heads": 12, "text_hidden_dim": 3072, "text_max_positions": 512,
+                     "text_head_width": 512},
+}
 
 
 @dataclass(frozen=True)
@@ -105,14 +114,13 @@ class FluxFlowConfig:
                        f"({self.text_heads})")
         return out
 
-    def torch_incompatibilities(self) -> list[str]:
-        """Fields PyTorch ``fluxflow`` cannot rebuild: its loaders hard-code these values, so
-        such a checkpoint fails to load there or, for head counts, runs different math."""
-        fixed = {"vae_attn_heads": 8, "vae_ff_mult": 2, "spade_hidden": 128,
-                 "time_steps": 1000, "text_vocab_size": 30522, "text_dim": 768,
-                 "text_layers": 6, "text_heads": 12, "text_hidden_dim": 3072,
-                 "text_max_positions": 512, "text_head_width": 512}
+    def torch_incompatibilities(self, components: tuple[str, ...] | None = None) -> list[str]:
+        """Fields of the given components (all by default) that PyTorch ``fluxflow`` cannot
+        rebuild: its loaders hard-code these values, so such a checkpoint fails to load
+        there or, for head counts, runs different math."""
         return [f"{name}={getattr(self, name)} (PyTorch uses {value})"
+                for component, fixed in _TORCH_FIXED.items()
+                if components is None or component in components
                 for name, value in fixed.items() if getattr(self, name) != value]
 
     def replace(self, **changes) -> "FluxFlowConfig":
