@@ -174,8 +174,11 @@ def test_discriminator(precision, training):
 # ------------------------------------------------------------------ building blocks
 
 
-@pytest.mark.parametrize("t_pre,p_pre", [("sigmoid", None), ("tanh", "silu"),
-                                         ("sigmoid", "silu"), ("relu", "tanh")])
+PRE_ACTIVATIONS = ["sigmoid", "tanh", "silu", "relu", None]
+
+
+@pytest.mark.parametrize("t_pre", PRE_ACTIVATIONS)
+@pytest.mark.parametrize("p_pre", PRE_ACTIVATIONS)
 @pytest.mark.parametrize("ndim", [2, 3, 4])
 def test_bezier_activation(t_pre, p_pre, ndim):
     with jax.enable_x64(True):
