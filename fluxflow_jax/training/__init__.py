@@ -1,0 +1,1 @@
+"""Training core: optimizers, learning-rate schedules, losses and pure train steps."""
