@@ -13,12 +13,13 @@ for k < W, and the main schedule then runs over the remaining ``total_steps - W`
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from fluxflow_jax.suggest import did_you_mean
 
 _COMMON = {"type", "warmup_steps"}
 
@@ -112,9 +113,7 @@ def resolve_scheduler_config(config: Mapping[str, Any], total_steps: int) -> dic
     allowed = _COMMON | set(spec.defaults)
     problems = []
     for key in sorted(set(config) - allowed):
-        close = difflib.get_close_matches(key, sorted(allowed), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        problems.append(f"unknown key '{key}' for {kind}{hint}")
+        problems.append(f"unknown key '{key}' for {kind}{did_you_mean(key, sorted(allowed))}")
     cfg = {**spec.defaults, **{k: v for k, v in config.items() if k in allowed}, "type": kind}
     cfg.setdefault("warmup_steps", 0)
     problems += _problems(kind, cfg, total_steps)
