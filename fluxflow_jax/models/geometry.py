@@ -16,9 +16,11 @@ import numpy as np
 def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
     """float32 ``torch.linspace`` on CPU, reproduced exactly.
 
-    Torch fills the first half forwards from ``start`` and the second half backwards from
-    ``end`` with a float32 step, each value rounded once from an exact multiply-add.
+    Torch rounds both ends to float32, fills the first half forwards from ``start`` and the
+    second half backwards from ``end`` with a float32 step, each value rounded once from an
+    exact multiply-add.
     """
+    start, end = float(np.float32(start)), float(np.float32(end))
     if steps == 1:
         return np.array([start], dtype=np.float32)
     step = np.float32((end - start) / (steps - 1))

@@ -1,0 +1,153 @@
+"""Loss terms and the noise schedule against independent PyTorch / diffusers computations."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DPMSolverMultistepScheduler
+
+from fluxflow_jax.training import diffusion, losses
+
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+@pytest.fixture
+def images():
+    rng = np.random.default_rng(0)
+    return (rng.uniform(-1, 1, (3, 12, 20, 3)), rng.uniform(-1, 1, (3, 12, 20, 3)))
+
+
+def test_frequency_aware_reconstruction_loss(images):
+    pred, target = images
+    with jax.enable_x64(True):
+        actual = losses.reconstruction_loss(jnp.asarray(pred), jnp.asarray(target),
+                                            mse_weight=0.3, alpha=0.7)
+    p, t = nchw(pred), nchw(target)
+    low = lambda x: F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=True)
+    expected = (F.l1_loss(low(p), low(t)) + 0.7 * F.l1_loss(p - low(p), t - low(t))
+                + 0.3 * F.mse_loss(p, t))
+    np.testing.assert_allclose(float(actual), float(expected), rtol=1e-12)
+
+
+@pytest.mark.parametrize("free_bits", [0.0, 0.05])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_kl_divergence(free_bits, reduction):
+    rng = np.random.default_rng(1)
+    mu, logvar = rng.normal(size=(2, 3, 4, 8)), rng.normal(size=(2, 3, 4, 8)) * 0.3
+    with jax.enable_x64(True):
+        actual = losses.kl_divergence(jnp.asarray(mu), jnp.asarray(logvar), free_bits,
+                                      reduction)
+    m, lv = torch.from_numpy(mu), torch.from_numpy(logvar)
+    per_element = torch.clamp(-0.5 * (1 + lv - m**2 - lv.exp()), min=free_bits)
+    expected = per_element.flatten(1).sum(1).mean() if reduction == "sum" else per_element.mean()
+    np.testing.assert_allclose(float(actual), float(expected), rtol=1e-12)
+    if free_bits:
+        assert float(actual) > float(losses.kl_divergence(jnp.asarray(mu), jnp.asarray(logvar),
+                                                          0.0, reduction))
+
+
+def test_kl_beta_cosine_warmup():
+    steps = jnp.arange(0, 250, 7)
+    expected = 1e-4 * (1 - np.cos(np.pi * np.clip(np.arange(0, 250, 7) / 200, 0, 1))) / 2
+    np.testing.assert_allclose(losses.kl_beta(steps, 1e-4, 200), expected, rtol=1e-6)
+    assert float(losses.kl_beta(jnp.asarray(0), 1e-4, 0)) == pytest.approx(1e-4)
+
+
+def test_hinge_and_generator_losses():
+    rng = np.random.default_rng(2)
+    real, fake = rng.normal(size=(4, 3, 5, 1)), rng.normal(size=(4, 3, 5, 1)) * 2
+    r, f = torch.from_numpy(real).mean((1, 2, 3)), torch.from_numpy(fake).mean((1, 2, 3))
+    with jax.enable_x64(True):
+        hinge = losses.hinge_discriminator_loss(jnp.asarray(real), jnp.asarray(fake))
+        gen = losses.generator_loss(jnp.asarray(fake), 0.1)
+    np.testing.assert_allclose(float(hinge), float(F.relu(1 - r).mean() + F.relu(1 + f).mean()),
+                               rtol=1e-12)
+    np.testing.assert_allclose(float(gen), float(-0.1 * f.mean()), rtol=1e-12)
+
+
+def test_r1_penalty_matches_autograd_and_is_differentiable():
+    rng = np.random.default_rng(3)
+    weight, real = rng.normal(size=(3, 3, 3, 2)), rng.normal(size=(2, 8, 10, 3))
+    torch_weight = torch.from_numpy(weight.transpose(3, 2, 0, 1)).requires_grad_()
+    x = nchw(real).requires_grad_()
+    logits = torch.tanh(F.conv2d(x, torch_weight, padding=1))  # a small nonlinear "D"
+    (grad,) = torch.autograd.grad(logits.mean((1, 2, 3)).sum(), x, create_graph=True)
+    expected = grad.pow(2).flatten(1).sum(1).mean()
+    (expected_weight_grad,) = torch.autograd.grad(expected, torch_weight)
+
+    def penalty(w):
+        def logits_fn(images):
+            return jnp.tanh(jax.lax.conv_general_dilated(
+                images, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        return losses.r1_penalty(logits_fn, jnp.asarray(real))
+
+    with jax.enable_x64(True):
+        value, weight_grad = jax.value_and_grad(penalty)(jnp.asarray(weight))
+    np.testing.assert_allclose(float(value), expected.item(), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(weight_grad).transpose(3, 2, 0, 1),
+                               expected_weight_grad.numpy(), rtol=1e-9)
+
+
+def test_instance_noise_decays():
+    np.testing.assert_allclose(losses.instance_noise_std(jnp.asarray(10000), 0.01, 0.9999),
+                               0.01 * 0.9999**10000, rtol=1e-4)
+
+
+def test_alignment_loss():
+    rng = np.random.default_rng(4)
+    tokens, text = rng.normal(size=(2, 6, 8)), rng.normal(size=(2, 8))
+    image = torch.from_numpy(tokens).mean(1)
+    expected = (1 - F.cosine_similarity(F.normalize(image), F.normalize(torch.from_numpy(text))))
+    with jax.enable_x64(True):
+        actual = losses.alignment_loss(jnp.asarray(tokens), jnp.asarray(text))
+    np.testing.assert_allclose(float(actual), float(expected.mean()), rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_alphas_cumprod_equal_diffusers_bitwise():
+    reference = DPMSolverMultistepScheduler(num_train_timesteps=1000).alphas_cumprod.numpy()
+    np.testing.assert_array_equal(diffusion.alphas_cumprod(), reference)
+
+
+def test_noising_and_v_target():
+    rng = np.random.default_rng(5)
+    x0, noise = rng.normal(size=(4, 6, 8)), rng.normal(size=(4, 6, 8))
+    t = np.array([1, 250, 700, 999])
+    alpha_bar = torch.from_numpy(diffusion.alphas_cumprod().astype(np.float64))[t]
+    a, s = alpha_bar.sqrt()[:, None, None], (1 - alpha_bar).sqrt()[:, None, None]
+    x, n = torch.from_numpy(x0), torch.from_numpy(noise)
+    with jax.enable_x64(True):
+        noisy = diffusion.add_noise(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
+        v = diffusion.v_target(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
+    np.testing.assert_allclose(noisy, a * x + s * n, rtol=1e-12)
+    np.testing.assert_allclose(v, a * n - s * x, rtol=1e-12)
+    # diffusers' own add_noise agrees up to its float32 arithmetic (t >= 1; spec §7.1).
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(1000)
+    theirs = scheduler.add_noise(x.float(), n.float(), torch.from_numpy(t))
+    np.testing.assert_allclose(noisy, theirs.numpy(), atol=2e-4)
+
+
+def test_timestep_distribution_favours_low_noise():
+    t = np.asarray(diffusion.sample_timesteps(jax.random.key(0), 20000))
+    assert t.min() >= 0 and t.max() <= 999
+    assert 250 < t.mean() < 340  # spec: mean ~296
+    assert np.mean(t < 300) == pytest.approx(0.56, abs=0.02)
+    weights = np.exp(diffusion.timestep_log_weights())
+    np.testing.assert_allclose(weights.sum(), 1.0)
+    assert np.all(np.diff(weights) < 0)
+
+
+def test_model_time_indexes_every_timestep_exactly():
+    """The flow processor embeds index trunc(t_float * 999): it must give back t."""
+    t = jnp.arange(1000)
+    index = jnp.trunc(diffusion.model_time(t) * 999).astype(jnp.int32)
+    np.testing.assert_array_equal(index, np.arange(1000))
