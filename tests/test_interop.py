@@ -4,6 +4,7 @@ errors that name the offending key, config inference, atomic writes, and the CLI
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import jax
@@ -87,13 +88,17 @@ def test_written_layout(checkpoint):
 
 
 def _rewrite(src, dst, edit) -> None:
-    """Copy a checkpoint directory, applying ``edit`` to the main weights file's tensors."""
+    """Copy a checkpoint directory, applying ``edit`` to the main weights file's tensors,
+    as a hand-edited checkpoint would be: without the file hashes fluxflow-jax records."""
     dst.mkdir()
     for file in src.iterdir():
         (dst / file.name).write_bytes(file.read_bytes())
     tensors = dict(_read(src / "flxflow_final.safetensors"))
     edit(tensors)
     safetensors.numpy.save_file(tensors, str(dst / "flxflow_final.safetensors"))
+    metadata = json.loads((src / "model_metadata.json").read_text())
+    del metadata["checksum"]["files"]
+    (dst / "model_metadata.json").write_text(json.dumps(metadata))
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -118,7 +123,7 @@ def test_mismatched_checkpoint_names_the_key(checkpoint, tmp_path, edit, message
 
 def test_metadata_that_contradicts_the_weights_is_an_error(checkpoint, tmp_path):
     _rewrite(checkpoint, tmp_path / "bad", lambda t: None)
-    metadata = json.loads((checkpoint / "model_metadata.json").read_text())
+    metadata = json.loads((tmp_path / "bad" / "model_metadata.json").read_text())
     metadata["architecture"]["vae_attn_layers"] = 2  # the PyTorch loader's default
     (tmp_path / "bad" / "model_metadata.json").write_text(json.dumps(metadata))
     with pytest.raises(CheckpointError, match="says vae_attn_layers=2 but the weights have 1"):
@@ -165,19 +170,89 @@ def test_other_architecture_versions_are_refused(checkpoint, tmp_path):
         load_fluxflow(tmp_path / "v070")
 
 
-def test_failed_save_leaves_previous_checkpoint_intact(models, checkpoint, tmp_path,
-                                                       monkeypatch):
+def _same_weights(a: FluxFlowModels, b: FluxFlowModels) -> bool:
+    return all(np.array_equal(x, y) for name, module in a.present().items()
+               for x, y in zip(jax.tree.leaves(nnx.state(module)),
+                               jax.tree.leaves(nnx.state(getattr(b, name)))))
+
+
+@pytest.mark.parametrize("failing_rename", range(4))  # 3 data files, then the metadata
+def test_interrupted_save_never_loads_a_mix(models, tmp_path, monkeypatch, failing_rename):
+    """A crash at any rename leaves either the old checkpoint or one that refuses to load;
+    no partial files are left behind."""
     target = tmp_path / "run"
     save_fluxflow(target, models)
-    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    newer = FluxFlowModels.create(TINY, nnx.Rngs(99))
+    real_replace, calls = os.replace, []
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
+    def crashing_replace(src, dst):
+        calls.append(dst)
+        if len(calls) - 1 == failing_rename:
+            raise OSError("disk full")
+        real_replace(src, dst)
 
-    monkeypatch.setattr("os.replace", crash)
+    monkeypatch.setattr("os.replace", crashing_replace)
     with pytest.raises(OSError, match="disk full"):
-        save_fluxflow(target, FluxFlowModels.create(TINY, nnx.Rngs(99)))
-    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+        save_fluxflow(target, newer)
+    monkeypatch.setattr("os.replace", real_replace)
+    assert not [p for p in target.iterdir() if p.name.endswith(".tmp")]
+    if failing_rename == 0:
+        assert _same_weights(load_fluxflow(target), models)
+    else:
+        with pytest.raises(CheckpointError, match="interrupted save"):
+            load_fluxflow(target)
+
+
+def test_tampered_file_is_detected(checkpoint, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in checkpoint.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    data = bytearray((copy / "D_img.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "D_img.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="D_img.safetensors does not match the hash"):
+        load_fluxflow(copy)
+
+
+def test_save_replaces_a_pytorch_checkpoint_in_place(models, checkpoint, tmp_path):
+    """A stale model.safetensors (PyTorch's name) would shadow flxflow_final.safetensors."""
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes((checkpoint / "flxflow_final.safetensors")
+                                               .read_bytes())
+    newer = FluxFlowModels.create(TINY, nnx.Rngs(5), ("compressor", "flow_processor",
+                                                     "expander"))
+    save_fluxflow(target, newer)
+    assert not (target / "model.safetensors").exists()
+    assert _same_weights(load_fluxflow(target), newer)
+
+
+def test_legacy_text_encoder_keys_in_both_files(checkpoint, tmp_path):
+    """fluxflow's legacy save_model writes text_encoder.* into the main file as well."""
+    _rewrite(checkpoint, tmp_path / "legacy",
+             lambda t: t.update(_read(checkpoint / "text_encoder.safetensors")))
+    assert load_fluxflow(tmp_path / "legacy").text_encoder is not None
+
+    def conflicting(t):
+        t.update(_read(checkpoint / "text_encoder.safetensors"))
+        t["text_encoder.ouput_layer.1.bias"] = t["text_encoder.ouput_layer.1.bias"] + 1
+    _rewrite(checkpoint, tmp_path / "conflict", conflicting)
+    with pytest.raises(CheckpointError, match="different values in more than one file"):
+        load_fluxflow(tmp_path / "conflict")
+
+
+@pytest.mark.parametrize("metadata,message", [
+    ("[1, 2]", "must be a JSON object"),
+    ('{"architecture": {"vae_dim": "sixteen"}}', "says vae_dim=sixteen"),
+    ('{"architecture": {"max_hw": "big"}}', "architecture: .*max_hw must be an integer, "
+                                            "got 'big'"),
+])
+def test_malformed_metadata(checkpoint, tmp_path, metadata, message):
+    _rewrite(checkpoint, tmp_path / "bad", lambda t: None)
+    (tmp_path / "bad" / "model_metadata.json").write_text(metadata)
+    with pytest.raises(CheckpointError, match=message):
+        load_fluxflow(tmp_path / "bad")
 
 
 def test_cli_info(checkpoint, capsys):

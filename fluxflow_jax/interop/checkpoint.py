@@ -9,7 +9,9 @@ load_versioned_checkpoint`` and by strict ``load_state_dict`` into v030 classes)
     D_img.safetensors           D_img.*
     model_metadata.json         {"model_version": "0.3.0", "architecture": {...}, ...}
 
-Weights are only ever read from safetensors. Every file is written atomically.
+Weights are only ever read from safetensors. A save replaces the whole checkpoint: the
+metadata, written last, lists every file's hash, and loading verifies them, so an interrupted
+save is reported, never loaded as a mix of old and new files.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from flax import nnx
 
 import fluxflow_jax
 from fluxflow_jax.interop.keymap import COMPONENT_TABLES
-from fluxflow_jax.interop.state import CheckpointError, export_tensors, import_tensors
+from fluxflow_jax.interop.state import (CheckpointError, check_coverage, export_tensors,
+                                        import_tensors)
 from fluxflow_jax.models.bundle import COMPONENT_CLASSES, FluxFlowModels
 from fluxflow_jax.models.config import FluxFlowConfig
 
@@ -38,6 +41,7 @@ WEIGHT_FILES = ("model.safetensors", "flxflow_final.safetensors")
 TEXT_ENCODER_FILE = "text_encoder.safetensors"
 DISCRIMINATOR_FILE = "D_img.safetensors"
 METADATA_FILE = "model_metadata.json"
+_LAYOUT_FILES = (*WEIGHT_FILES, TEXT_ENCODER_FILE, DISCRIMINATOR_FILE, METADATA_FILE)
 # Non-persistent in current transformers, but files written by transformers < 4.31 hold it.
 _IGNORED_KEYS = {"text_encoder.language_model.embeddings.position_ids"}
 _VAE_COMPONENTS = ("compressor", "flow_processor", "expander")
@@ -89,8 +93,9 @@ def component_from_tensors(name: str, config: FluxFlowConfig,
     """
     prefix, build_table = COMPONENT_TABLES[name]
     module = nnx.eval_shape(lambda: COMPONENT_CLASSES[name](config, rngs=nnx.Rngs(0)))
-    import_tensors(module, build_table(config), tensors, source=f"{source} ({prefix}*)",
-                   dtype=dtype)
+    table = build_table(config)
+    check_coverage(module, table)  # every variable gets a value: none stays abstract
+    import_tensors(module, table, tensors, source=f"{source} ({prefix}*)", dtype=dtype)
     module.eval()
     return module
 
@@ -112,13 +117,37 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict, str]:
         files, metadata_path = [path], path.parent / METADATA_FILE
     else:
         raise CheckpointError(f"{path} does not exist")
+    metadata = _read_metadata(metadata_path)
+    _verify_files(path, files, metadata)
     tensors: dict[str, np.ndarray] = {}
     for file in files:
         for key, value in _load_safetensors(file).items():
-            if key in tensors:
-                raise CheckpointError(f"key '{key}' appears in more than one file of {path}")
+            # Legacy fluxflow writers put text_encoder.* in both files: fine if identical.
+            if key in tensors and not np.array_equal(tensors[key], value):
+                raise CheckpointError(f"key '{key}' appears with different values in more "
+                                      f"than one file of {path}")
             tensors[key] = value
-    return tensors, _read_metadata(metadata_path), str(path)
+    return tensors, metadata, str(path)
+
+
+def _verify_files(path: Path, files: list[Path], metadata: Mapping[str, Any]) -> None:
+    """Check the files against the hashes fluxflow-jax's metadata records (if it has them)."""
+    recorded = metadata.get("checksum", {}).get("files")
+    if not isinstance(recorded, dict):
+        return  # written by PyTorch fluxflow or by hand: nothing to check against
+    interrupted = f"{path} is inconsistent (an interrupted save?): "
+    if path.is_dir():
+        present = {f.name for f in path.iterdir() if f.name in _LAYOUT_FILES}
+        missing = sorted(set(recorded) - present)
+        extra = sorted(present - set(recorded) - {METADATA_FILE})
+        if missing or extra:
+            raise CheckpointError(interrupted + f"{METADATA_FILE} lists {sorted(recorded)}, "
+                                  f"the directory has {sorted(present - {METADATA_FILE})}")
+    for file in files:
+        expected = recorded.get(file.name)
+        if expected is not None and hashlib.sha256(file.read_bytes()).hexdigest() != expected:
+            raise CheckpointError(interrupted + f"{file.name} does not match the hash in "
+                                  f"{METADATA_FILE}")
 
 
 def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
@@ -135,6 +164,10 @@ def _read_metadata(path: Path) -> dict:
         metadata = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("architecture", {}),
+                                                        dict):
+        raise CheckpointError(f"{path} must be a JSON object whose 'architecture' is an "
+                              "object")
     version = metadata.get("model_version", MODEL_VERSION)
     if not str(version).startswith("0.3."):
         raise CheckpointError(
@@ -252,8 +285,8 @@ def infer_config(groups: Mapping[str, Mapping[str, np.ndarray]], architecture: M
         fields["disc_ctx_dim"] = None  # the canonical spelling of "conditioned on the latent"
     try:
         return FluxFlowConfig(**fields)
-    except ValueError as err:
-        raise CheckpointError(f"{source}: {err}") from err
+    except (TypeError, ValueError) as err:  # TypeError: e.g. a string where a number goes
+        raise CheckpointError(f"{source}: {METADATA_FILE} architecture: {err}") from err
 
 
 # ----------------------------------------------------------------------------- writing
@@ -286,13 +319,35 @@ def save_fluxflow(path: str | os.PathLike, models: FluxFlowModels, *,
         payloads[TEXT_ENCODER_FILE] = _serialize(models, ("text_encoder",))
     if "discriminator" in present:
         payloads[DISCRIMINATOR_FILE] = _serialize(models, ("discriminator",))
-    if vae_parts:
-        payloads[METADATA_FILE] = json.dumps(
-            _metadata(models.config, payloads[weights_name], training_info), indent=2).encode()
+    metadata = _metadata(models.config, payloads, weights_name if vae_parts else None,
+                         training_info)
     out.mkdir(parents=True, exist_ok=True)
-    for name, data in payloads.items():
-        atomic_write(out / name, data)
+    _commit(out, payloads, json.dumps(metadata, indent=2).encode())
     return out
+
+
+def _commit(out: Path, payloads: Mapping[str, bytes], metadata: bytes) -> None:
+    """Replace the checkpoint in ``out`` with ``payloads``, metadata last.
+
+    Every file is first written in full beside its target. The data files are then moved
+    into place, layout files this checkpoint does not have are removed (a stale
+    ``model.safetensors`` would otherwise shadow a new ``flxflow_final.safetensors``), and
+    the metadata, which lists every file's hash, is moved last: a save interrupted before
+    that leaves files that no longer match the old metadata, which ``load_fluxflow``
+    reports instead of loading a mix.
+    """
+    temps = {name: _write_temp(out / name, data)
+             for name, data in {**payloads, METADATA_FILE: metadata}.items()}
+    try:
+        for name in (*payloads, METADATA_FILE):
+            if name == METADATA_FILE:
+                for stale in set(_LAYOUT_FILES) - set(payloads) - {METADATA_FILE}:
+                    (out / stale).unlink(missing_ok=True)
+            os.replace(temps[name], out / name)
+            del temps[name]
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
 
 
 def _serialize(models: FluxFlowModels, components: tuple[str, ...]) -> bytes:
@@ -304,40 +359,51 @@ def _serialize(models: FluxFlowModels, components: tuple[str, ...]) -> bytes:
     return safetensors.numpy.save(tensors, metadata={"format": "pt"})
 
 
-def _metadata(config: FluxFlowConfig, weights: bytes,
+def _metadata(config: FluxFlowConfig, payloads: Mapping[str, bytes], weights_name: str | None,
               training_info: Mapping[str, Any] | None) -> dict:
     fields = {f: getattr(config, f) for f in config.__dataclass_fields__}
     fields["disc_ctx_dim"] = config.discriminator_ctx_dim
+    checksum: dict[str, Any] = {"algorithm": "sha256", "files": {
+        name: hashlib.sha256(data).hexdigest() for name, data in payloads.items()}}
+    if weights_name is not None:  # the field PyTorch fluxflow writes
+        checksum["weights_hash"] = checksum["files"][weights_name]
     return {
         "model_version": MODEL_VERSION,
         "library_version": f"fluxflow-jax {fluxflow_jax.__version__}",
         # The PyTorch loader's fields first; the rest describe the full JAX config.
         "architecture": {**{f: fields.pop(f) for f in _TORCH_ARCHITECTURE_FIELDS}, **fields},
-        "components": {"compressor": "FluxCompressor", "flow_processor": "FluxFlowProcessor",
-                       "expander": "FluxExpander"},
+        "components": ({"compressor": "FluxCompressor", "flow_processor": "FluxFlowProcessor",
+                        "expander": "FluxExpander"} if weights_name is not None else {}),
         "training_info": dict(training_info or {}),
-        "checksum": {"weights_hash": hashlib.sha256(weights).hexdigest(),
-                     "algorithm": "sha256"},
+        "checksum": checksum,
     }
 
 
-def _current_umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new
-    one, never a partial file."""
+_FILE_MODE = 0o666 & ~_read_umask()  # read once: changing the umask later would race
+
+
+def _write_temp(path: Path, data: bytes) -> Path:
+    """``data`` written in full and synced to a hidden temporary file beside ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        os.replace(tmp, path)
+        os.chmod(tmp, _FILE_MODE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new
+    one, never a partial file."""
+    os.replace(_write_temp(path, data), path)

@@ -24,11 +24,22 @@ _NON_NEGATIVE = ("vae_attn_layers", "disc_depth")
 _TORCH_FIXED = {
     "compressor": {"vae_attn_heads": 8, "vae_ff_mult": 2},
     "flow_processor": {"time_steps": 1000},
-    "expander": {"spade_hidden": 128},
+    "expander": {"spade_hidden": 128, "in_channels": 3},
     "text_encoder": {"text_vocab_size": 30522, "text_dim": 768, "text_layers": 6,
                      "text_heads": 12, "text_hidden_dim": 3072, "text_max_positions": 512,
                      "text_head_width": 512},
 }
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "int | None": "an integer or null"}
+
+
+def _has_type(value: object, annotation: str) -> bool:
+    if annotation == "int | None" and value is None:
+        return True
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if annotation == "float" else int)
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,11 @@ class FluxFlowConfig:
 
     def problems(self) -> list[str]:
         """Every inconsistency in the fields, each phrased with its fix."""
+        wrong_type = [f"{f.name} must be {_TYPE_NAMES[f.type]}, got {getattr(self, f.name)!r}"
+                      for f in dataclasses.fields(self)
+                      if not _has_type(getattr(self, f.name), f.type)]
+        if wrong_type:
+            return wrong_type
         out = [f"{name} must be >= 1 (got {getattr(self, name)})" for name in _POSITIVE
                if getattr(self, name) < 1]
         out += [f"{name} must be >= 0 (got {getattr(self, name)})" for name in _NON_NEGATIVE

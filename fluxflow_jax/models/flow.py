@@ -119,9 +119,16 @@ class FluxFlowProcessor(nnx.Module):
         self.context_activation = TrainableBezier(df, torch_shape=(df, 1, 1))
 
     def time_conditioning(self, timesteps: jax.Array) -> jax.Array:
-        """[B, text_embed_dim] embedding of t in [0, 1] (index trunc(t * 999), clamped)."""
+        """[B, text_embed_dim] embedding of t in [0, 1] (index trunc(t * 999), clamped).
+
+        The index is computed in at least float32: in bf16 most indices would be off.
+        """
+        if not jnp.issubdtype(timesteps.dtype, jnp.floating):
+            raise TypeError(f"timesteps must be floats in [0, 1], got {timesteps.dtype}; an "
+                            "integer step t becomes t / 999 (training.diffusion.model_time)")
         last = self.config.time_steps - 1
-        index = jnp.clip(jnp.trunc(timesteps * last), 0, last).astype(jnp.int32)
+        t = timesteps.astype(jnp.promote_types(timesteps.dtype, jnp.float32))
+        index = jnp.clip(jnp.trunc(t * last), 0, last).astype(jnp.int32)
         x = self.time_activation(self.time_norm(self.time_embedding(index)))
         return self.time_proj(x)
 

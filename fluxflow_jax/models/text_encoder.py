@@ -41,8 +41,8 @@ class DistilBertLayer(nnx.Module):
         scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
         weights = self.attention_dropout(jax.nn.softmax(scores, axis=-1), rngs=rngs)
         attended = jnp.einsum("bhqk,bkhd->bqhd", weights, split(self.v_lin(x)))
-        x = self.sa_layer_norm(x + self.dropout(self.out_lin(attended.reshape(x.shape)),
-                                                rngs=rngs))
+        # DistilBERT drops out attention weights and the FFN output, not the attention output.
+        x = self.sa_layer_norm(x + self.out_lin(attended.reshape(x.shape)))
         ffn = self.lin2(jax.nn.gelu(self.lin1(x), approximate=False))
         return self.output_layer_norm(x + self.dropout(ffn, rngs=rngs))
 

