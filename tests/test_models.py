@@ -312,14 +312,22 @@ def default_forwards():
                  (1, tokens, dim)),
         "expander": (FluxExpander, lambda m, p: m(p, hw=(4, 4)), (f32(1, tokens, dim),),
                      (1, 64, 64, 3)),
+        "text_encoder": (BertTextEncoder, lambda m, ids: m(ids),
+                         (jax.ShapeDtypeStruct((1, 16), jnp.int32),),
+                         (1, DEFAULT.text_embed_dim)),
+        "discriminator": (PatchDiscriminator, lambda m, x, c: m(x, c),
+                          (f32(1, 64, 64, 3), f32(1, DEFAULT.vae_dim)), (1, 4, 4, 1)),
     }
 
 
-@pytest.mark.parametrize("name", ["compressor", "flow", "expander"])
+@pytest.mark.parametrize("name", ["compressor", "flow", "expander", "text_encoder",
+                                  "discriminator"])
 def test_default_size_models_compile(name):
     """Lowered and compiled from abstract weights and inputs: nothing big is allocated."""
     cls, forward, inputs, out_shape = default_forwards()[name]
-    graphdef, state = nnx.split(abstract_model(cls, DEFAULT))
+    model = abstract_model(cls, DEFAULT)
+    model.eval()  # dropout off; spectral norm without the power-iteration update
+    graphdef, state = nnx.split(model)
     compiled = jax.jit(lambda state, *args: forward(nnx.merge(graphdef, state), *args)).lower(
         state, *inputs).compile()
     assert compiled.out_info.shape == out_shape
@@ -439,6 +447,19 @@ def grid_readers(flow, expander):
     text, timesteps = flow_conditioning()
     return {"flow": (flow, lambda m, p: m(p, text, timesteps)),
             "expander": (expander, lambda m, p: m(p))}
+
+
+@pytest.mark.parametrize("hw", [(8.0, 12), (8,), "8x12", (0, 12)])
+def test_hw_must_be_positive_python_ints(expander, packed, hw):
+    with pytest.raises(ValueError, match="hw must be two positive Python ints"):
+        expander(packed, hw=hw)
+
+
+def test_flow_refuses_integer_timesteps(flow, packed):
+    """An integer t would index the time embedding at t * 999: the 0.2.x bug."""
+    text, _ = flow_conditioning()
+    with pytest.raises(TypeError, match="timesteps must be floats"):
+        jax.eval_shape(lambda p: flow(p, text, jnp.array([3, 500]), hw=GRID), packed)
 
 
 @pytest.mark.parametrize("name", ["flow", "expander"])

@@ -13,6 +13,7 @@ from fluxflow.models.pipeline import FluxPipeline
 from fluxflow.models.v030 import FluxCompressor, FluxExpander, FluxFlowProcessor
 from torch import nn
 from torch.nn.utils import spectral_norm
+from transformers import DistilBertConfig, DistilBertModel
 
 from fluxflow_jax.models import FluxFlowConfig
 from fluxflow_jax.models.geometry import latent_grid
@@ -129,8 +130,15 @@ def pipeline(cfg: FluxFlowConfig, seed: int) -> FluxPipeline:
 
 
 def text_encoder(cfg: FluxFlowConfig, seed: int) -> BertTextEncoder:
+    """fluxflow's BertTextEncoder with its DistilBERT built from ``cfg`` (the reference
+    hard-codes the full 6x768 model; smaller ones keep the cross-framework tests fast)."""
     torch.manual_seed(seed)
-    return perturb(BertTextEncoder(embed_dim=cfg.text_embed_dim), seed, scale=0.05)
+    model = BertTextEncoder(embed_dim=cfg.text_embed_dim)
+    model.language_model = DistilBertModel(DistilBertConfig(
+        vocab_size=cfg.text_vocab_size, dim=cfg.text_dim, n_layers=cfg.text_layers,
+        n_heads=cfg.text_heads, hidden_dim=cfg.text_hidden_dim,
+        max_position_embeddings=cfg.text_max_positions, activation="gelu"))
+    return perturb(model, seed, scale=0.05)
 
 
 def inject_noise(model: FluxCompressor, noise_nchw: torch.Tensor) -> None:
@@ -139,8 +147,10 @@ def inject_noise(model: FluxCompressor, noise_nchw: torch.Tensor) -> None:
 
 
 class PatchDiscriminator02(nn.Module):
-    """The fluxflow-core 0.2.x discriminator (not shipped in fluxflow 0.8.1), rebuilt from its
-    published description on torch's own spectral_norm: the numbers under test are torch's."""
+    """The fluxflow-core 0.2.x discriminator (not shipped in fluxflow 0.8.1; its source is
+    src/fluxflow/models/discriminators.py in the fluxflow-core repository's early history),
+    rebuilt from its published description on torch's own spectral_norm, so the numbers
+    under test are torch's."""
 
     def __init__(self, in_channels: int, base_ch: int, depth: int, ctx_dim: int):
         super().__init__()

@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 from flax import nnx
@@ -55,7 +56,8 @@ _TORCH_ARCHITECTURE_FIELDS = ("vae_dim", "downscales", "flow_dim", "in_channels"
 # ----------------------------------------------------------------------------- reading
 
 
-def load_fluxflow(path: str | os.PathLike, *, dtype=None) -> FluxFlowModels:
+def load_fluxflow(path: str | os.PathLike, *, dtype: jnp.dtype | None = None
+                  ) -> FluxFlowModels:
     """Load a fluxflow checkpoint (directory or single ``.safetensors`` file) into NNX modules.
 
     The architecture comes from tensor shapes, completed by ``model_metadata.json`` for the

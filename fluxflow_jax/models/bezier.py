@@ -26,7 +26,8 @@ _PRE_ACTIVATIONS = {
 }
 
 
-def bezier(t: jax.Array, p0, p1, p2, p3) -> jax.Array:
+def bezier(t: jax.Array, p0: jax.Array, p1: jax.Array, p2: jax.Array,
+           p3: jax.Array) -> jax.Array:
     """(1-t)^3 p0 + 3(1-t)^2 t p1 + 3(1-t) t^2 p2 + t^3 p3, summed left to right."""
     s = 1.0 - t
     s2 = s * s
@@ -53,10 +54,9 @@ def bezier_activation(x: jax.Array, t_pre: PreActivation = "sigmoid",
 class TrainableBezier(nnx.Module):
     """Bezier with learned control points p0..p3 and t = sigmoid(x).
 
-    The control points have ``shape`` and broadcast against the trailing axes of the input;
-    in channel-last layout both reference variants (channel-only (C,) and per-channel
-    (C, 1, 1)) become a (C,) vector over the last axis. ``torch_shape`` keeps the
-    reference's parameter shape for serialisation.
+    The control points are (features,) vectors over the input's last axis: in channel-last
+    layout both reference variants (channel-only (C,) and per-channel (C, 1, 1)) are this.
+    ``torch_shape`` keeps the reference's parameter shape for serialisation.
     """
 
     def __init__(self, features: int, control_points: tuple[float, float, float, float] = (

@@ -124,7 +124,8 @@ class PatchDiscriminator(nnx.Module):
                          if ctx_dim > 0 else None)
 
     def __call__(self, images: jax.Array, context: jax.Array | None = None, *,
-                 return_features: bool = False):
+                 return_features: bool = False
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Logits, or (pooled features [B, C], logits) with ``return_features``."""
         x = jax.nn.leaky_relu(self.stem(images), _LEAK)
         for block in self.blocks:

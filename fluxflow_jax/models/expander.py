@@ -15,7 +15,7 @@ from fluxflow_jax.models import layers
 from fluxflow_jax.models.bezier import TrainableBezier, bezier_activation
 from fluxflow_jax.models.conditioning import SPADE, ContextAttentionMixer
 from fluxflow_jax.models.config import FluxFlowConfig
-from fluxflow_jax.models.geometry import latent_grid
+from fluxflow_jax.models.geometry import resolve_grid
 
 
 class ResidualUpsampleBlock(nnx.Module):
@@ -58,7 +58,7 @@ class FluxExpander(nnx.Module):
         ``hw`` is the latent grid; by default it is read from the hw token, which needs a
         concrete ``packed`` (pass it explicitly under ``jit``).
         """
-        h, w = hw if hw is not None else latent_grid(packed, self.config.max_hw)
+        h, w = resolve_grid(packed, hw, self.config.max_hw)
         b, tokens, dim = packed.shape
         if h * w > tokens - 1:
             raise ValueError(f"latent grid {h}x{w} needs {h * w} tokens; packed has "

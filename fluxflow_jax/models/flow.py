@@ -16,7 +16,7 @@ from fluxflow_jax.models import layers
 from fluxflow_jax.models.bezier import TrainableBezier, bezier_activation
 from fluxflow_jax.models.conditioning import ContextAttentionMixer, GatedContextInjection
 from fluxflow_jax.models.config import FluxFlowConfig
-from fluxflow_jax.models.geometry import coordinate_channels, latent_grid
+from fluxflow_jax.models.geometry import coordinate_channels, resolve_grid
 
 
 def rotary_inv_freq(head_dim: int) -> np.ndarray:
@@ -25,7 +25,10 @@ def rotary_inv_freq(head_dim: int) -> np.ndarray:
         np.float32)
 
 
-def rotary_tables(inv_freq: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
+Rope = tuple[jax.Array, jax.Array]  # (sin, cos) tables [S, head_dim]
+
+
+def rotary_tables(inv_freq: jax.Array, length: int) -> Rope:
     """(sin, cos) [S, dh]: angles pos * inv_freq, each repeated twice (interleaved)."""
     angles = jnp.arange(length, dtype=inv_freq.dtype)[:, None] * inv_freq[None, :]
     return jnp.repeat(jnp.sin(angles), 2, -1), jnp.repeat(jnp.cos(angles), 2, -1)
@@ -52,7 +55,8 @@ class ParallelAttention(nnx.Module):
         self.kv_proj = layers.linear(d_model, 2 * d_model, xavier=True, rngs=rngs)
         self.out_proj = layers.linear(d_model, d_model, xavier=True, rngs=rngs)
 
-    def __call__(self, x_q, x_kv, rope_q, rope_k) -> jax.Array:
+    def __call__(self, x_q: jax.Array, x_kv: jax.Array, rope_q: Rope, rope_k: Rope
+                 ) -> jax.Array:
         k, v = jnp.split(self.kv_proj(x_kv), 2, axis=-1)
         q = apply_rotary(layers.split_heads(self.q_proj(x_q), self.heads), *rope_q)
         k = apply_rotary(layers.split_heads(k, self.heads), *rope_k)
@@ -84,7 +88,9 @@ class FluxTransformerBlock(nnx.Module):
         self.ffn = layers.linear(d_model, d_model, xavier=True, rngs=rngs)
         self.inv_freq = layers.Buffer(jnp.asarray(rotary_inv_freq(d_model // heads)))
 
-    def __call__(self, img, txt, rope_img, rope_txt, previous_pillars):
+    def __call__(self, img: jax.Array, txt: jax.Array, rope_img: Rope, rope_txt: Rope,
+                 previous_pillars: list[jax.Array | None]
+                 ) -> tuple[jax.Array, list[jax.Array]]:
         normed = self.norm1(img)
         img = img + self.self_attn(normed, normed, rope_img, rope_img)
         img = img + self.cross_attn(self.norm2(img), self.norm2(txt), rope_img, rope_txt)
@@ -139,7 +145,7 @@ class FluxFlowProcessor(nnx.Module):
         ``timesteps`` [B] are floats in [0, 1]. ``hw`` is the latent grid (read from the hw
         token when omitted, which needs a concrete ``packed``).
         """
-        h, w = hw if hw is not None else latent_grid(packed, self.config.max_hw)
+        h, w = resolve_grid(packed, hw, self.config.max_hw)
         tokens, hw_vec = packed[:, :-1], packed[:, -1:]
         b, t_len, _ = tokens.shape
         x = self.vae_to_dmodel(tokens)

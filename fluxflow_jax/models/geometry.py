@@ -68,6 +68,18 @@ def hw_token(batch: int, height: int, width: int, dim: int, max_hw: int, dtype) 
     return jnp.broadcast_to(jnp.asarray(token, dtype=dtype), (batch, 1, dim))
 
 
+def resolve_grid(packed, hw, max_hw: int) -> tuple[int, int]:
+    """The latent grid: ``hw`` when given (it must be two Python ints, since it decides
+    array shapes), else read from the packed hw token on the host."""
+    if hw is None:
+        return latent_grid(packed, max_hw)
+    if not (isinstance(hw, (tuple, list)) and len(hw) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in hw)):
+        raise ValueError(f"hw must be two positive Python ints (h, w), got {hw!r}; under "
+                         "jax.jit pass it as a static argument (static_argnames)")
+    return int(hw[0]), int(hw[1])
+
+
 def latent_grid(packed, max_hw: int) -> tuple[int, int]:
     """(h, w) of the latent grid, read on the host from the hw token of a packed batch.
 
