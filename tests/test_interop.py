@@ -140,6 +140,17 @@ def test_metadata_supplies_what_shapes_cannot(models, tmp_path):
     assert load_fluxflow(tmp_path).config.vae_attn_heads == 4
 
 
+def test_bare_component_keys(models, checkpoint, tmp_path):
+    """Files without the diffuser. prefix (compressor.* ...) load as the reference's do."""
+    tensors = {k.removeprefix("diffuser."): v
+               for k, v in _read(checkpoint / "flxflow_final.safetensors").items()}
+    safetensors.numpy.save_file(tensors, str(tmp_path / "bare.safetensors"))
+    loaded = load_fluxflow(tmp_path / "bare.safetensors")
+    assert set(loaded.present()) == {"compressor", "flow_processor", "expander"}
+    assert _same_weights(loaded, FluxFlowModels(TINY, models.compressor,
+                                                models.flow_processor, models.expander))
+
+
 def test_partial_checkpoints(models, tmp_path):
     save_fluxflow(tmp_path / "te", FluxFlowModels(TINY, text_encoder=models.text_encoder))
     loaded = load_fluxflow(tmp_path / "te")

@@ -73,6 +73,33 @@ def test_flow_processor(case, precision):
     assert ref.relative_error(actual, expected) <= tol
 
 
+@pytest.mark.parametrize("t,grid_scale", [(0.0, 1), (1.0, 1), (0.5, 2)],
+                         ids=["t0", "t1", "grid_larger_than_tokens"])
+def test_flow_processor_edge_cases(case, t, grid_scale):
+    """Batch of one, both ends of the time range, and an hw token announcing more tokens
+    than the sequence holds (the side branch then falls back to a square-ish grid)."""
+    cfg, image_shape, pipe = case
+    with jax.enable_x64(True):
+        packed = ref.packed_latents(cfg, image_shape, torch.float64)[:1]
+        packed[:, -1, :2] *= grid_scale
+        text = torch.randn(1, cfg.text_embed_dim, dtype=torch.float64)
+        times = torch.tensor([t], dtype=torch.float64)
+        torch_model = ref.cast(pipe.flow_processor, torch.float64)
+        model = _component("flow_processor", cfg, torch_model, jnp.float64)
+        run = lambda: model(ref.to_jax(packed, jnp.float64), ref.to_jax(text, jnp.float64),
+                            ref.to_jax(times, jnp.float64))
+        tokens = packed.shape[1] - 1
+        if grid_scale > 1 and tokens % int(tokens**0.5):  # the reference fails too
+            with pytest.raises(Exception):
+                torch_model(packed, text, times)
+            with pytest.raises(ValueError, match="do not form a grid"):
+                run()
+            return
+        with torch.no_grad():
+            expected = torch_model(packed, text, times)
+        assert ref.relative_error(run(), expected) <= ref.FLOAT64_TOL
+
+
 @pytest.mark.parametrize("use_context", [True, False])
 def test_expander(case, precision, use_context):
     cfg, image_shape, pipe = case

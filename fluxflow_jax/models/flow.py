@@ -168,9 +168,14 @@ class FluxFlowProcessor(nnx.Module):
         """Convolutional read-out of the token grid, added to the first ctx_tokens tokens."""
         b, t_len, df = x.shape
         valid = min(h * w, t_len)
-        if valid < h * w:
+        if valid < h * w:  # the reference's fallback: a grid of floor(sqrt(T)) rows
+            announced = (h, w)
             h = int(valid**0.5)
             w = valid // h
+            if h * w != valid:
+                raise ValueError(f"the hw token announces a {announced[0]}x{announced[1]} "
+                                 f"grid but the sequence holds {t_len} tokens, which do not "
+                                 f"form a grid of {h} rows")
         grid = x[:, :valid].reshape(b, h, w, df)
         flow = self.predictor_conv2(self.predictor_activation(self.predictor_conv1(grid)))
         flow = jnp.concatenate([flow, coordinate_channels(b, h, w, flow.dtype)], axis=-1)

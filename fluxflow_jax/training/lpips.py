@@ -217,14 +217,15 @@ class LPIPS(nnx.Module):
             raise ValueError(f"LPIPS needs two NHWC RGB batches of one shape; got "
                              f"{pred.shape} and {target.shape}")
         dtype = jnp.promote_types(jnp.result_type(pred, target), jnp.float32)
-        shift = jnp.asarray(SHIFT, dtype)
-        scale = jnp.asarray(SCALE, dtype)
-        batch = pred.shape[0]
-        # One VGG pass over both batches: half the kernel launches, same results.
-        x = (jnp.concatenate([pred, target]).astype(dtype) - shift) / scale
-        total = jnp.zeros((batch,), dtype)
-        for l, feats in enumerate(self.vgg(x)):
-            diff = jnp.square(normalize_channels(feats[:batch]) -
-                              normalize_channels(feats[batch:]))
+        # float32 constants, as lpips stores them (its buffers stay so after ``.double()``).
+        shift = jnp.asarray(np.float32(SHIFT), dtype)
+        scale = jnp.asarray(np.float32(SCALE), dtype)
+        # Two passes, as lpips does, not one over the concatenated batch: the target pass
+        # then needs no backward in a train step, and identical images give exactly 0.
+        feats_pred = self.vgg((pred.astype(dtype) - shift) / scale)
+        feats_target = self.vgg((target.astype(dtype) - shift) / scale)
+        total = jnp.zeros((pred.shape[0],), dtype)
+        for l, (fp, ft) in enumerate(zip(feats_pred, feats_target)):
+            diff = jnp.square(normalize_channels(fp) - normalize_channels(ft))
             total = total + jnp.mean(getattr(self, f"lin{l}")(diff), axis=(1, 2))
         return total
