@@ -120,10 +120,14 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict, str]:
     else:
         raise CheckpointError(f"{path} does not exist")
     metadata = _read_metadata(metadata_path)
-    _verify_files(path, files, metadata)
+    recorded = _recorded_hashes(path, metadata)
     tensors: dict[str, np.ndarray] = {}
     for file in files:
-        for key, value in _load_safetensors(file).items():
+        data = file.read_bytes()
+        if file.name in recorded and hashlib.sha256(data).hexdigest() != recorded[file.name]:
+            raise CheckpointError(f"{path} is inconsistent (an interrupted save?): {file.name} "
+                                  f"does not match the hash in {METADATA_FILE}")
+        for key, value in _parse_safetensors(data, file).items():
             # Legacy fluxflow writers put text_encoder.* in both files: fine if identical.
             if key in tensors and not np.array_equal(tensors[key], value):
                 raise CheckpointError(f"key '{key}' appears with different values in more "
@@ -132,29 +136,24 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict, str]:
     return tensors, metadata, str(path)
 
 
-def _verify_files(path: Path, files: list[Path], metadata: Mapping[str, Any]) -> None:
-    """Check the files against the hashes fluxflow-jax's metadata records (if it has them)."""
+def _recorded_hashes(path: Path, metadata: Mapping[str, Any]) -> dict[str, str]:
+    """The file hashes fluxflow-jax's metadata records, after checking that a directory
+    holds exactly the files it lists; {} for metadata written by PyTorch or by hand."""
     recorded = metadata.get("checksum", {}).get("files")
     if not isinstance(recorded, dict):
-        return  # written by PyTorch fluxflow or by hand: nothing to check against
-    interrupted = f"{path} is inconsistent (an interrupted save?): "
+        return {}
     if path.is_dir():
-        present = {f.name for f in path.iterdir() if f.name in _LAYOUT_FILES}
-        missing = sorted(set(recorded) - present)
-        extra = sorted(present - set(recorded) - {METADATA_FILE})
-        if missing or extra:
-            raise CheckpointError(interrupted + f"{METADATA_FILE} lists {sorted(recorded)}, "
-                                  f"the directory has {sorted(present - {METADATA_FILE})}")
-    for file in files:
-        expected = recorded.get(file.name)
-        if expected is not None and hashlib.sha256(file.read_bytes()).hexdigest() != expected:
-            raise CheckpointError(interrupted + f"{file.name} does not match the hash in "
-                                  f"{METADATA_FILE}")
+        present = {f.name for f in path.iterdir() if f.name in _LAYOUT_FILES} - {METADATA_FILE}
+        if present != set(recorded):
+            raise CheckpointError(f"{path} is inconsistent (an interrupted save?): "
+                                  f"{METADATA_FILE} lists {sorted(recorded)}, the directory "
+                                  f"has {sorted(present)}")
+    return recorded
 
 
-def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
+def _parse_safetensors(data: bytes, file: Path) -> dict[str, np.ndarray]:
     try:
-        return safetensors.numpy.load_file(str(file))
+        return safetensors.numpy.load(data)
     except Exception as err:  # the library raises several types for corrupt headers
         raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from err
 
