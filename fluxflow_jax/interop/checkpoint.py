@@ -88,7 +88,7 @@ def load_fluxflow(path: str | os.PathLike, *, dtype: jnp.dtype | None = None
 
 def component_from_tensors(name: str, config: FluxFlowConfig,
                            tensors: Mapping[str, np.ndarray], *, source: str = "state dict",
-                           dtype=None) -> nnx.Module:
+                           dtype: jnp.dtype | None = None) -> nnx.Module:
     """Build component ``name`` (in eval mode) from its PyTorch state dict, keys unprefixed.
 
     The module is created abstractly (no random init) and every variable is then filled.
