@@ -103,28 +103,44 @@ def _canonical_type(name: Any) -> str | None:
     return by_lower.get(str(name).lower())
 
 
-def resolve_scheduler_config(config: Mapping[str, Any], total_steps: int) -> dict[str, Any]:
-    """The config completed with defaults, or ``SchedulerConfigError`` listing every problem."""
+def _completed(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The config with its type's defaults filled in (None for an unsupported type)."""
     kind = _canonical_type(config.get("type", "CosineAnnealingLR"))
     if kind is None:
-        raise SchedulerConfigError(f"Unsupported scheduler: {config.get('type')}. "
-                                   f"Supported schedulers: {list(SCHEDULERS)}")
-    spec = SCHEDULERS[kind]
-    allowed = _COMMON | set(spec.defaults)
-    problems = []
-    for key in sorted(set(config) - allowed):
-        problems.append(f"unknown key '{key}' for {kind}{did_you_mean(key, sorted(allowed))}")
-    cfg = {**spec.defaults, **{k: v for k, v in config.items() if k in allowed}, "type": kind}
-    cfg.setdefault("warmup_steps", 0)
-    problems += _problems(kind, cfg, total_steps)
+        return None
+    allowed = _COMMON | set(SCHEDULERS[kind].defaults)
+    return {"warmup_steps": 0, **SCHEDULERS[kind].defaults,
+            **{k: v for k, v in config.items() if k in allowed}, "type": kind}
+
+
+def scheduler_config_problems(config: Mapping[str, Any],
+                              total_steps: int | None = None) -> list[str]:
+    """Every problem in a scheduler config, as messages ([] if valid). Without
+    ``total_steps`` the checks that depend on the run's length are left out."""
+    if not isinstance(config, Mapping):
+        return [f"scheduler config must be a mapping, got {type(config).__name__}"]
+    cfg = _completed(config)
+    if cfg is None:
+        return [f"Unsupported scheduler: {config.get('type')}. "
+                f"Supported schedulers: {list(SCHEDULERS)}"]
+    allowed = _COMMON | set(SCHEDULERS[cfg["type"]].defaults)
+    return ([f"unknown key '{key}' for {cfg['type']}{did_you_mean(key, sorted(allowed))}"
+             for key in sorted(set(config) - allowed)] + _problems(cfg, total_steps))
+
+
+def resolve_scheduler_config(config: Mapping[str, Any], total_steps: int) -> dict[str, Any]:
+    """The config completed with defaults, or ``SchedulerConfigError`` listing every problem."""
+    problems = scheduler_config_problems(config, total_steps)
     if problems:
+        kind = _canonical_type(config.get("type", "CosineAnnealingLR")) or "scheduler"
         raise SchedulerConfigError(f"invalid {kind} config: " + "; ".join(problems))
-    return cfg
+    return _completed(config)
 
 
-def _problems(kind: str, cfg: Mapping[str, Any], total_steps: int) -> list[str]:
-    out = []
-    if not isinstance(total_steps, int) or total_steps <= 0:
+def _problems(cfg: Mapping[str, Any], total_steps: int | None) -> list[str]:
+    kind, out = cfg["type"], []
+    known_length = total_steps is not None
+    if known_length and (not isinstance(total_steps, int) or total_steps <= 0):
         out.append(f"total_steps must be > 0, got {total_steps}")
     if not (isinstance(cfg["warmup_steps"], int) and 0 <= cfg["warmup_steps"]):
         out.append(f"warmup_steps must be an integer >= 0, got {cfg['warmup_steps']}")
@@ -137,7 +153,7 @@ def _problems(kind: str, cfg: Mapping[str, Any], total_steps: int) -> list[str]:
               f"eta_min_factor must be in (0, 1], got {cfg['eta_min_factor']}")
     if kind in ("ExponentialLR", "StepLR", "MultiStepLR"):
         check(0 < cfg["gamma"] < 1, f"gamma must be in (0, 1), got {cfg['gamma']}")
-    if kind == "StepLR":
+    if kind == "StepLR" and (known_length or cfg["step_size"]):
         size = cfg["step_size"] or (total_steps // 10 if isinstance(total_steps, int) else 0)
         check(size > 0, f"step_size must be > 0, got {size} (the default is total_steps // "
                         "10: set step_size for runs shorter than 10 steps)")
