@@ -289,6 +289,22 @@ def test_discriminator_gradients_and_power_iteration(train):
             np.testing.assert_array_equal(before[path], after[path])
 
 
+def test_discriminator_explicit_power_iteration_equals_a_train_mode_call():
+    """``power_iteration()`` then an eval-mode call is exactly one train-mode call: what the
+    functional train step relies on."""
+    images = images_batch()
+    context = np.ones((BATCH, TINY.discriminator_ctx_dim), np.float32)
+    implicit = build(PatchDiscriminator)
+    explicit = build(PatchDiscriminator)
+    implicit.train()
+    explicit.eval()
+    explicit.power_iteration()
+    np.testing.assert_array_equal(np.asarray(explicit(images, context)),
+                                  np.asarray(implicit(images, context)))
+    for path, vector in spectral_vectors(implicit).items():
+        np.testing.assert_array_equal(spectral_vectors(explicit)[path], vector, err_msg=path)
+
+
 def test_rotary_frequencies_are_a_buffer_not_a_param(flow):
     inv_freq = flow.transformer_blocks[0].inv_freq
     assert isinstance(inv_freq, Buffer) and not isinstance(inv_freq, nnx.Param)

@@ -4,7 +4,9 @@ projection conditioning on a context vector (fluxflow-core 0.2.x ``PatchDiscrimi
 Spectral normalisation follows ``torch.nn.utils.spectral_norm``: the weight is divided by
 sigma = u . (W v), where u and v are power-iteration vectors kept as state. In train mode
 each call first runs one power-iteration step and stores the new u and v (the PyTorch
-in-place buffer update); in eval mode u and v are used as they are.
+in-place buffer update); in eval mode u and v are used as they are. ``power_iteration()``
+runs that step on its own, so a functional train step can advance u and v explicitly and
+then call the network in eval mode.
 """
 
 from __future__ import annotations
@@ -38,13 +40,23 @@ class _SpectralNormalized(nnx.Module):
         self.weight_v = SpectralState(init.unit_vector()(rngs.params(), (cols,)))
         self.deterministic = False
 
-    def _sigma(self, matrix: jax.Array) -> jax.Array:
-        u, v = self.weight_u[...].astype(matrix.dtype), self.weight_v[...].astype(matrix.dtype)
+    def weight_matrix(self) -> jax.Array:
+        """The weight as the [out, in * kh * kw] matrix PyTorch normalises."""
+        raise NotImplementedError
+
+    def power_iteration(self) -> None:
+        """One power-iteration step on the current weight (no gradient), stored in u, v."""
+        matrix = jax.lax.stop_gradient(self.weight_matrix())
+        v = _normalize(matrix.T @ self.weight_u[...].astype(matrix.dtype))
+        u = _normalize(matrix @ v)
+        self.weight_u[...], self.weight_v[...] = u, v
+
+    def _sigma(self) -> jax.Array:
+        """sigma = u . (W v), differentiable in W (u and v are constants, as in PyTorch)."""
         if not self.deterministic:
-            frozen = jax.lax.stop_gradient(matrix)
-            v = _normalize(frozen.T @ u)
-            u = _normalize(frozen @ v)
-            self.weight_u[...], self.weight_v[...] = u, v
+            self.power_iteration()
+        matrix = self.weight_matrix()
+        u, v = self.weight_u[...].astype(matrix.dtype), self.weight_v[...].astype(matrix.dtype)
         return u @ (matrix @ v)
 
 
@@ -55,10 +67,13 @@ class SNConv(_SpectralNormalized):
                                 rngs=rngs)
         self._init_vectors(out_channels, in_channels * kernel_size**2, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def weight_matrix(self) -> jax.Array:
         kernel = self.conv.kernel[...]  # HWIO
-        matrix = kernel.transpose(3, 2, 0, 1).reshape(kernel.shape[3], -1)  # PyTorch OIHW rows
-        sigma = self._sigma(matrix)
+        return kernel.transpose(3, 2, 0, 1).reshape(kernel.shape[3], -1)  # PyTorch OIHW rows
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.conv.kernel[...]
+        sigma = self._sigma()
         y = jax.lax.conv_general_dilated(
             x, (kernel / sigma).astype(x.dtype), (1, 1), self.conv.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -70,9 +85,12 @@ class SNLinear(_SpectralNormalized):
         self.linear = layers.linear(in_features, out_features, rngs=rngs)
         self._init_vectors(out_features, in_features, rngs)
 
+    def weight_matrix(self) -> jax.Array:
+        return self.linear.kernel[...].T  # [in, out] -> PyTorch [out, in]
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.linear.kernel[...]  # [in, out]
-        sigma = self._sigma(kernel.T)
+        kernel = self.linear.kernel[...]
+        sigma = self._sigma()
         return x @ (kernel / sigma).astype(x.dtype) + self.linear.bias[...].astype(x.dtype)
 
 
@@ -122,6 +140,13 @@ class PatchDiscriminator(nnx.Module):
         self.ctx_proj = (nnx.List([SNLinear(ctx_dim, channels, rngs=rngs),
                                    SNLinear(channels, channels, rngs=rngs)])
                          if ctx_dim > 0 else None)
+
+    def power_iteration(self) -> None:
+        """Advance u and v of every spectral-normalised layer by one step, as one train-mode
+        call does, without running the network."""
+        for _, module in nnx.iter_modules(self):
+            if isinstance(module, _SpectralNormalized):
+                module.power_iteration()
 
     def __call__(self, images: jax.Array, context: jax.Array | None = None, *,
                  return_features: bool = False
