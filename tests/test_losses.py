@@ -23,16 +23,21 @@ def images():
     return (rng.uniform(-1, 1, (3, 12, 20, 3)), rng.uniform(-1, 1, (3, 12, 20, 3)))
 
 
-def test_frequency_aware_reconstruction_loss(images):
+def test_frequency_aware_l1_and_its_gradient_under_jit(images):
+    """Value and gradient against torch's ``avg_pool2d(count_include_pad=True)``; the
+    gradient is taken under jit, where a window sum needs a concrete zero to differentiate."""
     pred, target = images
     with jax.enable_x64(True):
-        actual = losses.reconstruction_loss(jnp.asarray(pred), jnp.asarray(target),
-                                            mse_weight=0.3, alpha=0.7)
-    p, t = nchw(pred), nchw(target)
+        loss = lambda p, t: losses.frequency_l1(p, t, alpha=0.7)
+        actual = loss(jnp.asarray(pred), jnp.asarray(target))
+        actual_grad = jax.jit(jax.grad(loss))(jnp.asarray(pred), jnp.asarray(target))
+    p, t = nchw(pred).requires_grad_(True), nchw(target)
     low = lambda x: F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=True)
-    expected = (F.l1_loss(low(p), low(t)) + 0.7 * F.l1_loss(p - low(p), t - low(t))
-                + 0.3 * F.mse_loss(p, t))
+    expected = F.l1_loss(low(p), low(t)) + 0.7 * F.l1_loss(p - low(p), t - low(t))
+    expected.backward()
     np.testing.assert_allclose(float(actual), float(expected), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(actual_grad).transpose(0, 3, 1, 2),
+                               p.grad.numpy(), rtol=1e-10, atol=1e-15)
 
 
 @pytest.mark.parametrize("free_bits", [0.0, 0.05])
@@ -81,15 +86,18 @@ def test_r1_penalty_matches_autograd_and_is_differentiable():
     expected = grad.pow(2).flatten(1).sum(1).mean()
     (expected_weight_grad,) = torch.autograd.grad(expected, torch_weight)
 
-    def penalty(w):
-        def logits_fn(images):
-            return jnp.tanh(jax.lax.conv_general_dilated(
-                images, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))
-        return losses.r1_penalty(logits_fn, jnp.asarray(real))
+    def logits_fn(w):
+        return lambda images: jnp.tanh(jax.lax.conv_general_dilated(
+            images, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))
 
     with jax.enable_x64(True):
-        value, weight_grad = jax.value_and_grad(penalty)(jnp.asarray(weight))
+        value, weight_grad = jax.value_and_grad(
+            lambda w: losses.r1_penalty(logits_fn(w), jnp.asarray(real)))(jnp.asarray(weight))
+        both = losses.logits_and_r1_penalty(logits_fn(jnp.asarray(weight)), jnp.asarray(real))
     np.testing.assert_allclose(float(value), expected.item(), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(both[0]).transpose(0, 3, 1, 2),
+                               logits.detach().numpy(), rtol=1e-12)
+    assert float(both[1]) == float(value)
     np.testing.assert_allclose(np.asarray(weight_grad).transpose(3, 2, 0, 1),
                                expected_weight_grad.numpy(), rtol=1e-9)
 

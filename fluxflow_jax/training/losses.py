@@ -11,13 +11,15 @@ from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def low_pass(images: jax.Array) -> jax.Array:
     """3x3 mean filter, stride 1, zero padding counted (PyTorch's ``count_include_pad``):
-    border pixels average in zeros and are still divided by 9."""
+    border pixels average in zeros and are still divided by 9. (The zero is a concrete
+    numpy scalar, so under jit XLA sees a differentiable window sum.)"""
     window = (1, 3, 3, 1)
-    summed = jax.lax.reduce_window(images, jnp.zeros((), images.dtype), jax.lax.add, window,
+    summed = jax.lax.reduce_window(images, np.zeros((), images.dtype), jax.lax.add, window,
                                    (1, 1, 1, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
     return summed / 9.0
 
@@ -28,12 +30,6 @@ def frequency_l1(pred: jax.Array, target: jax.Array, alpha: float = 1.0) -> jax.
     low = jnp.mean(jnp.abs(low_pred - low_target))
     high = jnp.mean(jnp.abs((pred - low_pred) - (target - low_target)))
     return low + alpha * high
-
-
-def reconstruction_loss(pred: jax.Array, target: jax.Array, mse_weight: float = 0.1,
-                        alpha: float = 1.0) -> jax.Array:
-    """Frequency-aware L1 plus ``mse_weight`` * MSE (LPIPS is added by the caller)."""
-    return frequency_l1(pred, target, alpha) + mse_weight * jnp.mean((pred - target) ** 2)
 
 
 def kl_divergence(mu: jax.Array, logvar: jax.Array, free_bits: float = 0.0,
@@ -78,8 +74,18 @@ def r1_penalty(logits_fn: Callable[[jax.Array], jax.Array], real: jax.Array) -> 
     Differentiable in the discriminator's parameters (closed over by ``logits_fn``), as the
     penalty term must be.
     """
-    grads = jax.grad(lambda x: jnp.sum(per_sample_logits(logits_fn(x))))(real)
-    return jnp.mean(jnp.sum(grads.reshape(grads.shape[0], -1) ** 2, axis=1))
+    return logits_and_r1_penalty(logits_fn, real)[1]
+
+
+def logits_and_r1_penalty(logits_fn: Callable[[jax.Array], jax.Array], real: jax.Array
+                          ) -> tuple[jax.Array, jax.Array]:
+    """(``logits_fn(real)``, ``r1_penalty``) from one forward pass."""
+    def summed(x):
+        logits = logits_fn(x)
+        return jnp.sum(per_sample_logits(logits)), logits
+
+    grads, logits = jax.grad(summed, has_aux=True)(real)
+    return logits, jnp.mean(jnp.sum(grads.reshape(grads.shape[0], -1) ** 2, axis=1))
 
 
 def instance_noise_std(step: jax.Array, std: float, decay: float) -> jax.Array:

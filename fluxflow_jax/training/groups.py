@@ -1,0 +1,133 @@
+"""Optimizer groups: the parameters one optimizer updates, and how frozen ones stay put.
+
+A group ("vae", "discriminator", "flow", "text_encoder") spans whole components. Each of its
+parameter leaves is labelled trainable or frozen; the optax transform is a
+``multi_transform`` that runs the configured optimizer (clipped, scheduled, plateau-scaled)
+on trainable leaves and ``set_to_zero`` on frozen ones, which therefore hold no optimizer
+state. Frozen leaves are never differentiated either: the step takes gradients of
+``trainable(params)`` only, and ``apply`` fills in zeros for the rest and leaves frozen
+leaves untouched, so they stay bitwise identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from fluxflow_jax.training.ema import ema_update
+from fluxflow_jax.training.optimizers import make_optimizer
+from fluxflow_jax.training.schedules import (PlateauState, make_schedule, reduce_on_plateau,
+                                             resolve_scheduler_config)
+
+TRAINABLE, FROZEN = "trainable", "frozen"
+Params = dict[str, nnx.State]
+# (component, parameter path inside it) -> the leaf is frozen in this stage.
+FrozenLeaf = Callable[[str, tuple], bool]
+
+
+def _path_names(keypath: tuple) -> tuple:
+    """A jax key path as plain names, without the trailing Variable ``value`` attribute."""
+    names = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in keypath)
+    return names[:-1] if names and names[-1] == "value" else names
+
+
+def _field_of(tree: Any, state_type: type, name: str, default: Any = None) -> Any:
+    """The ``name`` field of the one ``state_type`` named tuple inside an optax state."""
+    return optax.tree_utils.tree_get(
+        tree, name, default,
+        filtering=lambda path, _: getattr(path[-1], "tuple_name", None) == state_type.__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class OptimizerGroup:
+    name: str
+    components: tuple[str, ...]
+    frozen_leaf: FrozenLeaf
+    transform: optax.GradientTransformationExtraArgs
+    schedule: optax.Schedule
+    ema_decay: float | None = None
+
+    @classmethod
+    def build(cls, name: str, components: tuple[str, ...], optimizer: Mapping[str, Any],
+              scheduler: Mapping[str, Any], total_steps: int, *,
+              clip_norm: float | None = 1.0, frozen_leaf: FrozenLeaf = lambda c, p: False,
+              ema_decay: float | None = None) -> "OptimizerGroup":
+        """The group's transform from the reference-style optimizer and scheduler configs.
+
+        ``clip_norm`` clips the group's global gradient norm (None: no clipping).
+        """
+        base_lr = float(optimizer.get("lr", 1e-4))
+        schedule = make_schedule(scheduler, base_lr, total_steps)
+        chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm is not None else []
+        chain.append(make_optimizer(optimizer, schedule))
+        if resolve_scheduler_config(scheduler, total_steps)["type"] == "ReduceLROnPlateau":
+            chain.append(reduce_on_plateau(scheduler, base_lr))
+
+        def labels(tree: Params) -> Params:
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: FROZEN if frozen_leaf(path[0].key, _path_names(path[1:]))
+                else TRAINABLE, tree)
+
+        transform = optax.multi_transform(
+            {TRAINABLE: optax.chain(*chain), FROZEN: optax.set_to_zero()}, labels)
+        return cls(name, components, frozen_leaf, transform, schedule, ema_decay)
+
+    # -- views of the parameters -------------------------------------------------------
+
+    def _partition(self, component: str, tree: nnx.State) -> tuple[nnx.State, nnx.State]:
+        """(frozen, trainable) leaves of one component's tree."""
+        return nnx.split_state(tree, lambda path, _: self.frozen_leaf(component, tuple(path)),
+                               ...)
+
+    def trainable(self, params: Params) -> Params:
+        """The group's trainable leaves, by component: what the step differentiates."""
+        return {c: self._partition(c, params[c])[1] for c in self.components}
+
+    def with_trainable(self, params: Params, trainable: Params) -> Params:
+        """``params`` with the group's trainable leaves replaced by ``trainable``."""
+        out = dict(params)
+        for c in self.components:
+            out[c] = nnx.merge_state(self._partition(c, params[c])[0], trainable[c])
+        return out
+
+    # -- optimisation -----------------------------------------------------------------
+
+    def init(self, params: Params) -> optax.OptState:
+        return self.transform.init({c: params[c] for c in self.components})
+
+    def apply(self, grads: Params, opt_state: optax.OptState, params: Params,
+              metric: jax.Array) -> tuple[Params, optax.OptState]:
+        """One update from the trainable leaves' gradients; ``metric`` feeds a plateau
+        scheduler (ignored by the others)."""
+        own = {c: params[c] for c in self.components}
+        zeros = {c: jax.tree.map(jnp.zeros_like, self._partition(c, params[c])[0])
+                 for c in self.components}
+        full_grads = {c: nnx.merge_state(zeros[c], grads[c]) for c in self.components}
+        updates, opt_state = self.transform.update(full_grads, opt_state, own, value=metric)
+        steps = self.trainable(updates)
+        new = {c: jax.tree.map(lambda p, u: (p + u).astype(p.dtype), t, steps[c])
+               for c, t in self.trainable(own).items()}
+        return self.with_trainable(params, new), opt_state
+
+    def learning_rate(self, opt_state: optax.OptState) -> jax.Array:
+        """The LR of the next update: the schedule at the update count, times the plateau
+        factor when there is one."""
+        count = _field_of(opt_state, optax.ScaleByScheduleState, "count")
+        scale = _field_of(opt_state, PlateauState, "scale", jnp.ones([], jnp.float32))
+        return jnp.asarray(self.schedule(count), jnp.float32) * scale
+
+    def update_ema(self, ema: Params, params: Params) -> Params:
+        """EMA of the trainable leaves; frozen leaves keep their average unchanged."""
+        if self.ema_decay is None:
+            return ema
+        out = dict(ema)
+        for c in self.components:
+            frozen, average = self._partition(c, ema[c])
+            current = self._partition(c, params[c])[1]
+            out[c] = nnx.merge_state(frozen, ema_update(average, current, self.ema_decay))
+        return out

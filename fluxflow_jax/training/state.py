@@ -1,0 +1,86 @@
+"""The train state pytree, and the networks' static structure it is applied through.
+
+Train steps are pure functions of a ``TrainState``: every array training touches (parameters,
+spectral-norm vectors, optimizer and schedule states, EMA, loss histories, counters) lives
+here, keyed by component and optimizer group, so one state serves the VAE-GAN and the flow
+stage alike and checkpoints capture a run completely. The modules' structure stays outside,
+in ``Networks``: static graph definitions that turn state back into callable modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from fluxflow_jax.models.bundle import FluxFlowModels
+from fluxflow_jax.training.balancing import LossHistory, new_history
+
+# The losses the VAE-GAN step balances adaptively, in history-row order.
+BALANCED_LOSSES = ("recon", "kl", "gan")
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # batches processed so far (int32)
+    skipped: jax.Array  # batches whose update the non-finite guard discarded (int32)
+    params: dict[str, nnx.State]  # component -> nnx.Param leaves
+    buffers: dict[str, nnx.State]  # component -> other variables (spectral u/v, rotary table)
+    opt_states: dict[str, Any]  # optimizer group -> optax state
+    ema: dict[str, nnx.State]  # component -> averaged parameters (trained components)
+    loss_history: LossHistory  # recent values of BALANCED_LOSSES
+
+
+def split_models(models: FluxFlowModels) -> tuple[dict[str, nnx.State], dict[str, nnx.State]]:
+    """(params, buffers) of every present component, as copies: a step donates its state,
+    and the modules must stay usable afterwards."""
+    params, buffers = {}, {}
+    for name, module in models.present().items():
+        _, params[name], buffers[name] = nnx.split(module, nnx.Param, ...)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)
+    return copy(params), copy(buffers)
+
+
+def new_train_state(models: FluxFlowModels, opt_states: dict[str, Any],
+                    ema_components: Collection[str]) -> TrainState:
+    params, buffers = split_models(models)
+    return TrainState(
+        step=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32), params=params,
+        buffers=buffers, opt_states=opt_states,
+        ema={c: jax.tree.map(jnp.copy, params[c]) for c in ema_components},
+        loss_history=new_history(len(BALANCED_LOSSES)))
+
+
+@dataclass(frozen=True, eq=False)
+class Networks:
+    """Graph definitions of the components, each in the mode its stage runs it in."""
+
+    graphdefs: dict[str, nnx.GraphDef]
+
+    @classmethod
+    def from_models(cls, models: FluxFlowModels, train_mode: Collection[str] = ()
+                    ) -> "Networks":
+        """Components named in ``train_mode`` run in train mode (dropout on), the others in
+        eval mode. The given modules are not changed."""
+        graphdefs = {}
+        for name, module in models.present().items():
+            twin = nnx.merge(*nnx.split(module), copy=True)  # only its mode will differ
+            if name in train_mode:
+                twin.train()
+            else:
+                twin.eval()
+            graphdefs[name] = nnx.graphdef(twin)
+        return cls(graphdefs)
+
+    def bind(self, name: str, params: dict[str, nnx.State],
+             buffers: dict[str, nnx.State]) -> nnx.Module:
+        """The component as a module over the given state (inside a traced function).
+
+        The module gets its own variables: calls that update state in place (spectral
+        norm) change the module, never the ``params`` / ``buffers`` passed in.
+        """
+        return nnx.merge(self.graphdefs[name], params[name], buffers[name], copy=True)

@@ -1,0 +1,219 @@
+"""A stage's train step: ``step(state, batch, key) -> (state, metrics)``, jitted once.
+
+A stage is composition, not code: ``StageConfig`` names the parts that run (the VAE-GAN
+update, the flow update, or both on the same batch), the frozen components and each
+optimizer group's optimizer and scheduler. ``TrainStep`` turns it into one jitted function
+with the state donated. The whole batch is guarded: if any loss or gradient of any update is
+not finite, the returned state is the old one, bitwise, apart from the batch and skip
+counters (so optimizer moments, schedules, EMA and loss histories do not move either).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fluxflow_jax.models.bundle import COMPONENTS, FluxFlowModels
+from fluxflow_jax.models.config import FluxFlowConfig
+from fluxflow_jax.suggest import did_you_mean
+from fluxflow_jax.training.flow_step import FLOW_METRICS, FlowOptions, flow_update
+from fluxflow_jax.training.groups import OptimizerGroup
+from fluxflow_jax.training.lpips import LPIPS
+from fluxflow_jax.training.optimizers import default_optimizer_config, optimizer_config_problems
+from fluxflow_jax.training.schedules import default_scheduler_config, scheduler_config_problems
+from fluxflow_jax.training.state import Networks, TrainState, new_train_state
+from fluxflow_jax.training.vae_step import (VAE_METRICS, VAEOptions, unused_expander_leaf,
+                                            vae_gan_update)
+
+GROUPS = ("vae", "discriminator", "flow", "text_encoder")
+
+
+class StageConfigError(ValueError):
+    """A stage that cannot be built; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Everything static about one training stage.
+
+    ``optimizers`` / ``schedulers`` map a group name to its reference-style config; a group
+    left out gets the reference's per-model default. ``total_steps`` is the stage length the
+    schedules are laid out over.
+    """
+
+    vae: VAEOptions | None = None
+    flow: FlowOptions | None = None
+    frozen: frozenset[str] = frozenset()
+    optimizers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    schedulers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    total_steps: int = 1
+    gradient_clip_norm: float | None = 1.0
+
+    def required_components(self) -> set[str]:
+        required = set()
+        if self.vae is not None:
+            required |= {"compressor", "expander"}
+            if self.vae.use_gan:
+                required.add("discriminator")
+        if self.flow is not None:
+            required |= {"compressor", "flow_processor", "text_encoder"}
+        return required
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.vae is None and self.flow is None:
+            out.append("the stage trains nothing: give it VAE options, flow options or both")
+        out += [f"vae: {p}" for p in (self.vae.problems() if self.vae else [])]
+        out += [f"flow: {p}" for p in (self.flow.problems() if self.flow else [])]
+        out += [f"cannot freeze unknown component '{name}'{did_you_mean(name, COMPONENTS)}; "
+                f"valid: {list(COMPONENTS)}" for name in sorted(self.frozen)
+                if name not in COMPONENTS]
+        out += [f"{kind}: unknown optimizer group '{name}'{did_you_mean(name, GROUPS)}; "
+                f"valid: {list(GROUPS)}" for kind, configs in
+                (("optimizers", self.optimizers), ("schedulers", self.schedulers))
+                for name in configs if name not in GROUPS]
+        valid_length = not isinstance(self.total_steps, bool) and isinstance(
+            self.total_steps, int) and self.total_steps >= 1
+        if not valid_length:
+            out.append(f"total_steps must be an integer >= 1, got {self.total_steps!r}")
+        out += [f"optimizers.{name}: {p}" for name, config in self.optimizers.items()
+                if name in GROUPS for p in optimizer_config_problems(config)]
+        out += [f"schedulers.{name}: {p}" for name, config in self.schedulers.items()
+                if name in GROUPS for p in scheduler_config_problems(
+                    config, self.total_steps if valid_length else None)]
+        return out
+
+    def group_components(self) -> dict[str, tuple[str, ...]]:
+        """The components each active optimizer group trains (frozen ones left out)."""
+        wanted = {}
+        if self.vae is not None:
+            wanted["vae"] = ("compressor",) + (("expander",) if self.vae.decodes else ())
+            if self.vae.use_gan:
+                wanted["discriminator"] = ("discriminator",)
+        if self.flow is not None:
+            wanted["flow"] = ("flow_processor",)
+            wanted["text_encoder"] = ("text_encoder",)
+        trained = {g: tuple(c for c in cs if c not in self.frozen) for g, cs in wanted.items()}
+        return {g: cs for g, cs in trained.items() if cs}
+
+
+def _build_groups(stage: StageConfig) -> dict[str, OptimizerGroup]:
+    unused = unused_expander_leaf(stage.vae) if stage.vae else (lambda path: False)
+    ema = {"vae": stage.vae.ema_decay if stage.vae else None, "discriminator": None,
+           "flow": stage.flow.ema_decay if stage.flow else None}
+    ema["text_encoder"] = ema["flow"]
+    return {
+        name: OptimizerGroup.build(
+            name, components,
+            stage.optimizers.get(name) or default_optimizer_config(name),
+            stage.schedulers.get(name) or default_scheduler_config(name),
+            stage.total_steps, clip_norm=stage.gradient_clip_norm,
+            frozen_leaf=lambda c, path: c == "expander" and unused(path),
+            ema_decay=ema[name])
+        for name, components in stage.group_components().items()}
+
+
+def _select(keep_new: jax.Array, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
+
+
+class TrainStep:
+    """The jitted step of one stage; ``init_state(models)`` builds the state it takes.
+
+    ``step(state, batch, key)`` donates ``state``: use the returned one. ``batch`` holds
+    ``images`` [B, H, W, C] in [-1, 1] and, for the flow part, ``input_ids`` and
+    ``attention_mask`` [B, L].
+    """
+
+    def __init__(self, models: FluxFlowModels, stage: StageConfig, *,
+                 lpips: LPIPS | None = None):
+        problems = stage.problems()
+        missing = sorted(stage.required_components() - set(models.present()))
+        problems += [f"the stage needs the {name}, which the models lack" for name in missing]
+        needs_lpips = stage.vae is not None and stage.vae.train_reconstruction and \
+            stage.vae.use_lpips
+        if needs_lpips and lpips is None:
+            problems.append("use_lpips is on but no LPIPS network was given (LPIPS.from_file())")
+        if problems:
+            raise StageConfigError("invalid stage:\n  - " + "\n  - ".join(problems))
+        self.stage = stage
+        self.config = models.config
+        self.groups = _build_groups(stage)
+        self.networks = Networks.from_models(
+            models, train_mode=("text_encoder",) if "text_encoder" in self.groups else ())
+        self.alignment_active = (stage.flow.alignment_active(models.config) if stage.flow
+                                 else False)
+        self._lpips = nnx.split(lpips) if needs_lpips else None
+        self._compiled = jax.jit(self._step, donate_argnums=0)
+
+    def init_state(self, models: FluxFlowModels) -> TrainState:
+        """A fresh state from the models' current weights (copied)."""
+        state = new_train_state(models, {}, [c for g in self.groups.values()
+                                             if g.ema_decay is not None for c in g.components])
+        return state.replace(opt_states={name: group.init(state.params)
+                                         for name, group in self.groups.items()})
+
+    def __call__(self, state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+        lpips_state = self._lpips[1] if self._lpips else None
+        return self._compiled(state, dict(batch), key, lpips_state)
+
+    @property
+    def compiled(self):
+        """The underlying ``jax.jit`` function (for lowering, cost analysis, cache checks)."""
+        return self._compiled
+
+    def _step(self, state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
+              lpips_state) -> tuple[TrainState, dict[str, jax.Array]]:
+        _check_batch(batch, self.stage, self.config)
+        lpips = nnx.merge(self._lpips[0], lpips_state) if self._lpips else None
+        vae_key, flow_key = jax.random.split(key)
+        candidate, metrics, finite = state, {}, jnp.array(True)
+        if self.stage.vae is not None:
+            candidate, vae_metrics, ok = vae_gan_update(
+                self.stage.vae, self.networks, self.groups, candidate, batch["images"],
+                vae_key, lpips)
+            metrics.update(vae_metrics)
+            finite &= ok
+        if self.stage.flow is not None:
+            candidate, flow_metrics, ok = flow_update(
+                self.stage.flow, self.networks, self.groups, candidate, batch, flow_key,
+                self.alignment_active)
+            metrics.update(flow_metrics)
+            finite &= ok
+        new_state = _select(finite, candidate, state).replace(
+            step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32))
+        metrics["skipped"] = (~finite).astype(jnp.float32)
+        return new_state, {k: v.astype(jnp.float32) for k, v in metrics.items()}
+
+
+def metric_names(stage: StageConfig) -> tuple[str, ...]:
+    """The keys a stage's metrics dict holds."""
+    return ((VAE_METRICS if stage.vae else ()) + (FLOW_METRICS if stage.flow else ())
+            + ("skipped",))
+
+
+def _check_batch(batch: Mapping[str, jax.Array], stage: StageConfig,
+                 config: FluxFlowConfig) -> None:
+    """Shape errors named in the batch's terms, at trace time, instead of deep in a model."""
+    wanted = ("images",) + (("input_ids", "attention_mask") if stage.flow else ())
+    missing = [key for key in wanted if key not in batch]
+    if missing:
+        raise ValueError(f"the batch lacks {missing}; this stage reads {list(wanted)}")
+    images = batch["images"]
+    if images.ndim != 4 or images.shape[-1] != config.in_channels:
+        raise ValueError(f"batch['images'] must be [B, H, W, {config.in_channels}] (NHWC), "
+                         f"got shape {tuple(images.shape)}")
+    if stage.vae is not None and stage.vae.train_reconstruction:
+        scale = 2**config.downscales
+        if images.shape[1] % scale or images.shape[2] % scale or \
+                config.upscales != config.downscales:
+            raise ValueError(
+                f"reconstruction needs the decoder to return the input size: images of "
+                f"{images.shape[1]}x{images.shape[2]} must have sides divisible by "
+                f"{scale} (2^downscales), and upscales ({config.upscales}) must equal "
+                f"downscales ({config.downscales})")

@@ -1,0 +1,127 @@
+"""Optimizer groups (freezing by label, schedules, plateau, EMA) and gradient routing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from fluxflow_jax.training.groups import OptimizerGroup
+from fluxflow_jax.training.routing import fork
+from fluxflow_jax.training.schedules import make_schedule
+
+
+class Tiny(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.used = nnx.Linear(3, 4, rngs=rngs)
+        self.unused = nnx.Linear(4, 2, rngs=rngs)
+
+
+def tiny_params(seed: int = 0) -> dict[str, nnx.State]:
+    return {"a": nnx.state(Tiny(nnx.Rngs(seed)), nnx.Param),
+            "b": nnx.state(Tiny(nnx.Rngs(seed + 1)), nnx.Param)}
+
+
+def random_like(tree, seed: int):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), tree)
+
+
+ADAMW = {"type": "AdamW", "lr": 0.01, "betas": [0.9, 0.99], "weight_decay": 0.1}
+COSINE = {"type": "CosineAnnealingLR", "eta_min_factor": 0.1}
+
+
+def test_group_equals_plain_optax_on_trainable_leaves_and_leaves_frozen_ones_alone():
+    frozen_leaf = lambda component, path: component == "b" or path[0] == "unused"
+    group = OptimizerGroup.build("vae", ("a", "b"), ADAMW, COSINE, total_steps=5,
+                                 clip_norm=None, frozen_leaf=frozen_leaf)
+    params = tiny_params()
+    opt_state = group.init(params)
+    reference_tx = optax.adamw(make_schedule(COSINE, 0.01, 5), b1=0.9, b2=0.99,
+                               weight_decay=0.1)
+    reference = params["a"]["used"]
+    reference_state = reference_tx.init(reference)
+    for k in range(4):
+        trainable = group.trainable(params)
+        assert set(trainable) == {"a", "b"} and not jax.tree.leaves(trainable["b"])
+        assert set(trainable["a"]) == {"used"}
+        grads = random_like(trainable, k)
+        new, opt_state = group.apply(grads, opt_state, params, jnp.zeros([]))
+        updates, reference_state = reference_tx.update(grads["a"]["used"], reference_state,
+                                                       reference)
+        reference = optax.apply_updates(reference, updates)
+        for name in ("b",):
+            jax.tree.map(np.testing.assert_array_equal, new[name], params[name])
+        jax.tree.map(np.testing.assert_array_equal, new["a"]["unused"], params["a"]["unused"])
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6),
+                     new["a"]["used"], reference)
+        params = new
+    # Frozen leaves hold no optimizer moments.
+    moments = optax.tree_utils.tree_get_all_with_path(opt_state, "mu")
+    assert sum(len(jax.tree.leaves(v)) for _, v in moments) == len(
+        jax.tree.leaves(params["a"]["used"]))
+
+
+def test_learning_rate_follows_schedule_and_plateau():
+    plateau = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}
+    group = OptimizerGroup.build("flow", ("a",), {"type": "SGD", "lr": 0.1}, plateau,
+                                 total_steps=10)
+    params = tiny_params()
+    opt_state = group.init(params)
+    lrs = []
+    for loss in (1.0, 2.0, 3.0):  # no improvement after the first: halve each time
+        lrs.append(float(group.learning_rate(opt_state)))
+        grads = random_like(group.trainable(params), 0)
+        params, opt_state = group.apply(grads, opt_state, params, jnp.asarray(loss))
+    assert lrs == pytest.approx([0.1, 0.1, 0.05])
+    cosine = OptimizerGroup.build("flow", ("a",), {"type": "SGD", "lr": 0.1}, COSINE,
+                                  total_steps=4)
+    opt_state = cosine.init(params)
+    schedule = make_schedule(COSINE, 0.1, 4)
+    for k in range(3):
+        assert float(cosine.learning_rate(opt_state)) == pytest.approx(float(schedule(k)))
+        params, opt_state = cosine.apply(random_like(cosine.trainable(params), k), opt_state,
+                                         params, jnp.zeros([]))
+
+
+def test_clipping_bounds_the_group_update():
+    sgd = {"type": "SGD", "lr": 1.0}
+    constant = {"type": "ConstantLR", "factor": 1.0}
+    group = OptimizerGroup.build("vae", ("a",), sgd, constant, total_steps=1, clip_norm=1.0)
+    params = tiny_params()
+    grads = jax.tree.map(lambda g: 100 * g, random_like(group.trainable(params), 0))
+    new, _ = group.apply(grads, group.init(params), params, jnp.zeros([]))
+    delta = jax.tree.map(lambda n, o: n - o, new["a"], params["a"])
+    assert float(optax.tree.norm(delta)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_ema_averages_trainable_leaves_only():
+    group = OptimizerGroup.build("vae", ("a",), ADAMW, COSINE, total_steps=2,
+                                 frozen_leaf=lambda c, path: path[0] == "unused",
+                                 ema_decay=0.9)
+    ema = tiny_params(0)
+    params = {"a": random_like(ema["a"], 5)}
+    averaged = group.update_ema(ema, params)
+    expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, ema["a"]["used"],
+                            params["a"]["used"])
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6),
+                 averaged["a"]["used"], expected)
+    jax.tree.map(np.testing.assert_array_equal, averaged["a"]["unused"], ema["a"]["unused"])
+
+
+def test_fork_routes_the_second_output_to_params_only():
+    fn = lambda w, x: jnp.tanh(w * x)
+    w, x = jnp.array([0.3, -1.2]), jnp.array([0.7, 0.4])
+
+    def loss(w, x, a, b):
+        y_both, y_params = fork(fn)(w, x)
+        return a * jnp.sum(y_both**2) + b * jnp.sum(y_params**3)
+
+    dw, dx = jax.grad(loss, argnums=(0, 1))(w, x, 1.0, 2.0)
+    ref_dw = jax.grad(lambda w: jnp.sum(fn(w, x) ** 2) + 2 * jnp.sum(fn(w, x) ** 3))(w)
+    ref_dx = jax.grad(lambda x: jnp.sum(fn(w, x) ** 2))(x)
+    np.testing.assert_allclose(dw, ref_dw, rtol=1e-6)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-6)
+    _, dx_params_only = jax.grad(loss, argnums=(0, 1))(w, x, 0.0, 1.0)
+    assert np.all(np.asarray(dx_params_only) == 0)

@@ -1,0 +1,366 @@
+"""The jitted VAE-GAN and flow train steps: learning, routing, freezing, guards, EMA."""
+
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fluxflow_jax.models import FluxFlowConfig
+from fluxflow_jax.models.bundle import FluxFlowModels
+from fluxflow_jax.training.flow_step import FlowOptions
+from fluxflow_jax.training.lpips import LPIPS
+from fluxflow_jax.training.state import Networks, split_models
+from fluxflow_jax.training.train_step import (StageConfig, StageConfigError, TrainStep,
+                                              metric_names)
+from fluxflow_jax.training.vae_step import VAEOptions, generator_outputs, generator_terms
+
+TINY = FluxFlowConfig(vae_dim=16, downscales=2, upscales=2, vae_attn_layers=1, flow_dim=16,
+                      flow_attn_heads=2, flow_transformer_layers=1, text_embed_dim=16,
+                      text_vocab_size=40, text_dim=24, text_heads=2, text_layers=1,
+                      text_hidden_dim=32, text_max_positions=20, text_head_width=8,
+                      disc_base_channels=4, disc_depth=2)
+ADAM = {"type": "Adam", "lr": 2e-3}
+CONSTANT = {"type": "ConstantLR", "factor": 1.0}
+PLATEAU = {"type": "ReduceLROnPlateau", "patience": 2, "factor": 0.5}
+
+
+def smooth_images() -> np.ndarray:
+    """Two 32x32 images of smooth colour gradients in [-0.8, 0.8]."""
+    y, x = np.mgrid[0:32, 0:32] / 31.0
+    images = [np.stack([np.sin(3 * x + p), np.cos(2 * y - p), 2 * x * y - 1], -1)
+              for p in (0.0, 1.0)]
+    return (0.8 * np.stack(images)).astype(np.float32)
+
+
+IMAGES = smooth_images()
+TEXT_BATCH = {"images": IMAGES, "input_ids": np.arange(16, dtype=np.int32).reshape(2, 8) % 40,
+              "attention_mask": np.array([[1] * 8, [1] * 5 + [0] * 3], bool)}
+
+
+def host_copy(tree):
+    """A numpy snapshot: the step donates its input state."""
+    return jax.tree.map(np.array, tree)
+
+
+def assert_same(a, b):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def leaves_by_path(tree) -> dict[str, np.ndarray]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
+
+
+def changed_fraction(before, after) -> float:
+    a, b = leaves_by_path(before), leaves_by_path(after)
+    return np.mean([not np.array_equal(a[k], b[k]) for k in a])
+
+
+@pytest.fixture(scope="module")
+def models():
+    return FluxFlowModels.create(TINY, nnx.Rngs(0))
+
+
+def run(step: TrainStep, models, batch, steps: int):
+    state = step.init_state(models)
+    initial = host_copy(state)
+    history, snapshots = [], {}
+    for k in range(steps):
+        if k == steps - 1:
+            snapshots["before_last"] = host_copy(state)
+        state, metrics = step(state, batch, jax.random.key(k))
+        history.append({name: float(v) for name, v in metrics.items()})
+        if k == 0:
+            snapshots["after_first"] = host_copy(state)
+    return SimpleNamespace(step=step, initial=initial, final=host_copy(state), metrics=history,
+                           **snapshots)
+
+
+# --------------------------------------------------------------------------- VAE-GAN
+
+
+VAE_GAN = StageConfig(
+    vae=VAEOptions(use_lpips=False, r1_interval=4, kl_warmup_steps=10),
+    optimizers={"vae": ADAM, "discriminator": {"type": "Adam", "lr": 2e-4}},
+    schedulers={"vae": CONSTANT, "discriminator": PLATEAU}, total_steps=30)
+
+
+@pytest.fixture(scope="module")
+def vae_run(models):
+    return run(TrainStep(models, VAE_GAN), models, {"images": IMAGES}, 30)
+
+
+def test_vae_gan_reduces_reconstruction_loss_and_compiles_once(vae_run):
+    recon = [m["loss_recon"] for m in vae_run.metrics]
+    assert np.mean(recon[-5:]) < 0.75 * np.mean(recon[:5]), recon
+    assert vae_run.step.compiled._cache_size() == 1
+    assert all(m["skipped"] == 0 for m in vae_run.metrics)
+    assert set(vae_run.metrics[0]) == set(metric_names(VAE_GAN))
+
+
+def test_vae_gan_metrics_follow_the_schedule(vae_run):
+    for n, m in enumerate(vae_run.metrics, start=1):
+        assert (m["r1_penalty"] > 0) == (n % 4 == 0), n
+        assert m["lr_vae"] == pytest.approx(2e-3)
+        assert m["kl_beta"] == pytest.approx(1e-4 * np.sin(np.pi / 2 * min(n / 10, 1)) ** 2)
+        assert 0 <= m["weight_gan"] <= 5 and m["weight_recon"] > 0 and m["weight_kl"] > 0
+        assert m["loss_disc"] >= 0 and m["grad_norm_vae"] > 0
+        assert m["lr_disc"] in (pytest.approx(2e-4 * 0.5**k) for k in range(30))
+    assert vae_run.metrics[0]["loss_disc"] > 0 and vae_run.metrics[0]["grad_norm_disc"] > 0
+
+
+def test_vae_gan_trains_both_players_but_not_unused_leaves(vae_run):
+    before, after = vae_run.initial, vae_run.final
+    for name in ("compressor", "discriminator"):
+        assert changed_fraction(before.params[name], after.params[name]) > 0.9, name
+    used = lambda params: {k: v for k, v in params["expander"].items() if k != "context_mixer"}
+    assert changed_fraction(used(before.params), used(after.params)) > 0.9
+    assert changed_fraction(before.buffers["discriminator"], after.buffers["discriminator"]) > 0.5
+    # The v030 context mixer is never read: not even weight decay may touch it.
+    assert_same(before.params["expander"]["context_mixer"],
+                after.params["expander"]["context_mixer"])
+    assert int(after.step) == 30 and int(after.skipped) == 0
+
+
+def test_discriminator_update_runs_two_power_iterations_on_the_old_weights(vae_run, models):
+    """As the reference's two train-mode calls (real, then fake) do, before D's update."""
+    reference = nnx.merge(*nnx.split(models.discriminator), copy=True)
+    nnx.update(reference, vae_run.initial.params["discriminator"],
+               vae_run.initial.buffers["discriminator"])
+    reference.power_iteration()
+    reference.power_iteration()
+    expected = leaves_by_path(nnx.state(reference, nnx.Not(nnx.Param)))
+    actual = leaves_by_path(vae_run.after_first.buffers["discriminator"])
+    assert expected.keys() == actual.keys()
+    for path in expected:
+        np.testing.assert_allclose(actual[path], expected[path], rtol=1e-5, atol=1e-6,
+                                   err_msg=path)
+
+
+def test_vae_ema_follows_its_formula(vae_run):
+    previous, final = vae_run.before_last, vae_run.final
+    for name in ("compressor", "expander"):
+        expected = jax.tree.map(lambda e, p: 0.999 * e + 0.001 * p, previous.ema[name],
+                                final.params[name])
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9),
+                     final.ema[name], expected)
+    assert "discriminator" not in final.ema
+
+
+def test_nan_batch_leaves_the_vae_gan_state_bitwise_unchanged(vae_run, models):
+    state = jax.tree.map(jnp.array, vae_run.final)  # copies: donation may reuse the memory
+    images = IMAGES.copy()
+    images[1, 3, 4, 0] = np.nan
+    new_state, metrics = vae_run.step(state, {"images": images}, jax.random.key(99))
+    assert float(metrics["skipped"]) == 1
+    new_state = host_copy(new_state)
+    assert int(new_state.step) == 31 and int(new_state.skipped) == 1
+    assert_same(new_state.replace(step=0, skipped=0), vae_run.final.replace(step=0, skipped=0))
+    assert vae_run.step.compiled._cache_size() == 1
+
+
+# Frozen encoder and discriminator, SPADE off, LPIPS (random weights) on.
+FROZEN = StageConfig(
+    vae=VAEOptions(use_lpips=True, train_spade=False, r1_interval=1),
+    frozen=frozenset({"compressor", "discriminator"}),
+    optimizers={"vae": {"type": "AdamW", "lr": 1e-3}}, schedulers={"vae": CONSTANT},
+    total_steps=3)
+
+
+@pytest.fixture(scope="module")
+def frozen_run(models):
+    step = TrainStep(models, FROZEN, lpips=LPIPS(rngs=nnx.Rngs(3)))
+    return run(step, models, {"images": IMAGES}, 3)
+
+
+def test_frozen_components_are_bitwise_unchanged(frozen_run):
+    before, after = frozen_run.initial, frozen_run.final
+    for name in ("compressor", "discriminator"):
+        assert_same(before.params[name], after.params[name])
+    # The generator update never changes the discriminator, power-iteration vectors included.
+    assert_same(before.buffers["discriminator"], after.buffers["discriminator"])
+    assert set(after.opt_states) == {"vae"} and set(after.ema) == {"expander"}
+    expander_before, expander_after = before.params["expander"], after.params["expander"]
+    for block_before, block_after in zip(expander_before["upscale"].values(),
+                                         expander_after["upscale"].values(), strict=True):
+        assert_same(block_before["spade"], block_after["spade"])  # conditioning is off
+        assert changed_fraction(block_before["upsample"], block_after["upsample"]) == 1
+    for m in frozen_run.metrics:
+        assert m["loss_lpips"] > 0 and m["loss_gen"] != 0
+        assert m["loss_recon"] == pytest.approx(
+            m["loss_l1"] + 0.1 * m["loss_mse"] + 0.1 * m["loss_lpips"])
+        assert m["loss_disc"] == 0 and m["grad_norm_disc"] == 0 and m["lr_disc"] == 0
+
+
+@pytest.fixture(scope="module")
+def generator_gradients(models):
+    """d loss_gen / d params and d loss_recon / d params through the step's forward pass,
+    for reconstruction on and for GAN-only mode."""
+    nets = Networks.from_models(models)
+    params, buffers = split_models(models)
+
+    def gradients(options):
+        names = ("gan", "recon") if options.train_reconstruction else ("gan",)
+
+        def terms(p):
+            outputs = generator_outputs(options, nets, p, buffers, IMAGES, jax.random.key(0))
+            disc = nets.bind("discriminator", params, buffers)
+            values = generator_terms(options, outputs, IMAGES, disc, None)
+            return jnp.stack([values[name] for name in names])
+
+        jacobian = jax.jit(jax.jacrev(terms))(params)  # one forward, a backward per term
+        return {name: jax.tree.map(lambda g, i=i: g[i], jacobian)
+                for i, name in enumerate(names)}
+
+    return {mode: host_copy(gradients(VAEOptions(use_lpips=False, train_reconstruction=mode)))
+            for mode in (True, False)}
+
+
+def nonzero_fraction(tree) -> float:
+    return np.mean([np.any(leaf != 0) for leaf in leaves_by_path(tree).values()])
+
+
+def test_gan_gradient_reaches_the_decoder_only_while_reconstruction_trains(
+        generator_gradients):
+    grads = generator_gradients[True]
+    assert all(np.all(g == 0) for g in leaves_by_path(grads["gan"]["compressor"]).values())
+    assert nonzero_fraction(grads["gan"]["expander"]) > 0.5
+    assert nonzero_fraction(grads["recon"]["compressor"]) > 0.9
+    assert nonzero_fraction(grads["recon"]["expander"]) > 0.5
+
+
+def test_gan_only_mode_trains_the_encoder_adversarially(generator_gradients):
+    grads = generator_gradients[False]
+    assert nonzero_fraction(grads["gan"]["compressor"]) > 0.9
+    assert nonzero_fraction(grads["gan"]["expander"]) > 0.5
+
+
+# --------------------------------------------------------------------------- flow
+
+
+FLOW = StageConfig(flow=FlowOptions(), optimizers={"flow": ADAM, "text_encoder": ADAM},
+                   schedulers={"flow": CONSTANT, "text_encoder": CONSTANT}, total_steps=40)
+
+
+@pytest.fixture(scope="module")
+def flow_run(models):
+    return run(TrainStep(models, FLOW), models, TEXT_BATCH, 40)
+
+
+def test_flow_reduces_its_loss_and_compiles_once(flow_run):
+    losses = [m["diff_loss"] for m in flow_run.metrics]
+    assert np.mean(losses[-10:]) < 0.93 * np.mean(losses[:10]), losses
+    assert flow_run.step.compiled._cache_size() == 1
+    assert set(flow_run.metrics[0]) == set(metric_names(FLOW))
+    for m in flow_run.metrics:
+        assert m["flow_loss"] == m["diff_loss"] and m["align_loss"] == 0
+        assert m["grad_norm_flow"] > 0 and m["grad_norm_text"] > 0
+        assert m["lr_flow"] == pytest.approx(2e-3) and m["pred_std"] > 0
+
+
+def test_flow_trains_flow_and_text_encoder_only(flow_run):
+    before, after = flow_run.initial, flow_run.final
+    assert changed_fraction(before.params["flow_processor"], after.params["flow_processor"]) > 0.9
+    assert changed_fraction(before.params["text_encoder"], after.params["text_encoder"]) > 0.9
+    for name in ("compressor", "expander", "discriminator"):
+        assert_same(before.params[name], after.params[name])
+    assert_same(before.buffers, after.buffers)
+
+
+def test_flow_ema_follows_its_formula(flow_run):
+    previous, final = flow_run.before_last, flow_run.final
+    assert set(final.ema) == {"flow_processor", "text_encoder"}
+    for name in final.ema:
+        expected = jax.tree.map(lambda e, p: 0.9999 * e + 0.0001 * p, previous.ema[name],
+                                final.params[name])
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9),
+                     final.ema[name], expected)
+
+
+def test_nan_batch_leaves_the_flow_state_bitwise_unchanged(flow_run):
+    state = jax.tree.map(jnp.array, flow_run.final)  # copies: donation may reuse the memory
+    batch = dict(TEXT_BATCH, images=np.where(IMAGES > 0.7, np.inf, IMAGES))
+    new_state, metrics = flow_run.step(state, batch, jax.random.key(7))
+    assert float(metrics["skipped"]) == 1
+    new_state = host_copy(new_state)
+    assert int(new_state.skipped) == 1
+    assert_same(new_state.replace(step=0, skipped=0), flow_run.final.replace(step=0, skipped=0))
+
+
+def test_vae_and_flow_in_one_stage_with_a_frozen_text_encoder(models):
+    """Both updates on each batch (the flow reads the freshly updated encoder). The text
+    encoder is frozen: not differentiated, unchanged. Every caption is dropped for
+    classifier-free guidance, so the alignment term sees zero text and equals 1."""
+    stage = StageConfig(vae=VAEOptions(use_gan=False, use_lpips=False),
+                        flow=FlowOptions(lambda_align=0.5, cfg_dropout_prob=0.999),
+                        frozen=frozenset({"text_encoder"}),
+                        optimizers={"vae": ADAM, "flow": ADAM},
+                        schedulers={"vae": CONSTANT, "flow": CONSTANT}, total_steps=2)
+    step = TrainStep(models, stage)
+    assert step.alignment_active
+    result = run(step, models, TEXT_BATCH, 2)
+    before, after = result.initial, result.final
+    assert_same(before.params["text_encoder"], after.params["text_encoder"])
+    assert_same(before.params["discriminator"], after.params["discriminator"])
+    for name in ("compressor", "flow_processor"):
+        assert changed_fraction(before.params[name], after.params[name]) > 0.9, name
+    assert set(after.opt_states) == {"vae", "flow"}
+    assert set(after.ema) == {"compressor", "expander", "flow_processor"}
+    assert set(result.metrics[0]) == set(metric_names(stage))
+    for m in result.metrics:
+        assert m["align_loss"] == pytest.approx(1.0)
+        assert m["flow_loss"] == pytest.approx(m["diff_loss"] + 0.5)
+        assert m["grad_norm_text"] == 0 and m["lr_text"] == 0
+        assert m["loss_gen"] == 0 and m["loss_disc"] == 0 and m["weight_gan"] == 0
+        assert m["loss_recon"] == pytest.approx(m["loss_l1"] + 0.1 * m["loss_mse"])
+
+
+def test_alignment_with_mismatched_widths_warns_once_and_is_off():
+    config = TINY.replace(text_embed_dim=24)
+    models = FluxFlowModels.create(config, nnx.Rngs(0),
+                                   components=("compressor", "flow_processor", "text_encoder"))
+    with pytest.warns(UserWarning, match="lambda_align=0.1 is ignored") as warned:
+        step = TrainStep(models, StageConfig(flow=FlowOptions(lambda_align=0.1)))
+    assert len(warned) == 1 and not step.alignment_active
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("stage, lpips, message", [
+    (StageConfig(), None, "trains nothing"),
+    (StageConfig(vae=VAEOptions(use_lpips=False), frozen=frozenset({"decoder"})), None,
+     "cannot freeze unknown component 'decoder'"),
+    (StageConfig(vae=VAEOptions()), None, "no LPIPS network"),
+    (StageConfig(vae=VAEOptions(use_lpips=False), optimizers={"vea": ADAM}), None,
+     "unknown optimizer group 'vea' (did you mean 'vae'?)"),
+    (StageConfig(vae=VAEOptions(use_lpips=False, kl_reduction="avg", r1_interval=0)), None,
+     "kl_reduction must be 'sum' or 'mean'"),
+    (StageConfig(flow=FlowOptions(cfg_dropout_prob=1.0)), None, "cfg_dropout_prob"),
+])
+def test_invalid_stages_are_reported(models, stage, lpips, message):
+    with pytest.raises(StageConfigError) as raised:
+        TrainStep(models, stage, lpips=lpips)
+    assert message in str(raised.value)
+
+
+def test_missing_components_are_named():
+    vae_only = FluxFlowModels.create(TINY, nnx.Rngs(0), components=("compressor", "expander"))
+    with pytest.raises(StageConfigError, match="needs the discriminator"):
+        TrainStep(vae_only, StageConfig(vae=VAEOptions(use_lpips=False)))
+
+
+def test_batch_problems_are_named_before_any_model_runs(models):
+    step = TrainStep(models, StageConfig(vae=VAEOptions(use_gan=False, use_lpips=False),
+                                         flow=FlowOptions()))
+    state = step.init_state(models)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match=r"lacks \['input_ids', 'attention_mask'\]"):
+        step(state, {"images": IMAGES}, key)
+    with pytest.raises(ValueError, match=r"must be \[B, H, W, 3\] \(NHWC\), got shape"):
+        step(state, dict(TEXT_BATCH, images=IMAGES.transpose(0, 3, 1, 2)), key)
+    with pytest.raises(ValueError, match="30x32 must have sides divisible by 4"):
+        step(state, dict(TEXT_BATCH, images=IMAGES[:, :30]), key)
