@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fluxflow_jax.models import FluxFlowConfig
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.training.flow_step import FlowOptions
 from fluxflow_jax.training.lpips import LPIPS
@@ -16,12 +15,8 @@ from fluxflow_jax.training.state import Networks, split_models
 from fluxflow_jax.training.train_step import (StageConfig, StageConfigError, TrainStep,
                                               metric_names)
 from fluxflow_jax.training.vae_step import VAEOptions, generator_outputs, generator_terms
+from tiny import TINY
 
-TINY = FluxFlowConfig(vae_dim=16, downscales=2, upscales=2, vae_attn_layers=1, flow_dim=16,
-                      flow_attn_heads=2, flow_transformer_layers=1, text_embed_dim=16,
-                      text_vocab_size=40, text_dim=24, text_heads=2, text_layers=1,
-                      text_hidden_dim=32, text_max_positions=20, text_head_width=8,
-                      disc_base_channels=4, disc_depth=2)
 ADAM = {"type": "Adam", "lr": 2e-3}
 CONSTANT = {"type": "ConstantLR", "factor": 1.0}
 PLATEAU = {"type": "ReduceLROnPlateau", "patience": 2, "factor": 0.5}
@@ -36,7 +31,7 @@ def smooth_images() -> np.ndarray:
 
 
 IMAGES = smooth_images()
-TEXT_BATCH = {"images": IMAGES, "input_ids": np.arange(16, dtype=np.int32).reshape(2, 8) % 40,
+TEXT_BATCH = {"images": IMAGES, "input_ids": np.arange(16, dtype=np.int32).reshape(2, 8),
               "attention_mask": np.array([[1] * 8, [1] * 5 + [0] * 3], bool)}
 
 
@@ -338,7 +333,11 @@ def test_alignment_with_mismatched_widths_warns_once_and_is_off():
     (StageConfig(vae=VAEOptions(use_lpips=False), optimizers={"vea": ADAM}), None,
      "unknown optimizer group 'vea' (did you mean 'vae'?)"),
     (StageConfig(vae=VAEOptions(use_lpips=False, kl_reduction="avg", r1_interval=0)), None,
-     "kl_reduction must be 'sum' or 'mean'"),
+     "vae: 'kl_reduction' must be one of ['sum', 'mean'], got 'avg'"),
+    (StageConfig(vae=VAEOptions(use_lpips=False), total_steps=0,
+                 optimizers={"vae": {"type": "AdamW", "lr": -1}},
+                 schedulers={"vae": {"type": "StepLR", "gamma": 2}}), None,
+     "optimizers.vae: 'lr': Learning rate must be positive"),
     (StageConfig(flow=FlowOptions(cfg_dropout_prob=1.0)), None, "cfg_dropout_prob"),
 ])
 def test_invalid_stages_are_reported(models, stage, lpips, message):

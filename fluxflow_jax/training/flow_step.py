@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from fluxflow_jax.checks import field_problems, in_interval, optional
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.training import diffusion, losses
 from fluxflow_jax.training.groups import OptimizerGroup
@@ -36,18 +37,10 @@ class FlowOptions:
     ema_decay: float | None = 0.9999
 
     def problems(self) -> list[str]:
-        out = []
-        if isinstance(self.lambda_align, bool) or not isinstance(
-                self.lambda_align, (int, float)) or self.lambda_align < 0:
-            out.append(f"lambda_align must be a number >= 0, got {self.lambda_align!r}")
-        if isinstance(self.cfg_dropout_prob, bool) or not isinstance(
-                self.cfg_dropout_prob, (int, float)) or not 0 <= self.cfg_dropout_prob < 1:
-            out.append(f"cfg_dropout_prob must be in [0, 1), got {self.cfg_dropout_prob!r}")
-        if self.ema_decay is not None and (
-                isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float))
-                or not 0 < self.ema_decay <= 1):
-            out.append(f"ema_decay must be in (0, 1] or null, got {self.ema_decay!r}")
-        return out
+        return field_problems(self, {
+            "lambda_align": in_interval("[0, inf)", 0.1),
+            "cfg_dropout_prob": in_interval("[0, 1)", 0.1),
+            "ema_decay": optional(in_interval("(0, 1]", 0.9999))})
 
     def alignment_active(self, config: FluxFlowConfig) -> bool:
         """Whether the alignment term can run: it compares the mean predicted latent token

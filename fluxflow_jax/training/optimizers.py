@@ -21,7 +21,6 @@ The learning rate always enters last through `optax.scale_by_learning_rate`, so 
 from __future__ import annotations
 
 import copy
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fluxflow_jax.checks import check_bool, check_real, in_interval, is_real
 from fluxflow_jax.suggest import did_you_mean
 
 __all__ = [
@@ -301,28 +301,8 @@ OPTIMIZERS: tuple[str, ...] = tuple(_SPECS)
 # --------------------------------------------------------------------------------------
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _in(interval: str, example: float) -> Callable[[str, Any], str | None]:
-    """A check that a value is a real number in `interval`, written like "[0, 1)"."""
-    low, high = (float(bound) for bound in interval[1:-1].split(","))
-
-    def check(key: str, value: Any) -> str | None:
-        inside = _is_real(value) and (
-            (low < value if interval[0] == "(" else low <= value)
-            and (value < high if interval[-1] == ")" else value <= high)
-        )
-        if not inside:
-            return f"'{key}' must be a number in {interval}, got {value!r}; e.g. {example}"
-        return None
-
-    return check
-
-
 def _check_lr(key: str, value: Any) -> str | None:
-    if not _is_real(value) or not value > 0:
+    if not is_real(value) or not value > 0:
         return (
             f"'{key}': Learning rate must be positive, got {value!r}; "
             f"set it to a number > 0, e.g. {DEFAULT_LR}"
@@ -336,40 +316,28 @@ def _check_betas(key: str, value: Any) -> str | None:
     problems = [
         f"Beta{i} must be in [0, 1), got {b!r}"
         for i, b in enumerate(value, start=1)
-        if not (_is_real(b) and 0 <= b < 1)
+        if not (is_real(b) and 0 <= b < 1)
     ]
     if problems:
         return f"'{key}': " + "; ".join(problems) + "; e.g. [0.9, 0.999]"
     return None
 
 
-def _check_bool(key: str, value: Any) -> str | None:
-    if not isinstance(value, bool):
-        return f"'{key}' must be true or false, got {value!r}"
-    return None
-
-
-def _check_real(key: str, value: Any) -> str | None:
-    if not _is_real(value):
-        return f"'{key}' must be a number, got {value!r}"
-    return None
-
-
 _CHECKS: dict[str, Callable[[str, Any], str | None]] = {
     "lr": _check_lr,
     "betas": _check_betas,
-    "weight_decay": _in("[0, inf)", 0.01),
-    "eps": _in("(0, inf)", 1e-8),
-    "momentum": _in("[0, 1)", 0.9),
-    "alpha": _in("(0, 1]", 0.99),
-    "rho": _in("[0, 1]", 0.9),
-    "lr_decay": _in("[0, inf)", 0.0),
-    "initial_accumulator_value": _in("[0, inf)", 0.0),
-    "dampening": _check_real,
-    "amsgrad": _check_bool,
-    "nesterov": _check_bool,
-    "centered": _check_bool,
-    "decoupled_weight_decay": _check_bool,
+    "weight_decay": in_interval("[0, inf)", 0.01),
+    "eps": in_interval("(0, inf)", 1e-8),
+    "momentum": in_interval("[0, 1)", 0.9),
+    "alpha": in_interval("(0, 1]", 0.99),
+    "rho": in_interval("[0, 1]", 0.9),
+    "lr_decay": in_interval("[0, inf)", 0.0),
+    "initial_accumulator_value": in_interval("[0, inf)", 0.0),
+    "dampening": check_real,
+    "amsgrad": check_bool,
+    "nesterov": check_bool,
+    "centered": check_bool,
+    "decoupled_weight_decay": check_bool,
 }
 
 
@@ -411,7 +379,7 @@ def optimizer_config_problems(
         nesterov = config.get("nesterov", False)
         momentum = config.get("momentum", 0.0)
         dampening = config.get("dampening", 0.0)
-        numbers_ok = _is_real(momentum) and _is_real(dampening)
+        numbers_ok = is_real(momentum) and is_real(dampening)
         if nesterov is True and numbers_ok and (momentum <= 0 or dampening != 0):
             problems.append(
                 "'nesterov': Nesterov momentum requires a momentum and zero dampening; "

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fluxflow_jax.checks import integer_at_least
 from fluxflow_jax.models.bundle import COMPONENTS, FluxFlowModels
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.suggest import did_you_mean
@@ -76,15 +77,13 @@ class StageConfig:
                 f"valid: {list(GROUPS)}" for kind, configs in
                 (("optimizers", self.optimizers), ("schedulers", self.schedulers))
                 for name in configs if name not in GROUPS]
-        valid_length = not isinstance(self.total_steps, bool) and isinstance(
-            self.total_steps, int) and self.total_steps >= 1
-        if not valid_length:
-            out.append(f"total_steps must be an integer >= 1, got {self.total_steps!r}")
+        length_problem = integer_at_least(1)("total_steps", self.total_steps)
+        out += [length_problem] if length_problem else []
         out += [f"optimizers.{name}: {p}" for name, config in self.optimizers.items()
                 if name in GROUPS for p in optimizer_config_problems(config)]
         out += [f"schedulers.{name}: {p}" for name, config in self.schedulers.items()
                 if name in GROUPS for p in scheduler_config_problems(
-                    config, self.total_steps if valid_length else None)]
+                    config, None if length_problem else self.total_steps)]
         return out
 
     def group_components(self) -> dict[str, tuple[str, ...]]:

@@ -14,14 +14,16 @@ update, twice, as the reference's two train-mode calls do).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Literal, Mapping
+from dataclasses import dataclass
+from typing import Callable, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from fluxflow_jax.checks import (check_bool, field_problems, in_interval, integer_at_least,
+                                 one_of, optional)
 from fluxflow_jax.training import losses
 from fluxflow_jax.training.balancing import adaptive_weights, push
 from fluxflow_jax.training.groups import OptimizerGroup, Params
@@ -59,27 +61,7 @@ class VAEOptions:
 
     def problems(self) -> list[str]:
         """Every invalid field, each phrased with its fix."""
-        out = [f"{f.name} must be true or false, got {getattr(self, f.name)!r}"
-               for f in fields(self) if f.type == "bool"
-               and not isinstance(getattr(self, f.name), bool)]
-        for name in ("lambda_lpips", "mse_weight", "frequency_alpha", "kl_beta",
-                     "kl_free_bits", "lambda_adv", "r1_gamma", "instance_noise_std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                out.append(f"{name} must be a number >= 0, got {value!r}")
-        for name, low in (("kl_warmup_steps", 0), ("r1_interval", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                out.append(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.kl_reduction not in ("sum", "mean"):
-            out.append(f"kl_reduction must be 'sum' or 'mean', got {self.kl_reduction!r}")
-        for name in ("instance_noise_decay", "ema_decay"):
-            value = getattr(self, name)
-            if not (value is None and name == "ema_decay") and not (
-                    isinstance(value, (int, float)) and not isinstance(value, bool)
-                    and 0 < value <= 1):
-                out.append(f"{name} must be in (0, 1], got {value!r}")
-        return out
+        return field_problems(self, _VAE_CHECKS)
 
     @property
     def decodes(self) -> bool:
@@ -87,7 +69,22 @@ class VAEOptions:
         return self.train_reconstruction or self.use_gan
 
 
-def unused_expander_leaf(options: VAEOptions) -> "callable":
+_NON_NEGATIVE = in_interval("[0, inf)", 0.1)
+_VAE_CHECKS = {
+    **{name: check_bool for name in ("train_reconstruction", "use_gan", "train_spade",
+                                     "use_lpips", "adaptive_weights")},
+    **{name: _NON_NEGATIVE for name in ("lambda_lpips", "mse_weight", "frequency_alpha",
+                                        "kl_beta", "kl_free_bits", "lambda_adv", "r1_gamma",
+                                        "instance_noise_std")},
+    "kl_warmup_steps": integer_at_least(0),
+    "r1_interval": integer_at_least(1),
+    "kl_reduction": one_of(("sum", "mean")),
+    "instance_noise_decay": in_interval("(0, 1]", 0.9999),
+    "ema_decay": optional(in_interval("(0, 1]", 0.999)),
+}
+
+
+def unused_expander_leaf(options: VAEOptions) -> Callable[[tuple], bool]:
     """Expander parameters the stage's forward never reads, which must not be decayed:
     the v030 context mixer always, SPADE's convolutions when conditioning is off."""
     def unused(path: tuple) -> bool:
@@ -106,8 +103,9 @@ def generator_outputs(options: VAEOptions, nets: Networks, params: Params,
     """The autoencoder's forward pass: latent statistics, the discriminator context and the
     decoded images each loss reads ("recon" and/or "fake"), with the gradient routes of the
     stage built in."""
-    encoded = nets.bind("compressor", params, buffers).encode(images, key=key)
-    hw = nets.bind("compressor", params, buffers).latent_shape(*images.shape[1:3])
+    compressor = nets.bind("compressor", params, buffers)
+    encoded = compressor.encode(images, key=key)
+    hw = compressor.latent_shape(*images.shape[1:3])
     out = {"mu": encoded.mu, "logvar": encoded.logvar,
            "context": _mean_image_token(encoded.packed)}
 
