@@ -63,7 +63,7 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
                 use_alignment: bool) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
     """(candidate state, metrics, finite) after one flow (and text encoder) update."""
     k_latent, k_time, k_noise, k_dropout, k_cfg = jax.random.split(key, 5)
-    flow, text = groups.get("flow"), groups.get("text_encoder")
+    trained = {name: groups[name] for name in ("flow", "text_encoder") if name in groups}
     images = batch["images"]
     compressor = nets.bind("compressor", state.params, state.buffers)
     hw = compressor.latent_shape(*images.shape[1:3])
@@ -77,15 +77,14 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
 
     def embed(params):
         encoder = nets.bind("text_encoder", params, state.buffers)
-        rngs = nnx.Rngs(dropout=k_dropout) if text is not None else None
+        rngs = nnx.Rngs(dropout=k_dropout) if "text_encoder" in trained else None
         embeddings = encoder(batch["input_ids"], batch["attention_mask"], rngs=rngs)
         return jnp.where(keep_text, embeddings, 0.0)
 
     def objective(trainable):
         params = state.params
-        for name, group in (("flow", flow), ("text_encoder", text)):
-            if group is not None:
-                params = group.with_trainable(params, trainable[name])
+        for name, group in trained.items():
+            params = group.with_trainable(params, trainable[name])
         embeddings = embed(params)
         processor = nets.bind("flow_processor", params, state.buffers)
         prediction = processor(noisy, embeddings, diffusion.model_time(t), hw=hw)[:, :-1]
@@ -94,8 +93,7 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
                  else jnp.zeros([], diff.dtype))
         return diff + options.lambda_align * align, (diff, align, prediction)
 
-    trainable = {name: group.trainable(state.params)
-                 for name, group in (("flow", flow), ("text_encoder", text)) if group}
+    trainable = {name: group.trainable(state.params) for name, group in trained.items()}
     (total, (diff, align_value, prediction)), grads = jax.value_and_grad(
         objective, has_aux=True)(trainable)
     metrics = {name: jnp.zeros([], jnp.float32) for name in FLOW_METRICS}
@@ -103,9 +101,8 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
                    pred_mean=jnp.mean(prediction), pred_std=jnp.std(prediction, ddof=1))
     finite = jnp.isfinite(total)
     params, opt_states, ema = state.params, dict(state.opt_states), state.ema
-    for name, group, suffix in (("flow", flow, "flow"), ("text_encoder", text, "text")):
-        if group is None:
-            continue
+    for name, group in trained.items():
+        suffix = "text" if name == "text_encoder" else name
         norm = optax.tree.norm(grads[name])
         finite &= jnp.isfinite(norm)
         metrics[f"grad_norm_{suffix}"] = norm
