@@ -1,0 +1,86 @@
+"""A folder of images plus a captions file: the local dataset format of the reference.
+
+The captions file holds one ``image_name<TAB>caption`` line per image, UTF-8; image paths are
+``data_path / image_name``. Blank lines are skipped (the reference raised on them), and any
+other line without exactly one tab is a ``DataConfigError`` naming the file and line. The
+file is parsed once, up front; images are only opened when the loader asks for them, so a
+missing or corrupt image costs one skipped sample, not the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from fluxflow_jax.data.captions import finish_caption
+from fluxflow_jax.data.errors import DataConfigError
+from fluxflow_jax.data.samples import RawSample
+
+_FORMAT = "image_name<TAB>caption"
+
+
+def _read_lines(captions_file: Path) -> list[str]:
+    try:
+        return captions_file.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataConfigError(f"captions file {captions_file} does not exist") from None
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise DataConfigError(
+            f"{captions_file}:{line}: not valid UTF-8; save the captions file as UTF-8"
+        ) from None
+
+
+def parse_captions(captions_file: Path) -> list[tuple[str, str]]:
+    """(image_name, caption) for every non-blank line, in file order."""
+    entries = []
+    for number, line in enumerate(_read_lines(captions_file), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2 or not fields[0]:
+            raise DataConfigError(
+                f"{captions_file}:{number}: expected '{_FORMAT}' (an image name, exactly one "
+                f"tab, the caption), got {line[:80]!r}"
+            )
+        entries.append((fields[0], fields[1]))
+    if not entries:
+        raise DataConfigError(f"captions file {captions_file} has no '{_FORMAT}' lines")
+    return entries
+
+
+class CaptionedFolder:
+    """Random-access source over ``data_path`` and its captions file."""
+
+    def __init__(
+        self,
+        data_path: str | Path,
+        captions_file: str | Path,
+        fixed_prompt_prefix: str | None = None,
+    ):
+        self.data_path = Path(data_path)
+        if not self.data_path.is_dir():
+            raise DataConfigError(f"image folder {self.data_path} is not a directory")
+        self._entries = parse_captions(Path(captions_file))
+        self._prefix = fixed_prompt_prefix
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: int) -> RawSample:
+        """The sample's path and caption; ``BadSampleError`` if its caption is empty.
+
+        A missing image file is only noticed when the loader decodes it.
+        """
+        name, text = self._entries[index]
+        path = self.data_path / name
+        return RawSample(str(path), path, finish_caption(str(path), text, self._prefix))
+
+    def image_size(self, index: int) -> tuple[int, int] | None:
+        """(height, width) from the image header, or None when the header cannot be read."""
+        try:
+            with Image.open(self.data_path / self._entries[index][0]) as image:
+                return image.height, image.width
+        except (OSError, ValueError, SyntaxError):  # OSError covers missing and unidentified
+            return None

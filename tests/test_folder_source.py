@@ -1,0 +1,86 @@
+"""The image folder + captions file source."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fluxflow_jax.data.errors import DataConfigError
+from fluxflow_jax.data.folder import CaptionedFolder
+from fluxflow_jax.data.samples import BadSampleError, decode_image
+
+
+@pytest.fixture
+def folder(tmp_path):
+    Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((40, 10, 3), np.uint8)).save(tmp_path / "b.jpg")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    return tmp_path
+
+
+def write_captions(folder, text):
+    path = folder / "captions.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_samples_are_paths_and_captions_in_file_order(folder):
+    captions = write_captions(folder, "a.png\ta red square\n\n  \nb.jpg\tA tall one \r\n")
+    source = CaptionedFolder(folder, captions)
+    assert len(source) == 2  # blank and whitespace-only lines are skipped
+    first, second = source[0], source[1]
+    assert first.image == folder / "a.png" and first.key == str(folder / "a.png")
+    assert first.caption == "a red square"
+    assert second.caption == "A tall one"
+    assert decode_image(first).size == (30, 20)
+
+
+def test_prefix_is_joined_with_a_full_stop(folder):
+    source = CaptionedFolder(folder, write_captions(folder, "a.png\tcat\n"), "watercolour")
+    assert source[0].caption == "watercolour. cat"
+
+
+def test_image_size_reads_the_header_and_is_none_when_unreadable(folder):
+    captions = write_captions(folder, "a.png\tx\nb.jpg\ty\nbroken.png\tz\nmissing.png\tw\n")
+    source = CaptionedFolder(folder, captions)
+    assert [source.image_size(i) for i in range(4)] == [(20, 30), (40, 10), None, None]
+
+
+def test_missing_image_is_a_bad_sample_when_decoded(folder):
+    source = CaptionedFolder(folder, write_captions(folder, "missing.png\tw\n"))
+    sample = source[0]  # indexing stays cheap: nothing is opened yet
+    with pytest.raises(BadSampleError, match="missing.png: image file not found"):
+        decode_image(sample)
+
+
+def test_empty_caption_is_a_bad_sample(folder):
+    source = CaptionedFolder(folder, write_captions(folder, "a.png\t  \nb.jpg\tok\n"))
+    with pytest.raises(BadSampleError, match="a.png: empty caption"):
+        source[0]
+    assert source[1].caption == "ok"
+
+
+@pytest.mark.parametrize("line", ["a.png caption with spaces", "a.png\tone\ttwo", "\tno name"])
+def test_malformed_line_names_file_line_and_format(folder, line):
+    captions = write_captions(folder, f"b.jpg\tfine\n\n{line}\n")
+    with pytest.raises(DataConfigError) as err:
+        CaptionedFolder(folder, captions)
+    message = str(err.value)
+    assert message.startswith(f"{captions}:3: ") and "image_name<TAB>caption" in message
+    assert repr(line) in message
+
+
+def test_missing_files_and_folders_are_config_errors(folder):
+    with pytest.raises(DataConfigError, match="captions file .*nope.txt does not exist"):
+        CaptionedFolder(folder, folder / "nope.txt")
+    captions = write_captions(folder, "a.png\tx\n")
+    with pytest.raises(DataConfigError, match="image folder .*absent is not a directory"):
+        CaptionedFolder(folder / "absent", captions)
+    with pytest.raises(DataConfigError, match="has no 'image_name<TAB>caption' lines"):
+        CaptionedFolder(folder, write_captions(folder, "\n\n"))
+
+
+def test_non_utf8_captions_name_the_line(folder):
+    captions = folder / "captions.txt"
+    captions.write_bytes(b"a.png\tok\nb.jpg\tcaf\xe9\n")
+    with pytest.raises(DataConfigError, match=r"captions.txt:2: not valid UTF-8"):
+        CaptionedFolder(folder, captions)
