@@ -1,5 +1,8 @@
 """The image folder + captions file source."""
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -43,6 +46,32 @@ def test_image_size_reads_the_header_and_is_none_when_unreadable(folder):
     captions = write_captions(folder, "a.png\tx\nb.jpg\ty\nbroken.png\tz\nmissing.png\tw\n")
     source = CaptionedFolder(folder, captions)
     assert [source.image_size(i) for i in range(4)] == [(20, 30), (40, 10), None, None]
+
+
+def write_oversized_png(path, width=30000, height=30000):
+    """A small PNG whose header claims ``width`` x ``height``, with a valid header checksum."""
+    Image.new("RGB", (2, 2)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)  # the IHDR chunk's width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(data[12:29]))  # its CRC, over type and data
+    path.write_bytes(bytes(data))
+
+
+def test_image_size_is_none_for_a_decompression_bomb(folder):
+    write_oversized_png(folder / "huge.png")
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(folder / "huge.png")
+    source = CaptionedFolder(folder, write_captions(folder, "huge.png\tbig\na.png\tx\n"))
+    assert [source.image_size(i) for i in range(2)] == [None, (20, 30)]
+
+
+def test_lines_end_at_line_feeds_only(folder):
+    """U+2028, form feeds, NEL and a lone carriage return are caption text, not line ends."""
+    text = "a.png\tone\u2028two\x0cthree\x85four\rfive\r\nb.jpg\tok\n"
+    source = CaptionedFolder(folder, write_captions(folder, text))
+    assert [source[i].caption for i in range(2)] == ["one two three four five", "ok"]
+    with pytest.raises(DataConfigError, match=r"captions.txt:4: .*'no tab\\x0chere'"):
+        CaptionedFolder(folder, write_captions(folder, text + "\nno tab\x0chere\n"))
 
 
 def test_missing_image_is_a_bad_sample_when_decoded(folder):

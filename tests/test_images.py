@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxflow_jax.data.images import (aspect_size, bucket_of, fixed_size, reference_versions,
-                                      to_array)
+from fluxflow_jax.data.images import (aspect_size, batch_versions, bucket_of, fixed_size,
+                                      reduced_size, to_array)
 
 
 def search(width, height, side, multiple=16):
@@ -75,29 +75,34 @@ def noise(width, height, seed=0):
     return Image.fromarray(pixels), pixels
 
 
-def test_reference_versions_sizes_and_order():
-    image, _ = noise(1024, 768)
-    # 128 -> long side round(170.67) = 171 -> 160; 256 -> 341 -> 336; 512 -> 683 -> 672;
-    # 800 is not below the short side 768: skipped. Then the main version.
-    versions = reference_versions(image, 256, reduced_min_sizes=[512, 800, 128, 256])
-    assert [v.size for v in versions] == [(160, 128), (336, 256), (672, 512), (336, 256)]
-    # Portrait: 64 -> round(106.67) = 107 -> 96; 128 -> 213 -> 208; 300 is not below 300.
-    image, _ = noise(300, 500)
-    versions = reference_versions(image, 256, reduced_min_sizes=(128, 300, 64))
-    assert [v.size for v in versions] == [(64, 96), (128, 208), (256, 432)]
-    assert [v.size for v in reference_versions(image, 256)] == [(256, 432)]
-    assert all(v.mode == "RGB" for v in versions)
+def test_reduced_sizes_follow_the_reference_rounding():
+    # 128 -> long side round(170.67) = 171 -> 160; 256 -> 341 -> 336; 512 -> 683 -> 672.
+    assert [reduced_size(1024, 768, s) for s in (128, 256, 512)] == [
+        (160, 128), (336, 256), (672, 512)]
+    # Portrait: 64 -> round(106.67) = 107 -> 96; 128 -> 213 -> 208; never below 16.
+    assert [reduced_size(300, 500, s) for s in (64, 128)] == [(64, 96), (128, 208)]
+    assert reduced_size(1000, 10, 8) == (800, 16)
 
 
-def test_reference_versions_are_lanczos_resizes():
+def test_batch_versions_share_shapes_within_a_batch():
+    """Two images of different shapes in one (256, 336) batch: the same scales, sized from
+    the batch's aspect; a reduced size not below the batch's short side is left out."""
+    for width, height in ((1024, 768), (600, 600)):
+        image, _ = noise(width, height)
+        versions = batch_versions(image, (256, 336), reduced_min_sizes=[256, 128, 64])
+        assert [v.size for v in versions] == [(80, 64), (160, 128), (336, 256)]
+        assert all(v.mode == "RGB" for v in versions)
+
+
+def test_batch_versions_are_lanczos_resizes_of_the_original():
     image, pixels = noise(320, 240)
-    small, main = reference_versions(image, 256, reduced_min_sizes=[64])
+    small, main = batch_versions(image, (256, 336), reduced_min_sizes=[64])
     np.testing.assert_array_equal(np.asarray(small),
                                   np.asarray(image.resize((80, 64), Image.Resampling.LANCZOS)))
     np.testing.assert_array_equal(
         np.asarray(main), np.asarray(image.resize((336, 256), Image.Resampling.LANCZOS)))
     image, pixels = noise(336, 256)
-    np.testing.assert_array_equal(np.asarray(reference_versions(image, 256)[0]), pixels)
+    np.testing.assert_array_equal(np.asarray(batch_versions(image, (256, 336))[0]), pixels)
 
 
 @pytest.mark.parametrize("width, height, window", [

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from fluxflow_jax.data.demo import DemoSource
-from fluxflow_jax.data.loader import DataLoader, LoaderConfig
-from fluxflow_jax.data.samples import BadSampleError, RawSample
+from fluxflow_jax.data.errors import DataConfigError
+from fluxflow_jax.data.loader import Batch, DataLoader, LoaderConfig
+from fluxflow_jax.data.samples import BadSampleError, RawSample, header_size
 from fluxflow_jax.data.tokenizer import Tokenizer
 
 
@@ -65,8 +66,8 @@ def test_resume_continues_with_exactly_the_uninterrupted_batches(tokenizer, stre
 
     interrupted = DataLoader(make(), tokenizer, config)
     done = list(itertools.islice(interrupted.epoch(0), 3))
-    state = interrupted.state()
-    assert state == {"seed": 42, "epoch": 0, "position": 3}
+    state = done[-1].loader_state
+    assert state == interrupted.state() and (state["epoch"], state["position"]) == (0, 3)
     resumed = DataLoader(make(), tokenizer, config)
     resumed.restore(state)
     rest = list(resumed.epoch(0)) + list(resumed.epoch(1))
@@ -75,10 +76,31 @@ def test_resume_continues_with_exactly_the_uninterrupted_batches(tokenizer, stre
         np.testing.assert_array_equal(a.images, b.images)
 
 
-def test_restore_refuses_another_seed(tokenizer):
-    loader = DataLoader(demo(8), tokenizer, LoaderConfig(batch_size=4, image_size=32, seed=1))
-    with pytest.raises(ValueError, match="seed 2"):
-        loader.restore({"seed": 2, "epoch": 0, "position": 1})
+def test_restore_refuses_other_data_settings(tokenizer):
+    state = DataLoader(demo(8), tokenizer,
+                       LoaderConfig(batch_size=4, image_size=32, seed=1)).state()
+    other = DataLoader(demo(8), tokenizer, LoaderConfig(batch_size=2, image_size=32, seed=2))
+    with pytest.raises(DataConfigError, match="seed was 1, is 2; batch_size was 4, is 2"):
+        other.restore(state)
+
+
+def test_resume_through_device_prefetch_uses_the_trained_batch_state(tokenizer):
+    """Prefetching hands batches out ahead of training; the checkpoint must record the
+    position of the batch trained on, which each batch carries."""
+    from fluxflow_jax.data.prefetch import prefetch_to_device
+
+    config = LoaderConfig(batch_size=4, image_size=32, fixed_size=True)
+    uninterrupted = keys(DataLoader(demo(32), tokenizer, config).epoch(0))
+    loader = DataLoader(demo(32), tokenizer, config)
+    trained = []
+    for batch, _ in prefetch_to_device(loader.epoch(0), 3, inputs=Batch.step_inputs):
+        trained.append(batch)
+        if len(trained) == 2:
+            break
+    assert loader.state()["position"] > 2  # handed out ahead of training
+    resumed = DataLoader(demo(32), tokenizer, config)
+    resumed.restore(trained[-1].loader_state)
+    assert keys(trained) + keys(resumed.epoch(0)) == uninterrupted
 
 
 def test_fixed_size_mode_and_reduced_scales(tokenizer):
@@ -121,12 +143,7 @@ class ListSource:
         return self.samples[index]
 
     def image_size(self, index):
-        payload = self.samples[index].image
-        try:
-            with Image.open(io.BytesIO(payload) if isinstance(payload, bytes) else payload) as im:
-                return im.height, im.width
-        except (OSError, ValueError):
-            return None
+        return header_size(self.samples[index].image)
 
 
 class ListStream:
@@ -187,10 +204,114 @@ def test_prefetch_places_batches_with_the_sharding_in_order(tokenizer):
                                                           fixed_size=True))
     host = [b.step_inputs() for b in DataLoader(demo(16), tokenizer, loader.config).epoch(0)]
     sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
-    placed = list(prefetch_to_device((b.step_inputs() for b in loader.epoch(0)), 1, sharding))
+    placed = [inputs for _, inputs in
+              prefetch_to_device(loader.epoch(0), 1, sharding, inputs=Batch.step_inputs)]
     assert len(placed) == len(host) == 2
     for on_device, on_host in zip(placed, host, strict=True):
         assert on_device["images"].sharding == sharding
         assert len(on_device["images"].addressable_shards) == len(jax.devices())
         for key in on_host:
             np.testing.assert_array_equal(np.asarray(on_device[key]), on_host[key])
+
+
+def test_invalid_settings_are_reported_together(tokenizer):
+    config = LoaderConfig(batch_size=0, image_size=32, on_bad_sample="ignore",
+                          reduced_min_sizes=(8,))
+    with pytest.raises(DataConfigError) as raised:
+        DataLoader(demo(4), tokenizer, config)
+    message = str(raised.value)
+    for part in ("'batch_size' must be an integer >= 1, got 0",
+                 "'on_bad_sample' must be one of ['skip', 'error'], got 'ignore'",
+                 "'reduced_min_sizes' entries must be integers in [16, image_size), got 8"):
+        assert part in message
+
+
+def test_records_are_read_in_the_workers_not_while_planning(tokenizer):
+    import threading
+
+    class Recording(ListSource):
+        threads = set()
+
+        def __getitem__(self, index):
+            self.threads.add(threading.current_thread().name)
+            return super().__getitem__(index)
+
+    source = Recording([RawSample(f"s{i}", png_bytes(), f"c{i}") for i in range(8)])
+    loader = DataLoader(source, tokenizer, LoaderConfig(batch_size=4, image_size=32))
+    Recording.threads.clear()
+    list(loader.epoch(0))
+    assert Recording.threads and threading.main_thread().name not in Recording.threads
+
+
+class UnevenStream:
+    """Host 0 gets 20 samples an epoch, host 1 only 8; nominally 28."""
+
+    samples_per_epoch = 28
+
+    def iterate(self, *, seed, epoch, shard_index=0, shard_count=1):
+        for i in range(20 if shard_index == 0 else 8):
+            yield RawSample(f"h{shard_index}/{epoch}/{i}", png_bytes(), f"caption {i}")
+
+
+def test_every_host_gets_exactly_the_nominal_batches_of_a_stream(tokenizer):
+    counts = []
+    for host in (0, 1):
+        loader = DataLoader(UnevenStream(), tokenizer, LoaderConfig(
+            batch_size=4, image_size=32, shard_index=host, shard_count=2))
+        batches = list(loader.epoch(0))
+        counts.append(len(batches))
+        if host == 1:  # 2 batches from the stream, then its first one again
+            assert keys(batches[2:]) == keys(batches[:1])
+    assert counts == [3, 3]
+
+
+class FixedStream:
+    """A streaming source yielding the given samples in order, every epoch."""
+
+    def __init__(self, samples):
+        self.samples, self.samples_per_epoch = samples, len(samples)
+
+    def iterate(self, *, seed, epoch, shard_index=0, shard_count=1):
+        yield from self.samples
+
+
+def test_a_batch_of_only_bad_samples_repeats_the_previous_one(tokenizer):
+    good = [RawSample(f"good{i}", png_bytes(), f"c{i}") for i in range(2)]
+    bad = [RawSample(f"empty{i}", png_bytes(), " ") for i in range(2)]
+    loader = DataLoader(FixedStream(good + bad), tokenizer,
+                        LoaderConfig(batch_size=2, image_size=32))
+    batches = list(loader.epoch(0))
+    assert [b.keys for b in batches] == [("good0", "good1")] * 2
+    assert [b.loader_state["position"] for b in batches] == [1, 2]
+    assert loader.bad_samples.count == 2
+    with pytest.raises(DataConfigError, match="every sample of the first batch"):
+        list(DataLoader(FixedStream(bad + good), tokenizer,
+                        LoaderConfig(batch_size=2, image_size=32)).epoch(0))
+
+
+def test_scales_are_the_same_in_every_batch(tokenizer):
+    """Images of one bucket but different originals get identical scale sets."""
+    samples = [RawSample(f"s{i}", png_bytes((600, 600) if i % 2 else (300, 300)), f"c{i}")
+               for i in range(8)]
+    loader = DataLoader(ListSource(samples), tokenizer,
+                        LoaderConfig(batch_size=4, image_size=256, reduced_min_sizes=(128,)))
+    for batch in loader.epoch(0):
+        assert [s.shape for s in batch.scales] == [(4, 128, 128, 3), (4, 256, 256, 3)]
+
+
+def test_too_little_data_and_out_of_order_epochs_are_errors(tokenizer):
+    with pytest.raises(DataConfigError, match="no batch of 8 per host"):
+        DataLoader(demo(6), tokenizer, LoaderConfig(batch_size=8, image_size=32))
+    loader = DataLoader(demo(8), tokenizer, LoaderConfig(batch_size=2, image_size=32))
+    loader.restore({**loader.state(), "position": 1})
+    with pytest.raises(ValueError, match="finish that epoch before epoch 1"):
+        next(loader.epoch(1))
+
+
+def test_an_oversized_image_is_a_bad_sample_not_a_crash(tokenizer, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40)  # 64x64 now counts as a bomb
+    samples = [RawSample(f"s{i}", png_bytes(), f"c{i}") for i in range(4)]
+    samples.append(RawSample("huge", png_bytes((64, 64)), "x"))
+    loader = DataLoader(ListSource(samples), tokenizer, LoaderConfig(batch_size=4,
+                                                                     image_size=32))
+    assert len(list(loader.epoch(0))) == 1 and loader.bad_samples.count == 1

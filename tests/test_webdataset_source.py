@@ -2,7 +2,9 @@
 
 import http.server
 import io
+import os
 import shutil
+import tarfile
 import threading
 
 import numpy as np
@@ -149,6 +151,30 @@ def test_wrong_key_on_the_first_sample_lists_the_members(shards):
         everything(source)
 
 
+def test_keys_are_checked_once_so_a_shuffled_bad_sample_stays_a_bad_sample(tmp_path):
+    """Seed 0 puts b.tar, which opens with a sample without JSON, first in epochs 1 to 3."""
+    no_json = {"png": png(1), "txt": "x"}
+    write_shard(tmp_path / "a.tar", [sample("a0", "fine"), {"__key__": "a1", **no_json}])
+    write_shard(tmp_path / "b.tar", [{"__key__": "b0", **no_json}, sample("b1", "fine")])
+    source = WebDatasetSource(str(tmp_path / "*.tar"), image_key="png")
+    for epoch in range(4):
+        samples = everything(source, seed=0, epoch=epoch)
+        assert sorted(keys(samples)) == ["a0", "a1", "b0", "b1"]
+        captions = {key: s.caption for key, s in zip(keys(samples), samples, strict=True)}
+        assert captions == {"a0": "fine", "a1": "", "b0": "", "b1": "fine"}
+
+
+def test_wrong_key_is_found_on_the_first_listed_shard_by_every_reader(tmp_path):
+    write_shard(tmp_path / "a.tar", [{"__key__": "a0", "png": png(1), "txt": "x"},
+                                     sample("a1", "fine")])
+    write_shard(tmp_path / "b.tar", [sample("b0", "fine")])
+    for shard_index in range(2):
+        source = WebDatasetSource(str(tmp_path / "*.tar"), image_key="png")
+        with pytest.raises(DataConfigError, match=r"a.tar#a0: no 'json' member \(it has: png, "
+                                                  r"txt\); set label_key"):
+            source.iterate(seed=0, epoch=0, shard_index=shard_index, shard_count=2)
+
+
 def test_bad_samples_stay_in_the_stream_with_nothing_usable(tmp_path):
     """Later samples without an image or caption arrive empty, for the loader to count."""
     shard = write_shard(tmp_path / "mixed.tar", [
@@ -178,9 +204,18 @@ def test_unreadable_shard_is_logged_and_yields_one_empty_sample(shards, caplog):
     assert f"shard {broken} could not be read" in caplog.text
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
-def test_http_shards_stream_through_curl_with_the_token(shards, caplog):
-    seen_headers = []
+class QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # curl hangs up mid-shard whenever a reader stops early
+
+
+@pytest.fixture
+def http_shards(shards):
+    """(base URL of ``shards``, Authorization headers seen, {name: bytes sent before hanging
+    up on a response that announced the whole file})."""
+    if shutil.which("curl") is None:
+        pytest.skip("needs curl")
+    seen_headers, cuts = [], {}
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
@@ -188,27 +223,58 @@ def test_http_shards_stream_through_curl_with_the_token(shards, caplog):
 
         def do_GET(self):
             seen_headers.append(self.headers.get("Authorization"))
-            super().do_GET()
+            name = self.path.lstrip("/")
+            if name not in cuts:
+                return super().do_GET()
+            data = (shards / name).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:cuts[name]])
 
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = QuietServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_port}"
-        source = WebDatasetSource(f"{base}/shard-{{000000..000001}}.tar", image_key="png",
-                                  token="secret")
-        assert source.shards == [f"{base}/shard-000000.tar", f"{base}/shard-000001.tar"]
-        samples = everything(source)
-        assert len(samples) == 2 * PER_SHARD and samples[0].key.startswith(base)
-        assert seen_headers == ["Bearer secret"] * 2
-        [marker] = everything(WebDatasetSource(f"{base}/absent.tar", token="secret"))
-        assert marker.key == f"{base}/absent.tar" and marker.image == b""
-        assert "absent.tar could not be read" in caplog.text and "secret" not in caplog.text
-    finally:
-        server.shutdown()
-        server.server_close()
+    yield f"http://127.0.0.1:{server.server_port}", seen_headers, cuts
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_shards_stream_through_curl_with_the_token(http_shards, caplog):
+    base, seen_headers, _ = http_shards
+    source = WebDatasetSource(f"{base}/shard-{{000000..000001}}.tar", image_key="png",
+                              token="secret")
+    assert source.shards == [f"{base}/shard-000000.tar", f"{base}/shard-000001.tar"]
+    samples = everything(source)
+    assert len(samples) == 2 * PER_SHARD and samples[0].key.startswith(base)
+    assert seen_headers == ["Bearer secret"] * 3  # the key check reads shard 0 once more
+    [marker] = everything(WebDatasetSource(f"{base}/absent.tar", token="secret"))
+    assert marker.key == f"{base}/absent.tar" and marker.image == b""
+    assert "absent.tar could not be read" in caplog.text and "secret" not in caplog.text
+
+
+def test_download_cut_off_between_members_is_an_unreadable_shard(shards, http_shards, caplog):
+    base, _, cuts = http_shards
+    shutil.copy(shards / "shard-000000.tar", shards / "cut.tar")
+    with tarfile.open(shards / "cut.tar") as tar:
+        cuts["cut.tar"] = next(m.offset for m in tar if m.name.startswith("s0i2."))
+    source = WebDatasetSource(f"{base}/cut.tar", image_key="png", shuffle=0, token="secret")
+    *read, marker = everything(source)
+    assert keys(read) == ["s0i0", "s0i1"][:len(read)]  # curl may fail before the tar reader
+    assert marker.key == f"{base}/cut.tar" and marker.image == b""
+    assert "cut.tar could not be read" in caplog.text and "secret" not in caplog.text
+
+
+def test_reader_stopped_early_on_purpose_logs_nothing(shards, http_shards, caplog):
+    """Big samples keep curl writing into the pipe when the reader closes it."""
+    base, _, _ = http_shards
+    write_shard(shards / "big.tar", [sample(f"b{i}", "big", bin=os.urandom(1 << 20))
+                                     for i in range(4)])
+    source = WebDatasetSource(f"{base}/big.tar", image_key="png", samples_per_epoch=1, shuffle=0)
+    assert keys(everything(source)) == ["b0"]
+    assert "could not be read" not in caplog.text
 
 
 def test_hf_patterns_resolve_to_download_urls(monkeypatch):

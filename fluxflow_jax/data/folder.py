@@ -1,28 +1,30 @@
 """A folder of images plus a captions file: the local dataset format of the reference.
 
 The captions file holds one ``image_name<TAB>caption`` line per image, UTF-8; image paths are
-``data_path / image_name``. Blank lines are skipped (the reference raised on them), and any
-other line without exactly one tab is a ``DataConfigError`` naming the file and line. The
-file is parsed once, up front; images are only opened when the loader asks for them, so a
-missing or corrupt image costs one skipped sample, not the run.
+``data_path / image_name``. Lines end at a line feed alone (a carriage return before it is
+dropped), so other Unicode line breaks stay inside a caption. Blank lines are skipped (the
+reference raised on them), and any other line without exactly one tab is a
+``DataConfigError`` naming the file and line. The file is parsed once, up front; images are
+only opened when the loader asks for them, so a missing or corrupt image costs one skipped
+sample, not the run.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
-
 from fluxflow_jax.data.captions import finish_caption
 from fluxflow_jax.data.errors import DataConfigError
-from fluxflow_jax.data.samples import RawSample
+from fluxflow_jax.data.samples import RawSample, header_size
 
 _FORMAT = "image_name<TAB>caption"
 
 
 def _read_lines(captions_file: Path) -> list[str]:
+    """The file's lines, split at line feeds only: ``splitlines`` would also split at U+2028,
+    form feeds and the like, cutting a caption in two and shifting every later line number."""
     try:
-        return captions_file.read_text(encoding="utf-8").splitlines()
+        text = captions_file.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise DataConfigError(f"captions file {captions_file} does not exist") from None
     except UnicodeDecodeError as err:
@@ -30,6 +32,7 @@ def _read_lines(captions_file: Path) -> list[str]:
         raise DataConfigError(
             f"{captions_file}:{line}: not valid UTF-8; save the captions file as UTF-8"
         ) from None
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def parse_captions(captions_file: Path) -> list[tuple[str, str]]:
@@ -79,8 +82,4 @@ class CaptionedFolder:
 
     def image_size(self, index: int) -> tuple[int, int] | None:
         """(height, width) from the image header, or None when the header cannot be read."""
-        try:
-            with Image.open(self.data_path / self._entries[index][0]) as image:
-                return image.height, image.width
-        except (OSError, ValueError, SyntaxError):  # OSError covers missing and unidentified
-            return None
+        return header_size(self.data_path / self._entries[index][0])

@@ -66,8 +66,9 @@ def bucket_of(width: int, height: int, scale: int) -> tuple[int, int]:
     return main_height, main_width
 
 
-def _reduced_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """Short side ``short_side``, the long one scaled to match, both floored to 16 (>= 16)."""
+def reduced_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with short side ``short_side`` and the long one scaled to match, both
+    floored to a multiple of 16 (at least 16), as the reference sizes its reduced scales."""
     ratio = width / height
     if width <= height:
         new_width, new_height = short_side, round(short_side / ratio)
@@ -76,17 +77,20 @@ def _reduced_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(16, new_width // 16 * 16), max(16, new_height // 16 * 16)
 
 
-def reference_versions(image: Image.Image, scale: int,
-                       reduced_min_sizes: Sequence[int] = ()) -> list[Image.Image]:
-    """The versions an image trains at, smallest first, as the reference makes them.
+def batch_versions(image: Image.Image, size: tuple[int, int],
+                   reduced_min_sizes: Sequence[int] = ()) -> list[Image.Image]:
+    """The scales an image trains at in a batch whose main size is ``size`` (height, width),
+    smallest first, all Lanczos-resampled from the original.
 
-    One reduced version for each of ``reduced_min_sizes`` below the image's short side, then
-    the main version at ``aspect_size(..., scale)``; all Lanczos-resampled.
+    One reduced scale for each of ``reduced_min_sizes`` below the batch's short side, sized
+    from the batch's aspect (not the image's), so every image of a batch, and every batch of
+    one main size, has the same scales and shapes.
     """
-    width, height = image.size
-    versions = [image.resize(_reduced_size(width, height, size), _LANCZOS)
-                for size in sorted(reduced_min_sizes) if size < min(width, height)]
-    versions.append(image.resize(aspect_size(width, height, scale), _LANCZOS))
+    height, width = size
+    versions = [image.resize(reduced_size(width, height, short), _LANCZOS)
+                for short in sorted(reduced_min_sizes) if short < min(width, height)]
+    versions.append(image if image.size == (width, height)
+                    else image.resize((width, height), _LANCZOS))
     return versions
 
 

@@ -7,20 +7,22 @@ batches that take their most common size, the batch list shuffled); streaming so
 grouped by size as they arrive. Batches therefore come in a bounded set of shapes, so the
 jitted step compiles once per shape, not per batch.
 
-Resume. The loader's position is (epoch, batches consumed in that epoch). Restoring it
-replans the epoch (random access) or replays the stream reading headers only (streaming)
-and continues with exactly the batches the interrupted run would have seen.
+Resume. The loader's position is (epoch, batches consumed in that epoch), with the settings
+that give it a meaning. Restoring it replans the epoch (random access) or reads the stream
+again up to there, parsing image headers only (streaming), and continues with exactly the
+batches the interrupted run would have seen.
 
 Bad samples. An unreadable, truncated or missing image or an empty caption is skipped and
 counted (``on_bad_sample: skip``), its place in the batch taken by a good sample of the same
-batch so shapes stay fixed; ``on_bad_sample: error`` raises ``BadSampleError`` instead.
+batch so shapes stay fixed (a batch with no good sample repeats the previous batch);
+``on_bad_sample: error`` raises ``BadSampleError`` instead.
 """
 
 from __future__ import annotations
 
 import collections
-import io
 import logging
+import queue
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,10 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
-from PIL import Image
-
+from fluxflow_jax.checks import check_bool, field_problems, integer_at_least, one_of
 from fluxflow_jax.data import images
-from fluxflow_jax.data.samples import BadSampleError, RawSample, decode_image
+from fluxflow_jax.data.errors import DataConfigError
+from fluxflow_jax.data.samples import BadSampleError, RawSample, decode_image, header_size
 
 log = logging.getLogger(__name__)
 Size = tuple[int, int]  # (height, width)
@@ -69,6 +71,23 @@ class LoaderConfig:
     shard_index: int = 0  # this host's share of every epoch
     shard_count: int = 1
 
+    def problems(self) -> list[str]:
+        """Every invalid field, each phrased with its fix."""
+        out = field_problems(self, {
+            "batch_size": integer_at_least(1), "image_size": integer_at_least(16),
+            "max_length": integer_at_least(2), "seed": integer_at_least(0),
+            "workers": integer_at_least(1), "prefetch_batches": integer_at_least(1),
+            "on_bad_sample": one_of(("skip", "error")), "fixed_size": check_bool,
+            "shard_index": integer_at_least(0), "shard_count": integer_at_least(1)})
+        out += [f"'reduced_min_sizes' entries must be integers in [16, image_size), got "
+                f"{size!r}" for size in self.reduced_min_sizes
+                if isinstance(size, bool) or not isinstance(size, int) or size < 16
+                or (isinstance(self.image_size, int) and size >= self.image_size)]
+        if not out and self.shard_index >= self.shard_count:
+            out.append(f"'shard_index' ({self.shard_index}) must be below 'shard_count' "
+                       f"({self.shard_count})")
+        return out
+
 
 class Batch(NamedTuple):
     scales: tuple[np.ndarray, ...]  # [B, H, W, 3] in [-1, 1], smallest first; last = main
@@ -76,20 +95,21 @@ class Batch(NamedTuple):
     attention_mask: np.ndarray  # bool [B, max_length]
     captions: tuple[str, ...]
     keys: tuple[str, ...]  # where each sample came from
+    loader_state: dict[str, Any]  # the loader's state once this batch is consumed
 
     @property
     def images(self) -> np.ndarray:
         return self.scales[-1]
 
     def step_inputs(self, scale: int = -1) -> dict[str, np.ndarray]:
-        """What a train step reads, at one scale."""
+        """What a train step reads, at one scale (arrays only, ready for the devices)."""
         return {"images": self.scales[scale], "input_ids": self.input_ids,
                 "attention_mask": self.attention_mask}
 
 
 class _Planned(NamedTuple):
     size: Size  # the main scale's (height, width) for every image of the batch
-    samples: tuple[RawSample, ...]
+    members: tuple[int | RawSample, ...]  # source indices, or streamed samples
 
 
 @dataclass
@@ -109,30 +129,58 @@ class BadSampleReport:
 
 
 class DataLoader:
-    """Batches from a random-access or streaming source; iterate with ``epoch(n)``."""
+    """Batches from a random-access or streaming source; iterate with ``epoch(n)``.
+
+    Every epoch has exactly ``batches_per_epoch()`` batches on every host, so data-parallel
+    hosts step in lockstep: a streaming epoch that runs short replays its stream from the
+    start, and a batch whose every sample is bad is replaced by the previous batch.
+    """
 
     def __init__(self, source: RandomAccessSource | StreamingSource, tokenizer: Tokenizer,
                  config: LoaderConfig):
+        problems = config.problems()
+        if problems:
+            raise DataConfigError("invalid data loader settings: " + "; ".join(problems))
         self.source, self.tokenizer, self.config = source, tokenizer, config
         self.bad_samples = BadSampleReport()
         self._epoch, self._position = 0, 0
         self._streaming = hasattr(source, "iterate")
         self._sizes = None if self._streaming else self._scan_sizes()
+        if self.batches_per_epoch() == 0:
+            raise DataConfigError(
+                f"an epoch of this source gives no batch of {config.batch_size} per host "
+                f"({config.shard_count} host(s)); lower batch_size or add data")
 
     # -- position -------------------------------------------------------------------
 
-    def state(self) -> dict[str, int]:
-        """Where the loader is, for a checkpoint."""
-        return {"seed": self.config.seed, "epoch": self._epoch, "position": self._position}
+    def _fingerprint(self) -> dict[str, Any]:
+        """What a position means: the same position under other settings is other data."""
+        return {"seed": self.config.seed, "batch_size": self.config.batch_size,
+                "image_size": self.config.image_size, "fixed_size": self.config.fixed_size,
+                "shard_index": self.config.shard_index, "shard_count": self.config.shard_count,
+                "samples": (self.source.samples_per_epoch if self._streaming
+                            else len(self.source))}
+
+    def _state_at(self, epoch: int, position: int) -> dict[str, Any]:
+        return {**self._fingerprint(), "epoch": epoch, "position": position}
+
+    def state(self) -> dict[str, Any]:
+        """Where the loader is (the batches handed out so far), for a checkpoint. With batches
+        prefetched ahead of training, checkpoint ``batch.loader_state`` of the last batch
+        trained on instead."""
+        return self._state_at(self._epoch, self._position)
 
     def restore(self, state: dict[str, Any]) -> None:
-        if state.get("seed", self.config.seed) != self.config.seed:
-            raise ValueError(f"the checkpointed data order used seed {state['seed']}, this "
-                             f"run has seed {self.config.seed}; resume with the same seed")
+        """Continue where ``state`` was taken; the data settings must be the same."""
+        differing = [f"{key} was {state.get(key)!r}, is {value!r}"
+                     for key, value in self._fingerprint().items() if state.get(key) != value]
+        if differing:
+            raise DataConfigError("cannot resume the data order: " + "; ".join(differing)
+                                  + " (resume with the settings the run started with)")
         self._epoch, self._position = int(state["epoch"]), int(state["position"])
 
     def batches_per_epoch(self) -> int:
-        """Batches in an epoch (for streaming sources, the nominal count)."""
+        """Batches in every epoch, on every host."""
         if self._streaming:
             per_shard = self.source.samples_per_epoch // self.config.shard_count
             return per_shard // self.config.batch_size
@@ -142,26 +190,42 @@ class DataLoader:
 
     def epoch(self, number: int) -> Iterator[Batch]:
         """The batches of epoch ``number``; after ``restore``, the rest of that epoch."""
-        skip = self._position if number == self._epoch else 0
-        self._epoch, self._position = number, skip
-        planned = self._stream_plan(number) if self._streaming else iter(self._plan(number))
+        if self._position and number != self._epoch:
+            raise ValueError(f"the loader is at batch {self._position} of epoch {self._epoch}; "
+                             f"finish that epoch before epoch {number}")
+        skip = self._position
+        self._epoch = number
+        planned = self._stream_epoch(number) if self._streaming else iter(self._plan(number))
         for _ in range(skip):
-            next(planned, None)
-        with ThreadPoolExecutor(max(1, self.config.workers)) as pool:
-            pending: collections.deque[Future] = collections.deque()
+            next(planned)
+        if self._streaming:  # network and tar reading off the training thread
+            planned = _in_background(planned, self.config.prefetch_batches)
+        pool = ThreadPoolExecutor(self.config.workers)
+        pending: collections.deque[Future] = collections.deque()
+        previous = None
+        try:
             for item in planned:
                 pending.append(pool.submit(self._load, item))
                 if len(pending) > self.config.prefetch_batches:
-                    yield from self._deliver(pending.popleft())
+                    previous = self._deliver(pending.popleft(), previous, number)
+                    yield previous
             while pending:
-                yield from self._deliver(pending.popleft())
+                previous = self._deliver(pending.popleft(), previous, number)
+                yield previous
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
         self._epoch, self._position = number + 1, 0
 
-    def _deliver(self, future: Future) -> Iterator[Batch]:
+    def _deliver(self, future: Future, previous: Batch | None, epoch: int) -> Batch:
         batch = future.result()
         self._position += 1
-        if batch is not None:
-            yield batch
+        state = self._state_at(epoch, self._position)
+        if batch is None:  # every sample bad: keep the batch count
+            if previous is None:
+                raise DataConfigError(f"every sample of the first batch of epoch {epoch} is "
+                                      f"unreadable: {self.bad_samples.examples[-1]}")
+            batch = previous
+        return batch._replace(loader_state=state)
 
     # -- planning ---------------------------------------------------------------------
 
@@ -188,7 +252,7 @@ class DataLoader:
             return err.key
 
     def _plan(self, epoch: int) -> list[_Planned]:
-        """The epoch's batches for this shard (random-access sources)."""
+        """The epoch's batches of source indices for this host (random-access sources)."""
         rng = np.random.default_rng([self.config.seed, epoch])
         groups: dict[Size, list[int]] = collections.defaultdict(list)
         for index, size in enumerate(self._sizes):
@@ -198,23 +262,31 @@ class DataLoader:
         order = rng.permutation(len(batches))
         mine = [batches[i] for i in order][self.config.shard_index::self.config.shard_count]
         per_shard = len(batches) // self.config.shard_count  # equal counts across hosts
-        return [_Planned(size, tuple(self._sample(i) for i in members))
-                for size, members in mine[:per_shard]]
+        return [_Planned(size, tuple(members)) for size, members in mine[:per_shard]]
 
-    def _sample(self, index: int) -> RawSample:
-        try:
-            return self.source[index]
-        except BadSampleError as err:  # e.g. an empty caption: decoded as bad, later
-            return RawSample(err.key, b"", "")
+    def _stream_epoch(self, epoch: int) -> Iterator[_Planned]:
+        """Exactly ``batches_per_epoch()`` batches of a streaming epoch: extra ones dropped,
+        a short stream replayed from its start."""
+        wanted, produced = self.batches_per_epoch(), 0
+        while True:
+            before = produced
+            for item in self._group_stream(epoch):
+                yield item
+                produced += 1
+                if produced == wanted:
+                    return
+            if produced == before:
+                raise DataConfigError(f"epoch {epoch} of the stream gave no complete batch of "
+                                      f"{self.config.batch_size} images")
 
-    def _stream_plan(self, epoch: int) -> Iterator[_Planned]:
-        """Group a streaming epoch by size as it arrives (headers only, no decoding)."""
+    def _group_stream(self, epoch: int) -> Iterator[_Planned]:
+        """One pass of the stream grouped by size as it arrives (headers only)."""
         pending: dict[Size, list[RawSample]] = collections.defaultdict(list)
         stream = self.source.iterate(seed=self.config.seed, epoch=epoch,
                                      shard_index=self.config.shard_index,
                                      shard_count=self.config.shard_count)
         for sample in stream:
-            size = _header_size(sample)
+            size = header_size(sample.image)
             if size is None:
                 self._bad(BadSampleError(sample.key, "image header unreadable"))
                 continue
@@ -235,38 +307,39 @@ class DataLoader:
             raise error
         self.bad_samples.add(error)
 
+    def _fetch(self, member: int | RawSample) -> RawSample:
+        if isinstance(member, RawSample):
+            return member
+        return self.source[member]  # reads the record here, in a worker
+
     def _load(self, planned: _Planned) -> Batch | None:
         """Decode, resize and tokenise one batch; bad samples replaced by good ones."""
         versions, good = [], []
-        for sample in planned.samples:
+        for member in planned.members:
             try:
+                sample = self._fetch(member)
                 if not sample.caption.strip():
                     raise BadSampleError(sample.key, "empty caption")
-                versions.append(self._versions(decode_image(sample), planned.size))
+                image = decode_image(sample)
+                if self.config.fixed_size:
+                    image = images.fixed_size(image, self.config.image_size)
+                versions.append(images.batch_versions(image, planned.size,
+                                                      self.config.reduced_min_sizes))
                 good.append(sample)
             except BadSampleError as err:
                 self._bad(err)
         if not good:
             return None
         count = len(good)
-        for i in range(len(planned.samples) - count):  # keep the batch shape
+        for i in range(len(planned.members) - count):  # keep the batch shape
             versions.append(versions[i % count])
             good.append(good[i % count])
         captions = [sample.caption for sample in good]
         ids, mask = self.tokenizer.encode(captions, self.config.max_length)
-        return Batch(_stack_scales(versions), ids.astype(np.int32), mask.astype(bool),
-                     tuple(captions), tuple(sample.key for sample in good))
-
-    def _versions(self, image: Image.Image, size: Size) -> list[Image.Image]:
-        """Every scale of one image, smallest first, the main one at the batch's size."""
-        if self.config.fixed_size:
-            return [images.fixed_size(image, self.config.image_size)]
-        scales = images.reference_versions(image, self.config.image_size,
-                                           self.config.reduced_min_sizes)
-        main = scales[-1]
-        if (main.height, main.width) != size:  # a mixed batch: its most common size
-            main = main.resize((size[1], size[0]), Image.Resampling.LANCZOS)
-        return scales[:-1] + [main]
+        scales = tuple(np.stack([images.to_array(v[level]) for v in versions])
+                       for level in range(len(versions[0])))
+        return Batch(scales, ids.astype(np.int32), mask.astype(bool), tuple(captions),
+                     tuple(sample.key for sample in good), {})
 
 
 def _cut_into_batches(groups: dict[Size, list[int]], batch_size: int,
@@ -290,27 +363,37 @@ def _most_common(sizes: Sequence[Size]) -> Size:
     return max(counts, key=lambda size: (counts[size], size))
 
 
-def _stack_scales(versions: list[list[Image.Image]]) -> tuple[np.ndarray, ...]:
-    """Scale levels every image has, each at its most common size, as float arrays."""
-    levels = min(len(v) for v in versions)
-    stacked = []
-    for level in range(-levels, 0):
-        level_images = [v[level] for v in versions]
-        height, width = _most_common([(im.height, im.width) for im in level_images])
-        stacked.append(np.stack([
-            images.to_array(im if (im.height, im.width) == (height, width)
-                            else im.resize((width, height), Image.Resampling.LANCZOS))
-            for im in level_images]))
-    return tuple(stacked)
+_DONE = object()
 
 
-def _header_size(sample: RawSample) -> Size | None:
-    """(height, width) from the image header, without decoding the pixels."""
-    payload = sample.image
-    if isinstance(payload, np.ndarray):
-        return payload.shape[0], payload.shape[1]
+def _in_background(items: Iterator, size: int) -> Iterator:
+    """``items`` produced by a thread, ``size`` ahead, in order; its errors re-raised here."""
+    buffer: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put((_DONE, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            buffer.put((_DONE, err))
+
+    threading.Thread(target=produce, daemon=True).start()
     try:
-        with Image.open(io.BytesIO(payload) if isinstance(payload, bytes) else payload) as im:
-            return im.height, im.width
-    except (OSError, ValueError, SyntaxError):
-        return None
+        while True:
+            item, error = buffer.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()

@@ -9,10 +9,12 @@ part of the global batch (multi-host data parallelism).
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import jax
+
+T = TypeVar("T")
 
 
 def to_device(batch: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
@@ -23,12 +25,18 @@ def to_device(batch: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
     return jax.device_put(batch, sharding)
 
 
-def prefetch_to_device(batches: Iterable[Any], size: int = 2,
-                       sharding: jax.sharding.Sharding | None = None) -> Iterator[Any]:
-    """``batches`` on the devices, ``size`` of them transferred ahead."""
+def prefetch_to_device(batches: Iterable[T], size: int = 2,
+                       sharding: jax.sharding.Sharding | None = None,
+                       inputs: Callable[[T], Any] = lambda batch: batch
+                       ) -> Iterator[tuple[T, Any]]:
+    """``(batch, inputs(batch) on the devices)`` pairs, ``size`` transfers ahead.
+
+    The host batch comes along so the caller still has what is not an array (captions, the
+    loader state to checkpoint once this batch is trained on).
+    """
     queue: collections.deque = collections.deque()
     for batch in batches:
-        queue.append(to_device(batch, sharding))
+        queue.append((batch, to_device(inputs(batch), sharding)))
         if len(queue) > size:
             yield queue.popleft()
     while queue:

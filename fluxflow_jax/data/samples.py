@@ -37,22 +37,42 @@ class RawSample:
     caption: str
 
 
+_UNREADABLE = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+               SyntaxError)
+
+
+def _open(payload: Path | bytes) -> Image.Image:
+    return Image.open(io.BytesIO(payload) if isinstance(payload, bytes) else payload)
+
+
 def decode_image(sample: RawSample) -> Image.Image:
     """The sample's image as RGB, fully decoded; ``BadSampleError`` if that fails."""
     payload = sample.image
+    if isinstance(payload, np.ndarray):
+        if payload.dtype != np.uint8 or payload.ndim not in (2, 3):
+            raise BadSampleError(sample.key, f"pixel array of dtype {payload.dtype} and shape "
+                                             f"{payload.shape}; expected uint8 [H, W(, C)]")
+        array = payload if payload.ndim == 3 else payload[..., None]
+        if array.shape[-1] == 1:
+            array = np.repeat(array, 3, axis=-1)
+        return Image.fromarray(np.ascontiguousarray(array[..., :3]))
     try:
-        if isinstance(payload, np.ndarray):
-            array = payload if payload.ndim == 3 else payload[..., None]
-            if array.shape[-1] == 1:
-                array = np.repeat(array, 3, axis=-1)
-            image = Image.fromarray(np.ascontiguousarray(array[..., :3]).astype(np.uint8))
-        else:
-            source = io.BytesIO(payload) if isinstance(payload, bytes) else payload
-            image = Image.open(source)
+        with _open(payload) as image:
             image.load()  # decode now: truncated files fail here, not later
-        return image.convert("RGB")
+            return image.convert("RGB")
     except FileNotFoundError:
         raise BadSampleError(sample.key, "image file not found") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
-            SyntaxError) as err:
+    except _UNREADABLE as err:
         raise BadSampleError(sample.key, f"unreadable image ({err})") from None
+
+
+def header_size(payload: ImagePayload) -> tuple[int, int] | None:
+    """(height, width) from the image header without decoding the pixels; None when the
+    header cannot be read (a missing, empty, corrupt or oversized image)."""
+    if isinstance(payload, np.ndarray):
+        return payload.shape[0], payload.shape[1]
+    try:
+        with _open(payload) as image:
+            return image.height, image.width
+    except _UNREADABLE:
+        return None

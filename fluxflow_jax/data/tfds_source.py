@@ -9,13 +9,9 @@ cheap and the decoding happens in the loader's workers like for every other sour
 
 from __future__ import annotations
 
-import io
-
-from PIL import Image
-
 from fluxflow_jax.data.captions import finish_caption
 from fluxflow_jax.data.errors import DataConfigError
-from fluxflow_jax.data.samples import BadSampleError, RawSample
+from fluxflow_jax.data.samples import BadSampleError, RawSample, header_size
 
 
 def _import_tfds():
@@ -94,11 +90,4 @@ class TFDSSource:
         from the image header (or array shape); None when that cannot be read."""
         if self._image_shape and None not in self._image_shape[:2]:
             return tuple(self._image_shape[:2])
-        image = self._source[index][self._image_key]
-        if not isinstance(image, bytes):
-            return tuple(image.shape[:2])
-        try:
-            with Image.open(io.BytesIO(image)) as opened:
-                return opened.height, opened.width
-        except (OSError, ValueError, SyntaxError):
-            return None
+        return header_size(self._source[index][self._image_key])

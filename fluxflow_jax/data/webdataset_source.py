@@ -111,14 +111,16 @@ class WebDatasetSource:
     of the ``caption_key`` member when the sample has one (e.g. "txt"), otherwise the
     ``caption_key`` field of the JSON ``label_key`` member.
 
-    Missing members are judged by where they happen: if the first sample an iteration reads
-    lacks them, the keys are wrong (``DataConfigError`` listing the members the sample does
-    have). A later sample without a usable image or caption is still yielded, with empty
-    image bytes or an empty caption, so that the loader skips and counts it as it does every
-    bad sample (raising from the iterator would end the epoch). A shard that cannot be read
-    (download failure, not a tar) is logged and yielded as one such empty sample named by
+    The keys are checked once per source, on the first ``iterate``, against one sample the
+    data alone fixes: the first sample of the first readable shard in listed order. If it
+    lacks a member, the keys are wrong (``DataConfigError`` listing the members it does
+    have). Every sample an epoch reads without a usable image or caption is then yielded with
+    empty image bytes or an empty caption, so that the loader skips and counts it as it does
+    every bad sample (raising from the iterator would end the epoch). A shard that cannot be
+    read (download failure, not a tar) is logged and yielded as one such empty sample named by
     the shard; the epoch goes on with the next shard. A local tar cut short at a member
-    boundary just ends there, as tar readers do.
+    boundary just ends there, as tar readers do; a download cut short fails through curl's
+    exit status.
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class WebDatasetSource:
         self.samples_per_epoch = samples_per_epoch or len(self.shards) * samples_per_shard
         self._shardshuffle, self._shuffle = shardshuffle, shuffle
         self._prefix = fixed_prompt_prefix
+        self._keys_checked = False
 
     def iterate(
         self, *, seed: int, epoch: int, shard_index: int = 0, shard_count: int = 1
@@ -163,6 +166,8 @@ class WebDatasetSource:
         """
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard_index {shard_index} is outside 0..{shard_count - 1}")
+        if not self._keys_checked:
+            self._check_keys()
         shards = list(buffer_shuffle(
             self.shards, self._shardshuffle, random.Random(f"shards:{seed}:{epoch}")
         ))
@@ -178,35 +183,54 @@ class WebDatasetSource:
             samples = islice(samples, share + (shard_index < extra))
         return samples
 
+    def _check_keys(self) -> None:
+        """Check the keys on a sample that no seed or epoch chooses, so that one bad sample
+        shuffled to the front of some epoch cannot pass for a configuration mistake."""
+        for shard in self.shards:
+            with contextlib.closing(self._read_shard(shard)) as reader:
+                first = next(reader, None)
+            if isinstance(first, dict):  # not an empty or unreadable shard
+                self._sample(first, strict=True)
+                break
+        self._keys_checked = True
+
     def _samples(self, shards: list[str]) -> Iterator[RawSample]:
-        first = True
+        """Every sample of ``shards``; an unreadable shard's empty sample passes as it is."""
         for item in chain.from_iterable(self._read_shard(shard) for shard in shards):
-            if isinstance(item, RawSample):  # an unreadable shard
-                yield item
-            else:
-                yield self._sample(item, first)
-                first = False
+            yield item if isinstance(item, RawSample) else self._sample(item)
 
     def _read_shard(self, shard: str) -> Iterator[dict | RawSample]:
-        """The shard's samples as {member extension: bytes} plus ``__key__``/``__url__``."""
-        # Deferred: importing webdataset imports torch whenever torch is installed.
-        from webdataset.gopen import gopen
-        from webdataset.tariterators import group_by_keys, tar_file_expander
-
-        stream = None
+        """The shard's samples; a failure logs and yields one empty sample named by the shard."""
         try:
-            stream = gopen(self._open_url(shard))
-            yield from group_by_keys(tar_file_expander([{"url": shard, "stream": stream}]))
+            yield from self._read_tar(shard)
         except Exception as err:  # noqa: BLE001 - any read failure costs this shard only
             message = str(err).replace(self._token, "***") if self._token else str(err)
             log.warning("WebDataset shard %s could not be read, skipping the rest of it: %s",
                         shard, message)
             yield RawSample(shard, b"", "")
-        finally:
-            # An epoch cut short (samples_per_epoch) leaves curl killed: its status is moot.
+
+    def _read_tar(self, shard: str) -> Iterator[dict]:
+        """The shard's samples as {member extension: bytes} plus ``__key__``/``__url__``.
+
+        curl's exit status is the only sign of a download cut off between two members, so the
+        stream is read to its end and closed, which raises on a failed status. Only a reader
+        stopped early (the epoch's sample cap, a closed generator) or already failing closes it
+        quietly: closing the pipe kills curl, whose status then says nothing.
+        """
+        # Deferred: importing webdataset imports torch whenever torch is installed.
+        from webdataset.gopen import gopen
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        stream = gopen(self._open_url(shard))
+        try:
+            yield from group_by_keys(tar_file_expander([{"url": shard, "stream": stream}]))
+            while stream.read(1 << 16):  # the tar reader stops before the stream's end
+                pass
+        except BaseException:
             with contextlib.suppress(OSError):
-                if stream is not None:
-                    stream.close()
+                stream.close()
+            raise
+        stream.close()
 
     def _open_url(self, shard: str) -> str:
         if not shard.startswith(_REMOTE):
@@ -216,31 +240,33 @@ class WebDatasetSource:
             command += ["-H", f"Authorization: Bearer {self._token}"]
         return "pipe:" + shlex.join([*command, shard])
 
-    def _sample(self, raw: dict, first: bool) -> RawSample:
+    def _sample(self, raw: dict, strict: bool = False) -> RawSample:
+        """The sample, with nothing usable left empty; ``strict`` raises ``DataConfigError``
+        instead, for the sample that checks the keys."""
         key = f"{raw['__url__']}#{raw['__key__']}"
-        image = self._member(raw, self._image_key, "image_key", key, first)
+        image = self._member(raw, self._image_key, "image_key", key, strict)
         try:
-            caption = finish_caption(key, self._caption(raw, key, first), self._prefix)
+            caption = finish_caption(key, self._caption(raw, key, strict), self._prefix)
         except BadSampleError:  # an empty caption: left empty, the loader counts it as bad
             caption = ""
         return RawSample(key, image or b"", caption)
 
-    def _caption(self, raw: dict, key: str, first: bool) -> str:
+    def _caption(self, raw: dict, key: str, strict: bool) -> str:
         """The caption text, or "" when this sample has none usable."""
         if self._caption_key in raw:
             return _text(raw[self._caption_key])
-        label = self._member(raw, self._label_key, "label_key", key, first)
+        label = self._member(raw, self._label_key, "label_key", key, strict)
         try:
             fields = json.loads(label or b"")
         except (json.JSONDecodeError, UnicodeDecodeError):
-            if first:
+            if strict:
                 raise DataConfigError(
                     f"{key}: the '{self._label_key}' member is not JSON; set label_key to the "
                     "sample's JSON member, or caption_key to its text member"
                 ) from None
             return ""
         if not isinstance(fields, dict) or self._caption_key not in fields:
-            if first:
+            if strict:
                 names = ", ".join(fields) if isinstance(fields, dict) else type(fields).__name__
                 raise DataConfigError(
                     f"{key}: '{self._label_key}' has no '{self._caption_key}' field (it has: "
@@ -251,11 +277,11 @@ class WebDatasetSource:
         return caption if isinstance(caption, str) else ""
 
     @staticmethod
-    def _member(raw: dict, member: str, option: str, key: str, first: bool) -> bytes | None:
-        """The member's bytes; None when missing, unless the first sample shows a wrong key."""
+    def _member(raw: dict, member: str, option: str, key: str, strict: bool) -> bytes | None:
+        """The member's bytes; None when missing, unless ``strict`` (then a wrong key)."""
         if member in raw:
             return raw[member]
-        if first:
+        if strict:
             present = ", ".join(sorted(name for name in raw if not name.startswith("__")))
             raise DataConfigError(
                 f"{key}: no '{member}' member (it has: {present}); set {option} to one of them"
