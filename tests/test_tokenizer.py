@@ -106,18 +106,21 @@ def test_rejects_bad_arguments(tok: Tokenizer):
 
 @pytest.mark.parametrize("max_length", [128, 16])
 def test_matches_transformers(tok: Tokenizer, vocab_file: Path, tmp_path: Path, max_length: int):
+    """Against both transformers tokenizers: the Rust one and the pure-Python one, which
+    shares no code with the ``tokenizers`` pipeline used here."""
     transformers = pytest.importorskip("transformers")
     shutil.copy(vocab_file, tmp_path / "vocab.txt")  # the vocab alone, no tokenizer.json
-    reference = transformers.BertTokenizerFast.from_pretrained(
-        tmp_path, do_lower_case=True, local_files_only=True
-    )
-    assert len(reference) == 30_522  # built from the file, not a default vocab
-    expected = reference(TRICKY, max_length=max_length, padding="max_length", truncation=True,
-                         return_tensors="np")
     ids, mask = tok.encode(TRICKY, max_length=max_length)
-    for row, text in enumerate(TRICKY):
-        assert ids[row].tolist() == expected["input_ids"][row].tolist(), text
-        assert mask[row].tolist() == expected["attention_mask"][row].astype(bool).tolist(), text
+    # transformers 5 names the pure-Python one BertTokenizerLegacy; 4.x calls it BertTokenizer.
+    python_impl = getattr(transformers, "BertTokenizerLegacy", transformers.BertTokenizer)
+    for cls in (transformers.BertTokenizerFast, python_impl):
+        reference = cls.from_pretrained(tmp_path, do_lower_case=True, local_files_only=True)
+        assert len(reference) == 30_522  # built from the file, not a default vocab
+        expected = reference(TRICKY, max_length=max_length, padding="max_length",
+                             truncation=True, return_tensors="np")
+        for row, text in enumerate(TRICKY):
+            assert ids[row].tolist() == expected["input_ids"][row].tolist(), (cls, text)
+            assert mask[row].tolist() == expected["attention_mask"][row].astype(bool).tolist()
 
 
 def test_load_from_dir_and_file(tok: Tokenizer, vocab_file: Path, tmp_path: Path):
