@@ -16,7 +16,9 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
+from fluxflow_jax import parallel
 from fluxflow_jax.checks import integer_at_least
 from fluxflow_jax.models.bundle import COMPONENTS, FluxFlowModels
 from fluxflow_jax.models.config import FluxFlowConfig
@@ -125,11 +127,12 @@ class TrainStep:
 
     ``step(state, batch, key)`` donates ``state``: use the returned one. ``batch`` holds
     ``images`` [B, H, W, C] in [-1, 1] and, for the flow part, ``input_ids`` and
-    ``attention_mask`` [B, L].
+    ``attention_mask`` [B, L]. With a ``mesh`` (``fluxflow_jax.parallel.data_mesh()``) the
+    step is data parallel: B is the global batch, split over the devices.
     """
 
     def __init__(self, models: FluxFlowModels, stage: StageConfig, *,
-                 lpips: LPIPS | None = None):
+                 lpips: LPIPS | None = None, mesh: Mesh | None = None):
         problems = stage.problems()
         missing = sorted(stage.required_components() - set(models.present()))
         problems += [f"the stage needs the {name}, which the models lack" for name in missing]
@@ -147,18 +150,32 @@ class TrainStep:
         self.alignment_active = (stage.flow.alignment_active(models.config) if stage.flow
                                  else False)
         self._lpips = nnx.split(lpips) if needs_lpips else None
-        self._compiled = jax.jit(self._step, donate_argnums=0)
+        self.mesh = mesh
+        if mesh is None:
+            self._compiled = jax.jit(self._step, donate_argnums=0)
+        else:  # data parallel: batch split over the devices, everything else replicated
+            whole, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+            if self._lpips:
+                self._lpips = (self._lpips[0], jax.device_put(self._lpips[1], whole))
+            self._compiled = jax.jit(self._step, donate_argnums=0,
+                                     in_shardings=(whole, split, whole, whole),
+                                     out_shardings=(whole, whole))
 
     def init_state(self, models: FluxFlowModels) -> TrainState:
-        """A fresh state from the models' current weights (copied)."""
+        """A fresh state from the models' current weights (copied; replicated over the mesh
+        when there is one)."""
         state = new_train_state(models, {}, [c for g in self.groups.values()
                                              if g.ema_decay is not None for c in g.components])
-        return state.replace(opt_states={name: group.init(state.params)
-                                         for name, group in self.groups.items()})
+        state = state.replace(opt_states={name: group.init(state.params)
+                                          for name, group in self.groups.items()})
+        return state if self.mesh is None else jax.device_put(
+            state, parallel.replicated(self.mesh))
 
     def __call__(self, state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
         lpips_state = self._lpips[1] if self._lpips else None
+        if self.mesh is not None:
+            parallel.check_batch_divides(len(batch["images"]), self.mesh)
         return self._compiled(state, dict(batch), key, lpips_state)
 
     @property

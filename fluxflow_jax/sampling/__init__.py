@@ -1,0 +1,9 @@
+"""Sampling: DPM-Solver++ / Euler for the v-prediction flow, and text-to-image generation."""
+
+from fluxflow_jax.sampling.dpm_solver import (SolverSchedule, dpm_solver_timesteps,
+                                              euler_sample, sample, solver_schedule,
+                                              trajectory)
+from fluxflow_jax.sampling.generate import generate, latent_grid, to_uint8
+
+__all__ = ["SolverSchedule", "dpm_solver_timesteps", "euler_sample", "generate", "latent_grid",
+           "sample", "solver_schedule", "to_uint8", "trajectory"]
