@@ -4,9 +4,10 @@ The schedule is the one diffusers' ``DPMSolverMultistepScheduler`` builds with
 ``num_train_timesteps=1000, beta_schedule="linear", prediction_type="v_prediction",
 algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero",
 lower_order_final=True``: the same integer timesteps and the same float32 table of
-sigma~ = sqrt((1 - alpha-bar) / alpha-bar) with 0 appended. The per-step coefficients are then
-derived from it on the host in float64 (diffusers chains them in float32) and the loop runs
-in JAX as one ``lax.scan``.
+sigma~ = sqrt((1 - alpha-bar) / alpha-bar) with 0 appended (correctly rounded here; torch's
+float32 sqrt puts 156 of the 1000 entries one ulp away). The per-step coefficients are derived
+from it on the host in float64, where diffusers chains them in float32, and the loop runs in
+JAX as one ``lax.scan``.
 
 Order 1 at every step is the Euler sampler: an Euler step of the probability-flow ODE in the
 variables z = x / alpha and sigma~ (dz/dsigma~ = eps_hat) lands on
@@ -35,16 +36,24 @@ def dpm_solver_timesteps(num_steps: int, spacing: str = "trailing") -> np.ndarra
 
     "trailing": round(arange(1000, 0, -1000/N)) - 1, so the first step is 999.
     "linspace": round(linspace(0, 999, N + 1)) reversed, without the final 0.
+    Step counts for which these do not give N distinct timesteps in [0, 999] are refused.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if spacing == "trailing":
         ratio = NUM_TIMESTEPS / num_steps
-        return np.arange(NUM_TIMESTEPS, 0, -ratio).round().astype(np.int64) - 1
-    if spacing == "linspace":
+        timesteps = np.arange(NUM_TIMESTEPS, 0, -ratio).round().astype(np.int64) - 1
+    elif spacing == "linspace":
         grid = np.linspace(0, NUM_TIMESTEPS - 1, num_steps + 1)
-        return grid.round()[::-1][:-1].astype(np.int64)
-    raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+        timesteps = grid.round()[::-1][:-1].astype(np.int64)
+    else:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    if len(timesteps) != num_steps or timesteps[-1] < 0 or np.any(np.diff(timesteps) >= 0):
+        # diffusers' float arange gives e.g. 62 "trailing" steps ending at t = -1 for N = 61
+        raise ValueError(f"{spacing!r} spacing does not give {num_steps} distinct timesteps "
+                         f"in [0, {NUM_TIMESTEPS - 1}] ({timesteps.tolist()[-3:]} at the end); "
+                         "choose another step count")
+    return timesteps
 
 
 class SolverSchedule(NamedTuple):
@@ -70,11 +79,6 @@ def solver_schedule(num_steps: int, spacing: str = "trailing", order: int = 2
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
     timesteps = dpm_solver_timesteps(num_steps, spacing)
-    if len(timesteps) != num_steps or timesteps[-1] < 0 or np.any(np.diff(timesteps) >= 0):
-        # diffusers' float arange gives e.g. 62 "trailing" steps ending at t = -1 for N = 61
-        raise ValueError(f"{spacing!r} spacing does not give {num_steps} distinct timesteps "
-                         f"in [0, {NUM_TIMESTEPS - 1}] ({timesteps.tolist()[-3:]} at the end); "
-                         "choose another step count")
     bar = alphas_cumprod()
     table = np.sqrt((np.float32(1) - bar) / bar)  # float32, as diffusers stores it
     sigma_tilde = np.append(table[timesteps], np.float32(0)).astype(np.float64)
@@ -93,9 +97,12 @@ def solver_schedule(num_steps: int, spacing: str = "trailing", order: int = 2
     return SolverSchedule(timesteps, alpha[:-1], sigma[:-1], a, b, c)
 
 
-def _solve(model_fn: ModelFn, x_T: jax.Array, schedule: SolverSchedule, keep_all: bool):
+def _solve(model_fn: ModelFn, x_T: jax.Array, schedule: SolverSchedule, keep_all: bool
+           ) -> jax.Array:
+    """One scan over the steps, carrying (x, previous x0); the stacked states if keep_all."""
     dtype = x_T.dtype
-    coefficients = [jnp.asarray(v, dtype) for v in schedule[1:]]
+    coefficients = [jnp.asarray(v, dtype) for v in (schedule.alpha, schedule.sigma, schedule.a,
+                                                    schedule.b, schedule.c)]
 
     def step(carry, inputs):
         x, x0_prev = carry

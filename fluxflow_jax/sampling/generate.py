@@ -57,7 +57,7 @@ def _eval_split(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
                                    "guided", "use_context"))
 def _generate(graphdefs, states, input_ids, attention_mask, null_ids, null_mask, guidance,
               key, *, grid, num_steps, spacing, order, guided, use_context):
-    text_encoder, flow, expander = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
+    text_encoder, flow, expander = (nnx.merge(g, s) for g, s in zip(graphdefs, states, strict=True))
     cond = text_encoder(input_ids, attention_mask)
     batch, (h, w) = cond.shape[0], grid
     dim = expander.config.vae_dim
@@ -111,9 +111,10 @@ def generate(models: FluxFlowModels, input_ids: jax.Array, attention_mask: jax.A
         raise ValueError(f"generation needs the {', '.join(missing)}; the models lack it")
     if empty_ids is not None and empty_mask is None:
         empty_mask = jnp.ones(jnp.shape(empty_ids), bool)
-    graphdefs, states = zip(*(_eval_split(getattr(models, name)) for name in _NETWORKS))
+    graphdefs, states = zip(*(_eval_split(getattr(models, name)) for name in _NETWORKS),
+                            strict=True)
     return _generate(graphdefs, states, input_ids, attention_mask, empty_ids, empty_mask,
                      jnp.float32(guidance), key,
                      grid=latent_grid(models.config, height, width), num_steps=num_steps,
-                     spacing=spacing, order=SAMPLERS[sampler], guided=guidance != 1,
+                     spacing=spacing, order=SAMPLERS[sampler], guided=float(guidance) != 1,
                      use_context=use_context)
