@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -70,6 +71,66 @@ def _graphs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    """``WxH`` (or one number for a square) -> (height, width)."""
+    match = re.fullmatch(r"(\d+)(?:x(\d+))?", text.strip().lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 256x192, got {text!r}")
+    width = int(match.group(1))
+    return int(match.group(2) or width), width
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Write one image per prompt, named after it."""
+    import jax
+    import jax.numpy as jnp
+    from PIL import Image
+
+    from fluxflow_jax.data.tokenizer import Tokenizer
+    from fluxflow_jax.interop import load_fluxflow
+    from fluxflow_jax.sampling import generate, latent_grid, to_uint8
+    from fluxflow_jax.sampling.prompts import read_prompts
+
+    prompts = read_prompts(args.prompt, args.prompts_file, args.text_prompts_path)
+    tokenizer = Tokenizer.load(args.tokenizer)
+    models = load_fluxflow(args.checkpoint)
+    missing = [name for name in ("text_encoder", "flow_processor", "expander")
+               if getattr(models, name) is None]
+    if missing:
+        raise _Usage(f"{args.checkpoint} lacks the {' and '.join(missing)}, which generation "
+                     "needs (a fluxflow-jax or PyTorch training output directory has them)")
+    if models.config.text_vocab_size != tokenizer.vocab_size:
+        raise _Usage(f"the checkpoint's text encoder has a {models.config.text_vocab_size}-token "
+                     f"vocabulary, the tokenizer ({tokenizer.source}) "
+                     f"{tokenizer.vocab_size}; they must match")
+    max_length = args.max_length or min(128, models.config.text_max_positions)
+    height, width = args.size
+    try:
+        latent_grid(models.config, height, width)
+    except ValueError as err:
+        raise _Usage(f"--size {width}x{height}: {err}") from None
+    empty = tokenizer.encode([""], max_length) if args.null == "empty" else (None, None)
+    args.output_path.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        ids, mask = tokenizer.encode([p.text for p in chunk], max_length)
+        images = generate(models, jnp.asarray(ids), jnp.asarray(mask), height=height,
+                          width=width, key=jax.random.fold_in(jax.random.key(args.seed), start),
+                          num_steps=args.steps, guidance=args.guidance, null=args.null,
+                          empty_ids=None if empty[0] is None else jnp.asarray(empty[0]),
+                          empty_mask=None if empty[1] is None else jnp.asarray(empty[1]),
+                          sampler=args.sampler)
+        for prompt, pixels in zip(chunk, to_uint8(images), strict=True):
+            path = args.output_path / f"{prompt.stem}.{args.format}"
+            Image.fromarray(pixels).save(path)
+            print(path)
+    return 0
+
+
+class _Usage(Exception):
+    """A mistake in the command's arguments, reported in one line."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxflow-jax", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version",
@@ -92,16 +153,43 @@ def build_parser() -> argparse.ArgumentParser:
     graphs.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR",
                         help="the training output directory")
     graphs.set_defaults(run=_graphs)
+    gen = commands.add_parser("generate", help="text-to-image from a checkpoint")
+    gen.add_argument("--checkpoint", "--model_checkpoint", required=True,
+                     help="checkpoint directory or .safetensors file with the text encoder, "
+                          "flow processor and expander")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--prompts_file", type=Path, help="one prompt per line")
+    gen.add_argument("--text_prompts_path", type=Path,
+                     help="a directory of .txt files, one prompt each (image named after it)")
+    gen.add_argument("--size", type=_size, default=(256, 256), metavar="WxH",
+                     help="image size, multiples of 2^downscales (default 256x256)")
+    gen.add_argument("--steps", type=int, default=50, help="solver steps (default 50)")
+    gen.add_argument("--guidance", type=float, default=1.0,
+                     help="classifier-free guidance scale; 1 = off (default)")
+    gen.add_argument("--null", choices=("zero", "empty"), default="zero",
+                     help="unconditional embedding for guidance: the zero vector (as trained "
+                          "with cfg_dropout_prob) or the empty prompt")
+    gen.add_argument("--sampler", choices=("dpm++", "euler"), default="dpm++")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch_size", type=int, default=1)
+    gen.add_argument("--max_length", type=int, default=None,
+                     help="prompt tokens (default 128, or the text encoder's limit if lower)")
+    gen.add_argument("--tokenizer", help="tokenizer vocab (default: see README, Data)")
+    gen.add_argument("--format", choices=("png", "webp"), default="png")
+    gen.add_argument("--output_path", type=Path, default=Path("outputs"))
+    gen.set_defaults(run=_generate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fluxflow_jax.data.tokenizer import TokenizerError
     from fluxflow_jax.interop import CheckpointError
+    from fluxflow_jax.sampling.prompts import PromptError
 
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except CheckpointError as err:
+    except (CheckpointError, TokenizerError, PromptError, _Usage) as err:
         print(f"fluxflow-jax {args.command}: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
