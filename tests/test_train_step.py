@@ -146,7 +146,8 @@ def test_vae_ema_follows_its_formula(vae_run):
 
 
 def test_nan_batch_leaves_the_vae_gan_state_bitwise_unchanged(vae_run, models):
-    state = jax.tree.map(jnp.array, vae_run.final)  # copies: donation may reuse the memory
+    # A committed copy (as the step keeps its state); the step may reuse donated memory.
+    state = jax.device_put(jax.tree.map(np.copy, vae_run.final), jax.devices()[0])
     images = IMAGES.copy()
     images[1, 3, 4, 0] = np.nan
     new_state, metrics = vae_run.step(state, {"images": images}, jax.random.key(99))
@@ -276,7 +277,8 @@ def test_flow_ema_follows_its_formula(flow_run):
 
 
 def test_nan_batch_leaves_the_flow_state_bitwise_unchanged(flow_run):
-    state = jax.tree.map(jnp.array, flow_run.final)  # copies: donation may reuse the memory
+    # A committed copy (as the step keeps its state); the step may reuse donated memory.
+    state = jax.device_put(jax.tree.map(np.copy, flow_run.final), jax.devices()[0])
     batch = dict(TEXT_BATCH, images=np.where(IMAGES > 0.7, np.inf, IMAGES))
     new_state, metrics = flow_run.step(state, batch, jax.random.key(7))
     assert float(metrics["skipped"]) == 1

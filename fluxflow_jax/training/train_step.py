@@ -162,14 +162,16 @@ class TrainStep:
                                      out_shardings=(whole, whole))
 
     def init_state(self, models: FluxFlowModels) -> TrainState:
-        """A fresh state from the models' current weights (copied; replicated over the mesh
-        when there is one)."""
+        """A fresh state from the models' current weights (copied; on the default device, or
+        replicated over the mesh when there is one)."""
         state = new_train_state(models, {}, [c for g in self.groups.values()
                                              if g.ema_decay is not None for c in g.components])
         state = state.replace(opt_states={name: group.init(state.params)
                                           for name, group in self.groups.items()})
-        return state if self.mesh is None else jax.device_put(
-            state, parallel.replicated(self.mesh))
+        # Committed to its devices, as a restored checkpoint is: the step then compiles once
+        # for both (jit keys its cache on committedness).
+        placement = jax.devices()[0] if self.mesh is None else parallel.replicated(self.mesh)
+        return jax.device_put(state, placement)
 
     def __call__(self, state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
                  ) -> tuple[TrainState, dict[str, jax.Array]]:

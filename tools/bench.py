@@ -1,0 +1,427 @@
+"""Training-step speed of fluxflow-jax against the same batch of work in PyTorch.
+
+    python tools/bench.py [--configs tiny,reference] [--stages vae_gan,flow]
+                          [--variants jax,torch,torch.compile] [--steps 20] [--warmup 3]
+                          [--compile-timeout 300] [--wait-idle 0] [--json out.json]
+
+For each (config, stage, variant) a fresh worker process builds the networks, runs
+``--warmup`` steps (compilation included) and then times ``--steps`` steps one by one on the
+same float32 batch. The JAX side is ``fluxflow_jax.training.TrainStep``; the PyTorch side is
+the reference trainers' order of operations on the real ``fluxflow`` 0.8.1 v030 networks
+(``tools/torch_steps.py``), eager and under ``torch.compile`` (default mode).
+
+Reported per row: median and mean step time, images/s (batch / median), peak memory, the
+parameter count each side trains (a check that both run the same networks), and for JAX the
+XLA cost-analysis FLOPs per step and the MFU when the device's peak FLOP/s is known (not for
+CPUs). Memory: each worker is its own process, so its peak resident set size (``getrusage``
+max RSS) is that variant's alone; the table shows its growth over the worker's RSS after
+imports (weights, optimizer state, activations, compiled code). A JAX accelerator adds its
+allocator's peak (``memory_stats()``).
+
+Configs: "tiny" (64 px, batch 4, small widths, a 1-layer 64-wide DistilBERT) and
+"reference" (256 px, batch 1, the reference's default widths and full text encoder; slow on
+a CPU: minutes per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fluxflow_jax.models import FluxFlowConfig
+
+STAGES = ("vae_gan", "flow")
+VARIANTS = ("jax", "torch", "torch.compile")
+LEARNING_RATE = 1e-4
+FLOW_LR = 1e-5
+TOTAL_STEPS = 1000  # the schedules' length; only the LR values depend on it
+# Dense float32 peaks (no tensor cores), by a substring of jax's device_kind.
+PEAK_FLOPS = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: FluxFlowConfig
+    image_size: int
+    batch_size: int
+    text_length: int = 128  # the reference tokenises training captions to 128
+
+
+CONFIGS = {
+    "tiny": BenchConfig(FluxFlowConfig(
+        vae_dim=16, downscales=2, upscales=2, vae_attn_layers=1, flow_dim=16, flow_attn_heads=2,
+        flow_transformer_layers=1, text_embed_dim=16, disc_base_channels=8, disc_depth=2,
+        text_vocab_size=30522, text_dim=64, text_heads=2, text_layers=1, text_hidden_dim=128,
+        text_max_positions=128), image_size=64, batch_size=4),
+    "reference": BenchConfig(FluxFlowConfig(), image_size=256, batch_size=1),
+}
+
+
+# ---------------------------------------------------------------------------- the batch
+
+
+def host_batch(bench: BenchConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """One NHWC float32 image batch in [-1, 1] and token ids, shared by both sides."""
+    rng = np.random.default_rng(seed)
+    b, size = bench.batch_size, bench.image_size
+    ids = rng.integers(0, bench.model.text_vocab_size, (b, bench.text_length), dtype=np.int32)
+    mask = np.ones((b, bench.text_length), np.int32)
+    mask[:, bench.text_length // 2:] = 0  # half padding, like short captions
+    images = rng.uniform(-1, 1, (b, size, size, bench.model.in_channels)).astype(np.float32)
+    return {"images": images, "input_ids": ids, "attention_mask": mask}
+
+
+# ------------------------------------------------------------------------ JAX variant
+
+
+def jax_runner(bench: BenchConfig, stage_name: str) -> tuple[Callable[[int], None], dict]:
+    """(run step n, info): the jitted fluxflow-jax step; info gets FLOPs and memory later."""
+    import jax
+    from flax import nnx
+
+    from fluxflow_jax.models import FluxFlowModels
+    from fluxflow_jax.training import LPIPS, FlowOptions, StageConfig, TrainStep, VAEOptions
+
+    adamw = {"type": "AdamW", "lr": LEARNING_RATE, "weight_decay": 0.01}
+    models = FluxFlowModels.create(bench.model, nnx.Rngs(0))
+    if stage_name == "vae_gan":
+        lpips = LPIPS(rngs=nnx.Rngs(0))  # random weights: the cost is the same
+        stage = StageConfig(vae=VAEOptions(use_lpips=True, r1_interval=16),
+                            optimizers={"vae": adamw, "discriminator": adamw},
+                            total_steps=TOTAL_STEPS)
+    else:
+        lpips = None
+        stage = StageConfig(flow=FlowOptions(), total_steps=TOTAL_STEPS, optimizers={
+            "flow": {"type": "Lion", "lr": FLOW_LR}, "text_encoder": adamw})
+    step = TrainStep(models, stage, lpips=lpips)
+    trained = {c for cs in stage.group_components().values() for c in cs}
+    params = sum(x.size for name, module in models.present().items() if name in trained
+                 for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+    state = step.init_state(models)
+    wanted = ("images",) + (("input_ids", "attention_mask") if stage_name == "flow" else ())
+    batch = {k: jax.device_put(v) for k, v in host_batch(bench).items() if k in wanted}
+    keys = [jax.random.key(n) for n in range(1, 10_000)]
+    holder = {"state": state}
+
+    def run(n: int) -> None:
+        holder["state"], metrics = step(holder["state"], batch, keys[n - 1])
+        jax.block_until_ready(metrics)
+
+    def finish(info: dict) -> None:
+        """FLOPs from XLA's cost analysis of the same jitted function (cache hit, no
+        recompilation), and the accelerator's allocator peak where it reports one."""
+        lpips_state = nnx.split(lpips)[1] if lpips is not None else None
+        lowered = step.compiled.lower(holder["state"], batch, keys[0], lpips_state)
+        cost = lowered.compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        info["flops_per_step"] = float(cost.get("flops", 0.0)) if cost else None
+        device = jax.devices()[0]
+        stats = device.memory_stats() or {}
+        info["device"] = f"{device.platform}: {device.device_kind}"
+        info["device_peak_bytes"] = stats.get("peak_bytes_in_use")
+        info["peak_flops"] = next((v for k, v in PEAK_FLOPS.items()
+                                   if k in device.device_kind), None)
+
+    return run, {"params": int(params), "finish": finish}
+
+
+# ---------------------------------------------------------------------- PyTorch variants
+
+
+def torch_runner(bench: BenchConfig, stage_name: str, compiled: bool
+                 ) -> tuple[Callable[[int], None], dict]:
+    """(run step n, info): the reference step on the fluxflow networks, eager or compiled."""
+    import torch
+    import torch_steps  # on the path since import_framework
+
+    from fluxflow_jax.training import FlowOptions, VAEOptions
+
+    data = host_batch(bench)
+    images = torch.from_numpy(data["images"].transpose(0, 3, 1, 2).copy())
+    if stage_name == "vae_gan":
+        step = torch_steps.VAEGANStep(bench.model, VAEOptions(use_lpips=True, r1_interval=16),
+                                      LEARNING_RATE, TOTAL_STEPS, compiled)
+
+        def run(n: int) -> None:
+            step(images, n)
+    else:
+        step = torch_steps.FlowStep(bench.model, FlowOptions(), FLOW_LR, LEARNING_RATE,
+                                    TOTAL_STEPS, compiled)
+        ids = torch.from_numpy(data["input_ids"]).long()
+        mask = torch.from_numpy(data["attention_mask"]).long()
+
+        def run(n: int) -> None:
+            step(images, ids, mask)
+
+    def finish(info: dict) -> None:
+        info["device"] = f"cpu: torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+    note = getattr(step, "COMPILE_NOTE", None) if compiled else None
+    return run, {"params": step.parameter_count(), "finish": finish,
+                 **({"note": note} if note else {})}
+
+
+# ------------------------------------------------------------------------ one worker
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def emit(kind: str, payload: Any) -> None:
+    """One line to the parent: "<kind> <json>"."""
+    print(kind, json.dumps(payload), flush=True)
+
+
+def import_framework(variant: str) -> None:
+    """Load the variant's libraries before the RSS baseline, so the growth is the step's."""
+    if variant == "jax":
+        import fluxflow_jax.training  # noqa: F401  (jax, flax, optax)
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ holds torch_steps
+        import torch_steps  # noqa: F401  (torch, fluxflow, transformers, lion_pytorch)
+
+
+def worker(spec: dict) -> None:
+    """Build one variant, warm it up, time it, and report (in this process, so the peak
+    RSS is this variant's alone)."""
+    bench = CONFIGS[spec["config"]]
+    import_framework(spec["variant"])
+    baseline = current_rss_bytes()
+    if spec["variant"] == "jax":
+        run, info = jax_runner(bench, spec["stage"])
+    else:
+        run, info = torch_runner(bench, spec["stage"], spec["variant"] == "torch.compile")
+    start = time.perf_counter()
+    for n in range(1, spec["warmup"] + 1):
+        run(n)
+    emit("WARM", {"seconds": time.perf_counter() - start})
+    times = []
+    for n in range(spec["warmup"] + 1, spec["warmup"] + spec["steps"] + 1):
+        start = time.perf_counter()
+        run(n)
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    info.pop("finish")(info)
+    emit("RESULT", {**info, "times": times, "peak_rss_bytes": peak,
+                    "rss_growth_bytes": peak - baseline})
+
+
+# ------------------------------------------------------------------------ the parent
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all processes), from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+            int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.25, window: float = 2.0) -> float:
+    """Wait up to ``max_wait`` s for other processes to use under ``threshold`` cores (over
+    ``window`` s); returns the last load seen. Call it with no worker running."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        before = busy_cpu_seconds()
+        time.sleep(window)
+        load = (busy_cpu_seconds() - before) / window
+        if load < threshold or time.monotonic() >= deadline:
+            return load
+
+
+def _reader(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def run_worker(spec: dict, compile_timeout: float | None) -> dict:
+    """The worker's result, or {"error": why}. A torch.compile worker still warming up
+    after ``compile_timeout`` seconds is stopped (its whole process group: inductor may
+    have started compile workers)."""
+    limit = compile_timeout if spec["variant"] == "torch.compile" else None
+    start = (time.monotonic(), busy_cpu_seconds(), children_cpu_seconds())
+    result = run_process(spec, limit)
+    wall, busy, ours = (now - then for now, then in zip(
+        (time.monotonic(), busy_cpu_seconds(), children_cpu_seconds()), start))
+    # Other processes' CPU use while this worker ran, in cores: a shared machine's
+    # neighbours slow both frameworks (threads waiting on a busy core), so it is recorded.
+    result["other_load_cores"] = max(busy - ours, 0.0) / wall
+    return result
+
+
+def run_process(spec: dict, limit: float | None) -> dict:
+    """Run the worker; stop it (process group) if it is still warming up after ``limit``."""
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)],
+                                stdout=subprocess.PIPE, stderr=log, text=True,
+                                start_new_session=True)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+        deadline = time.monotonic() + limit if limit else None
+        result: dict = {}
+        while True:
+            try:
+                line = lines.get(timeout=None if deadline is None
+                                 else max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return {"error": f"torch.compile warm-up ({spec['warmup']} steps) took over "
+                                 f"{limit:.0f} s; stopped"}
+            if line is None:
+                break
+            kind, _, payload = line.partition(" ")
+            if kind == "WARM":
+                deadline = None
+                result["warmup_seconds"] = json.loads(payload)["seconds"]
+            elif kind == "RESULT":
+                result.update(json.loads(payload))
+        proc.wait()
+        if proc.returncode != 0 or "times" not in result:
+            log.seek(0)
+            tail = [line for line in log.read().splitlines() if line.strip()][-3:]
+            return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-600:]}
+    return result
+
+
+def summarise(spec: dict, result: dict, batch_size: int) -> dict:
+    row = {**spec, "batch_size": batch_size}
+    if "error" in result:
+        return {**row, **result}
+    median = statistics.median(result["times"])
+    row.update({k: v for k, v in result.items() if k != "times"})
+    row.update(step_seconds_median=median, step_seconds_mean=statistics.fmean(result["times"]),
+               step_seconds_all=result["times"], images_per_second=batch_size / median)
+    flops, peak = result.get("flops_per_step"), result.get("peak_flops")
+    row["mfu"] = flops / median / peak if flops and peak else None
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """JAX step time / PyTorch step time, on every row measured against it."""
+    jax_time = {(r["config"], r["stage"]): r["step_seconds_median"] for r in rows
+                if r["variant"] == "jax" and "error" not in r}
+    for r in rows:
+        base = jax_time.get((r["config"], r["stage"]))
+        if r["variant"] != "jax" and base and "error" not in r:
+            r["jax_over_torch"] = base / r["step_seconds_median"]
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f}"
+
+
+def print_table(rows: list[dict]) -> None:
+    header = ("config", "stage", "variant", "median s", "mean s", "img/s", "warm-up s",
+              "RSS MiB (+growth)", "params", "GFLOP/step", "MFU", "JAX/this", "others' load")
+    table = [header]
+    for r in rows:
+        if "error" in r:
+            table.append((r["config"], r["stage"], r["variant"], "failed: " + r["error"]))
+            continue
+        device_peak = r.get("device_peak_bytes")
+        memory = f"{_mib(r['peak_rss_bytes'])} (+{_mib(r['rss_growth_bytes'])})" + (
+            f", dev {_mib(device_peak)}" if device_peak else "")
+        flops = r.get("flops_per_step")
+        table.append((
+            r["config"], r["stage"], r["variant"], f"{r['step_seconds_median']:.4f}",
+            f"{r['step_seconds_mean']:.4f}", f"{r['images_per_second']:.2f}",
+            f"{r['warmup_seconds']:.1f}", memory, f"{r['params']:,}",
+            f"{flops / 1e9:.2f}" if flops else "-",
+            f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a",
+            f"{r['jax_over_torch']:.2f}" if "jax_over_torch" in r else "-",
+            f"{r['other_load_cores']:.2f}"))
+    widths = [max(len(row[i]) for row in table if len(row) > i and len(row) == len(header))
+              for i in range(len(header))]
+    for row in table:
+        if len(row) != len(header):
+            print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+        else:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    for r in rows:
+        if r.get("note"):
+            print(f"note [{r['config']} {r['stage']} {r['variant']}]: {r['note']}")
+    devices = sorted({r["device"] for r in rows if "device" in r})
+    print("devices: " + "; ".join(devices))
+    print("JAX/this: JAX median step time / this row's (below 1: JAX is faster). "
+          "RSS: the worker's peak max RSS (growth over its post-import RSS). "
+          "MFU: n/a without a known peak FLOP/s (CPUs). others' load: CPU cores other "
+          "processes kept busy meanwhile.")
+    busy = [r for r in rows if r.get("other_load_cores", 0) > 0.25]
+    if busy:
+        print(f"WARNING: other processes used > 0.25 cores during {len(busy)} row(s); "
+              f"those timings are inflated (this machine has {os.cpu_count()} cores)")
+
+
+def parse_list(text: str, valid: tuple[str, ...] | list[str], what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in valid]
+    if bad or not items:
+        raise SystemExit(f"--{what}: unknown {bad or 'empty'}; valid: {','.join(valid)}")
+    return items
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="tiny", help=f"from {','.join(CONFIGS)}")
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--compile-timeout", type=float, default=300.0,
+                        help="seconds torch.compile's warm-up may take before it counts "
+                             "as failed")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="before each worker, wait up to this long for other processes "
+                             "to leave the CPUs idle (shared machines)")
+    parser.add_argument("--json", type=Path, help="write every row (all step times) here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(json.loads(args.worker))
+    if args.steps < 1 or args.warmup < 1:
+        raise SystemExit("--steps and --warmup must be >= 1 (warm-up includes compilation)")
+    rows = []
+    for config in parse_list(args.configs, list(CONFIGS), "configs"):
+        for stage in parse_list(args.stages, STAGES, "stages"):
+            for variant in parse_list(args.variants, VARIANTS, "variants"):
+                spec = {"config": config, "stage": stage, "variant": variant,
+                        "steps": args.steps, "warmup": args.warmup}
+                if args.wait_idle > 0:
+                    wait_for_quiet(args.wait_idle)
+                print(f"[{config} {stage} {variant}] ...", file=sys.stderr, flush=True)
+                result = run_worker(spec, args.compile_timeout)
+                rows.append(summarise(spec, result, CONFIGS[config].batch_size))
+    add_ratios(rows)
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
