@@ -25,6 +25,24 @@ class RunCheckpointError(ValueError):
     """A checkpoint that cannot be restored into this run; the message says why."""
 
 
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{dotted leaf path: shape} of a state, its abstract twin or a checkpoint's metadata."""
+    def name(path: tuple) -> str:
+        return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                        for k in path)
+    return {name(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _differences(stored: dict[str, tuple], wanted: dict[str, tuple]) -> list[str]:
+    """What keeps a checkpoint from restoring into a state, checked before reading it."""
+    out = [f"missing {key}" for key in wanted if key not in stored]
+    out += [f"unexpected {key}" for key in stored if key not in wanted]
+    out += [f"{key} is {list(stored[key])}, expected {list(shape)}"
+            for key, shape in wanted.items() if key in stored and stored[key] != shape]
+    return out
+
+
 class RunCheckpoints:
     """The checkpoints of one run in ``directory``, the last ``keep_last`` kept."""
 
@@ -33,7 +51,10 @@ class RunCheckpoints:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep_last, create=True,
-                                                 enable_async_checkpointing=True))
+                                                 enable_async_checkpointing=True),
+            # Known up front, so a reopened run can read a checkpoint's metadata.
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "record": ocp.JsonCheckpointHandler()})
 
     def save(self, step: int, state: TrainState, record: Mapping[str, Any]) -> None:
         """Checkpoint ``state`` and ``record`` (JSON-serialisable) as number ``step``."""
@@ -56,13 +77,15 @@ class RunCheckpoints:
         if step is None:
             raise RunCheckpointError(f"no checkpoint in {self.directory}")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, TypeError) as err:
+        problems = _differences(_shapes(self._manager.item_metadata(step)["state"]),
+                                _shapes(target))
+        if problems:
             raise RunCheckpointError(
                 f"checkpoint {step} in {self.directory} does not fit this run (another model "
-                f"or stage configuration?): {err}") from None
+                f"or stage configuration?): {'; '.join(problems[:5])}"
+                + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()))
         return restored.state, restored.record
 
     def close(self) -> None:
