@@ -80,5 +80,6 @@ def test_unfit_or_missing_checkpoints_are_named(setup, tmp_path):
                                   components=("compressor", "expander"))
     with RunCheckpoints(tmp_path / "other") as checkpoints:
         checkpoints.save(1, step.init_state(models), {})
-        with pytest.raises(RunCheckpointError, match=r"does not fit this run .*bias.value is \[50\], expected \[90\]"):
+        with pytest.raises(RunCheckpointError,
+                           match=r"does not fit this run .*bias.value is \[50\], expected \[90\]"):
             checkpoints.restore(TrainStep(wider, STAGE).init_state(wider))

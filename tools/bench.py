@@ -266,7 +266,7 @@ def run_worker(spec: dict, compile_timeout: float | None) -> dict:
     start = (time.monotonic(), busy_cpu_seconds(), children_cpu_seconds())
     result = run_process(spec, limit)
     wall, busy, ours = (now - then for now, then in zip(
-        (time.monotonic(), busy_cpu_seconds(), children_cpu_seconds()), start))
+        (time.monotonic(), busy_cpu_seconds(), children_cpu_seconds()), start, strict=True))
     # Other processes' CPU use while this worker ran, in cores: a shared machine's
     # neighbours slow both frameworks (threads waiting on a busy core), so it is recorded.
     result["other_load_cores"] = max(busy - ours, 0.0) / wall
@@ -359,9 +359,10 @@ def print_table(rows: list[dict]) -> None:
               for i in range(len(header))]
     for row in table:
         if len(row) != len(header):
-            print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+            cells = zip(row[:3], widths, strict=False)
+            print("  ".join(c.ljust(w) for c, w in cells) + "  " + row[3])
         else:
-            print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
     for r in rows:
         if r.get("note"):
             print(f"note [{r['config']} {r['stage']} {r['variant']}]: {r['note']}")

@@ -72,9 +72,9 @@ class TorchLPIPS(nn.Module):
                 layers += [conv, nn.ReLU(inplace=True)]  # torchvision's VGG is in place too
             blocks.append(nn.Sequential(*layers))
         self.blocks = nn.ModuleList(blocks)
-        for l, channels in enumerate(TAP_CHANNELS):
-            head = torch.rand(shapes[f"lin{l}.weight"], generator=gen) * (2.0 / channels)
-            self.register_buffer(f"lin{l}", head.view(1, -1, 1, 1))
+        for tap, channels in enumerate(TAP_CHANNELS):
+            head = torch.rand(shapes[f"lin{tap}.weight"], generator=gen) * (2.0 / channels)
+            self.register_buffer(f"lin{tap}", head.view(1, -1, 1, 1))
         self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor(SCALE).view(1, 3, 1, 1))
         self.requires_grad_(False)
@@ -92,10 +92,10 @@ class TorchLPIPS(nn.Module):
         feats_pred = self._taps((pred - self.shift) / self.scale)
         feats_target = self._taps((target - self.shift) / self.scale)
         total = pred.new_zeros(pred.shape[0])
-        for l, (fp, ft) in enumerate(zip(feats_pred, feats_target)):
+        for tap, (fp, ft) in enumerate(zip(feats_pred, feats_target, strict=True)):
             fp = fp / (fp.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             ft = ft / (ft.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            total = total + ((fp - ft) ** 2 * getattr(self, f"lin{l}")).sum(1).mean((1, 2))
+            total = total + ((fp - ft) ** 2 * getattr(self, f"lin{tap}")).sum(1).mean((1, 2))
         return total
 
 
@@ -123,7 +123,7 @@ class LossHistory:
         self.max_weight = max_weight
 
     def push_and_weights(self, losses: list[float]) -> list[float]:
-        for buffer, loss in zip(self.values, losses):
+        for buffer, loss in zip(self.values, losses, strict=True):
             buffer.append(loss)
         magnitudes = [abs(sum(b) / len(b)) if b else 0.0 for b in self.values]
         seen = [a for a in magnitudes if a > 0]
