@@ -113,14 +113,16 @@ def _generate(args: argparse.Namespace) -> int:
     args.output_path.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start:start + args.batch_size]
-        ids, mask = tokenizer.encode([p.text for p in chunk], max_length)
+        # A short last batch is padded to the full size, so it reuses the compiled program.
+        texts = [p.text for p in chunk] + [chunk[-1].text] * (args.batch_size - len(chunk))
+        ids, mask = tokenizer.encode(texts, max_length)
         images = generate(models, jnp.asarray(ids), jnp.asarray(mask), height=height,
                           width=width, key=jax.random.fold_in(jax.random.key(args.seed), start),
                           num_steps=args.steps, guidance=args.guidance, null=args.null,
                           empty_ids=None if empty[0] is None else jnp.asarray(empty[0]),
                           empty_mask=None if empty[1] is None else jnp.asarray(empty[1]),
                           sampler=args.sampler)
-        for prompt, pixels in zip(chunk, to_uint8(images), strict=True):
+        for prompt, pixels in zip(chunk, to_uint8(images[:len(chunk)]), strict=True):
             path = args.output_path / f"{prompt.stem}.{args.format}"
             Image.fromarray(pixels).save(path)
             print(path)

@@ -21,6 +21,7 @@ from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.models.geometry import hw_token
 from fluxflow_jax.sampling import dpm_solver
 from fluxflow_jax.training.diffusion import model_time
+from fluxflow_jax.training.state import Networks
 
 SAMPLERS = {"dpm++": 2, "euler": 1}  # name -> solver order
 NULLS = ("zero", "empty")
@@ -44,13 +45,6 @@ def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
     """
     unit = np.clip((np.asarray(images, np.float32) + 1) / 2, 0, 1)
     return np.rint(unit * 255).astype(np.uint8)
-
-
-def _eval_split(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graph definition in eval mode, current state); the given module is not changed."""
-    twin = nnx.merge(*nnx.split(module), copy=True)
-    twin.eval()
-    return nnx.graphdef(twin), nnx.state(module)
 
 
 @partial(jax.jit, static_argnames=("graphdefs", "grid", "num_steps", "spacing", "order",
@@ -121,8 +115,8 @@ def generate(models: FluxFlowModels, input_ids: jax.Array, attention_mask: jax.A
         noise = jax.random.normal(key, shape, jnp.float32)
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape}")
-    graphdefs, states = zip(*(_eval_split(getattr(models, name)) for name in _NETWORKS),
-                            strict=True)
+    graphdefs = tuple(Networks.from_models(models).graphdefs[name] for name in _NETWORKS)
+    states = tuple(nnx.state(getattr(models, name)) for name in _NETWORKS)
     return _generate(graphdefs, states, input_ids, attention_mask, empty_ids, empty_mask,
                      jnp.float32(guidance), jnp.asarray(noise),
                      grid=grid, num_steps=num_steps,
