@@ -1,0 +1,242 @@
+"""From configured steps to runnable stages: modes, freezing, optimizers, transitions.
+
+Each step becomes a ``StageConfig`` for ``TrainStep`` plus what the run loop needs around it
+(how many epochs and batches at most, the transition rule, the EMAs carried). Freezing
+persists: a step's frozen set is the previous step's, plus what it freezes, minus what it
+unfreezes (``freeze_vae: false`` unfreezes the VAE). Every problem of every step is
+collected into one ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fluxflow_jax.pipeline.config import (FLOW_LOSS_KEYS, VAE_LOSS_KEYS, ConfigError,
+                                          RunConfig, StepConfig, TransitionConfig)
+from fluxflow_jax.suggest import did_you_mean
+from fluxflow_jax.training.flow_step import FlowOptions
+from fluxflow_jax.training.optim_file import (OptimSchedFileError, per_model_optimization,
+                                              read_optim_sched_file)
+from fluxflow_jax.training.optimizers import default_optimizer_config
+from fluxflow_jax.training.schedules import default_scheduler_config
+from fluxflow_jax.training.train_step import (GROUPS, StageConfig, ema_components,
+                                               metric_names)
+from fluxflow_jax.training.vae_step import VAEOptions
+
+# Names a freeze list may use (the reference's included) -> component.
+COMPONENT_NAMES = {"compressor": "compressor", "expander": "expander",
+                   "flow_processor": "flow_processor", "flow": "flow_processor",
+                   "text_encoder": "text_encoder", "discriminator": "discriminator",
+                   "D_img": "discriminator"}
+FREEZE_FLAGS = {"freeze_vae": ("compressor", "expander"), "freeze_flow": ("flow_processor",),
+                "freeze_text_encoder": ("text_encoder",)}
+# The reference's transition metric names -> the metric the train step reports.
+METRIC_ALIASES = {"vae": "loss_recon", "vae_loss": "loss_recon", "recon": "loss_recon",
+                  "recon_loss": "loss_recon", "kl": "loss_kl", "kl_loss": "loss_kl",
+                  "generator": "loss_gen", "discriminator": "loss_disc",
+                  "lpips": "loss_lpips", "flow": "flow_loss"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step, ready to run."""
+
+    index: int  # 0-based position in the pipeline
+    name: str  # the step's name ("" in standard mode: unsuffixed file names)
+    step: StepConfig
+    config: StageConfig
+    epochs: int  # at most; a transition may end the stage earlier
+    max_batches: int | None  # the stage ends after this many batches
+    batches_per_epoch: int
+    transition: TransitionConfig  # metric resolved to the train step's name
+    ema_components: tuple[str, ...]  # averages kept in the state (this and earlier stages)
+
+    @property
+    def label(self) -> str:
+        return self.name or "standard"
+
+    def planned_batches(self) -> int:
+        """Batches the stage runs when no transition ends it early."""
+        total = self.epochs * self.batches_per_epoch
+        return min(total, self.max_batches) if self.max_batches else total
+
+
+def _trained(step: StepConfig) -> set[str]:
+    """Components a step's modes train (the reference's rule: the text encoder never
+    counts, so it can always be frozen)."""
+    out = set()
+    if step.train_vae:
+        out |= {"compressor", "expander"}
+    if step.train_diff or step.train_diff_full or step.train_flow:
+        out.add("flow_processor")
+    if step.gan_training:
+        out.add("discriminator")
+    return out
+
+
+def _frozen_after(step: StepConfig, before: frozenset[str], problems: list[str]
+                  ) -> frozenset[str]:
+    frozen = set(before)
+    for listed, add in ((step.freeze, True), (step.unfreeze, False)):
+        for name in listed:
+            if name not in COMPONENT_NAMES:
+                problems.append(f"unknown component '{name}' in "
+                                f"{'freeze' if add else 'unfreeze'}"
+                                f"{did_you_mean(name, COMPONENT_NAMES)}; valid: "
+                                f"{sorted(COMPONENT_NAMES)}")
+    for flag, components in FREEZE_FLAGS.items():
+        value = getattr(step, flag)
+        if value is not None:
+            frozen = frozen | set(components) if value else frozen - set(components)
+    frozen |= {COMPONENT_NAMES[n] for n in step.freeze if n in COMPONENT_NAMES}
+    frozen -= {COMPONENT_NAMES[n] for n in step.unfreeze if n in COMPONENT_NAMES}
+    return frozenset(frozen)
+
+
+def _options(step: StepConfig) -> tuple[VAEOptions | None, FlowOptions | None]:
+    vae = flow = None
+    if step.train_vae or step.gan_training or step.train_spade:
+        reconstruction = (step.train_vae if step.train_reconstruction is None
+                          else step.train_reconstruction)
+        vae = VAEOptions(train_reconstruction=reconstruction, use_gan=step.gan_training,
+                         train_spade=step.train_spade, use_lpips=step.use_lpips,
+                         **{k: v for k, v in step.losses.items() if k in VAE_LOSS_KEYS})
+    if step.train_diff or step.train_diff_full or step.train_flow:
+        flow = FlowOptions(**{FLOW_LOSS_KEYS[k]: v for k, v in step.losses.items()
+                              if k in FLOW_LOSS_KEYS})
+    return vae, flow
+
+
+def _optimization(run: RunConfig, step: StepConfig, problems: list[str]
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each group's optimizer and scheduler config: inline, else the step's (or the run's)
+    per-model JSON file, else the per-model default (with the step's ``lr``/``lr_min``)."""
+    path = step.optim_sched_config or run.training.optim_sched_config
+    content: Mapping[str, Any] = {}
+    if path:
+        try:
+            content = read_optim_sched_file(path)
+        except OptimSchedFileError as err:
+            problems.append(str(err))
+    if not run.is_pipeline:  # the reference's standard mode: the run's lr, shared out
+        merged = per_model_optimization(content, run.training.lr, run.training.lr_min)
+        return ({**merged.optimizers, **step.optimizers},
+                {**merged.schedulers, **step.schedulers})
+    optimizers, schedulers = {}, {}
+    for group in GROUPS:
+        default = default_optimizer_config(group)
+        if step.lr is not None:
+            default["lr"] = step.lr
+        optimizers[group] = content.get("optimizers", {}).get(group, default)
+        default = default_scheduler_config(group)
+        if step.lr_min is not None and default.get("type") == "CosineAnnealingLR":
+            default["eta_min_factor"] = step.lr_min
+        schedulers[group] = content.get("schedulers", {}).get(group, default)
+    return ({**optimizers, **step.optimizers}, {**schedulers, **step.schedulers})
+
+
+def _epochs(step: StepConfig) -> int:
+    """The most epochs a step runs: n_epochs, or the transition's max_epochs if fewer."""
+    epochs = step.n_epochs or 1
+    return min(epochs, step.transition_on.max_epochs or epochs)
+
+
+def _transition(step: StepConfig, stage: StageConfig, problems: list[str]
+                ) -> TransitionConfig:
+    rule = step.transition_on
+    if rule.min_epochs > _epochs(step):
+        problems.append(f"transition_on.min_epochs ({rule.min_epochs}) is more than the "
+                        f"epochs the step can run ({_epochs(step)})")
+    if rule.mode == "epoch":
+        stray = [k for k in ("metric", "threshold") if getattr(rule, k) is not None]
+        if stray:
+            problems.append(f"transition_on.{stray[0]} only applies with mode: "
+                            "loss_threshold (add it, or remove the key)")
+        return rule
+    reported = [m for m in metric_names(stage) if m != "skipped"]
+    if rule.metric is None:
+        problems.append("a loss-threshold transition needs 'metric' (one of "
+                        f"{reported})")
+    if rule.threshold is None:
+        problems.append("a loss-threshold transition needs 'threshold', e.g. 0.01")
+    if rule.metric is None:
+        return rule
+    metric = METRIC_ALIASES.get(rule.metric, rule.metric)
+    if metric not in reported:
+        problems.append(f"transition metric '{rule.metric}' is not reported by this step"
+                        f"{did_you_mean(rule.metric, reported)}; it reports {reported}")
+    return dataclasses.replace(rule, metric=metric)
+
+
+def _step_problems(step: StepConfig, pipeline: bool) -> list[str]:
+    problems = []
+    if pipeline and step.n_epochs is None:
+        problems.append("n_epochs is required (the most epochs the step runs), e.g. "
+                        "n_epochs: 10")
+    if not ({"train_vae", "gan_training", "train_spade", "train_diff", "train_diff_full",
+             "train_flow"} & {k for k in vars(step) if getattr(step, k) is True}):
+        problems.append("at least one training mode must be on: train_vae, gan_training, "
+                        "train_spade, train_diff, train_diff_full or train_flow (use_lpips "
+                        "alone trains nothing)")
+    return problems
+
+
+def build_stages(run: RunConfig, batches_per_epoch: int) -> list[Stage]:
+    """The run's stages, checked; ``ConfigError`` lists every problem of every step."""
+    all_problems: list[str] = []
+    stages: list[Stage] = []
+    frozen: frozenset[str] = frozenset()
+    frozen_by: dict[str, str] = {}
+    ema: list[str] = []
+    seen_names: dict[str, int] = {}
+    scales = 1 + len(run.data.reduced_min_sizes)
+    steps = run.steps()
+    for index, step in enumerate(steps):
+        name = step.name if not run.is_pipeline or step.name else f"step_{index + 1}"
+        problems = _step_problems(step, run.is_pipeline)
+        if run.is_pipeline and name in seen_names:
+            problems.append(f"step name '{name}' is also step {seen_names[name] + 1}'s; "
+                            "names must differ (they name the step's files)")
+        if any(c in name for c in "/\\") or name.startswith("."):
+            problems.append(f"step name '{name}' must not contain '/' or '\\' or start "
+                            "with '.' (it names files)")
+        seen_names.setdefault(name, index)
+        before = frozen
+        frozen = _frozen_after(step, frozen, problems)
+        for component in frozen - before:
+            frozen_by[component] = name
+        both = _trained(step) & frozen
+        if both:
+            carried = sorted(c for c in both if c in before and frozen_by.get(c) != name)
+            reason = (f" ({', '.join(carried)} frozen since step '{frozen_by[carried[0]]}'; "
+                      "unfreeze it here)") if carried else ""
+            problems.append(f"cannot freeze and train the same component: {sorted(both)}"
+                            f"{reason}; remove it from the freeze list (or freeze_vae/"
+                            "freeze_flow) or turn off the mode that trains it")
+        vae, flow = _options(step)
+        optimizers, schedulers = _optimization(run, step, problems)
+        epochs = _epochs(step)
+        caps = [c for c in (step.max_steps, run.training.max_steps) if c]
+        max_batches = min(caps) if caps else None
+        batches = epochs * batches_per_epoch
+        updates = (min(batches, max_batches) if max_batches else batches) * scales * \
+            run.training.training_steps
+        clip = step.initial_clipping_norm or run.training.initial_clipping_norm
+        config = StageConfig(vae=vae, flow=flow, frozen=frozen, optimizers=optimizers,
+                             schedulers=schedulers, total_steps=max(1, updates),
+                             gradient_clip_norm=clip)
+        if vae is not None or flow is not None:
+            problems += config.problems()
+        transition = _transition(step, config, problems)
+        if vae is not None or flow is not None:
+            ema += [c for c in ema_components(config) if c not in ema]
+        all_problems += [f"{step.origin or run.source}: step '{name or 'standard'}' "
+                         f"({index + 1}/{len(steps)}): {p}" for p in problems]
+        stages.append(Stage(index, name, step, config, epochs, max_batches, batches_per_epoch,
+                            transition, tuple(ema)))
+    if all_problems:
+        raise ConfigError(all_problems)
+    return stages

@@ -1,0 +1,82 @@
+"""Reading a YAML config with the line of every key, and numbers as YAML 1.2 reads them.
+
+PyYAML follows YAML 1.1, where ``1e-5`` (no dot) is a string; a learning rate written that
+way would then fail far from the file. The loader here resolves every YAML 1.2 float form
+(``1e-5``, ``.5``, ``1_000.0``) as a number. Each mapping key's line is kept, so a config
+error can say ``config.yaml:12``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+KeyPath = tuple[Any, ...]  # mapping keys and list indices from the document root
+
+_FLOAT = re.compile(r"""^[-+]?(?:
+      [0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    | \.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    | [0-9][0-9_]*[eE][-+]?[0-9]+
+    | \.(?:inf|Inf|INF)
+    | \.(?:nan|NaN|NAN))$""", re.X)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+class YamlFileError(ValueError):
+    """A file that is not readable YAML; the message names the file and line."""
+
+
+def read_yaml(path: str | Path) -> tuple[Any, dict[KeyPath, int]]:
+    """The document in ``path`` and ``{key path: 1-based line}`` of every mapping key and
+    list item."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise YamlFileError(f"cannot read config {path}: {err}") from None
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        raise YamlFileError(f"{where}: not valid YAML: {problem}") from None
+    if node is None:
+        return None, {}
+    lines: dict[KeyPath, int] = {}
+    constructor = _Loader(text)
+    try:
+        return _construct(node, (), lines, constructor), lines
+    except yaml.YAMLError as err:
+        raise YamlFileError(f"{path}: {err}") from None
+    finally:
+        constructor.dispose()
+
+
+def _construct(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int],
+               constructor: _Loader) -> Any:
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        constructor.flatten_mapping(node)  # merge keys (<<)
+        out = {}
+        for key_node, value_node in node.value:
+            key = constructor.construct_object(key_node, deep=True)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+            out[key] = _construct(value_node, path + (key,), lines, constructor)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(item, path + (index,), lines, constructor)
+                for index, item in enumerate(node.value)]
+    return constructor.construct_object(node, deep=True)
