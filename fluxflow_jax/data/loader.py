@@ -161,14 +161,15 @@ class DataLoader:
                 "samples": (self.source.samples_per_epoch if self._streaming
                             else len(self.source))}
 
-    def _state_at(self, epoch: int, position: int) -> dict[str, Any]:
+    def position_state(self, epoch: int, position: int = 0) -> dict[str, Any]:
+        """The state of the loader at batch ``position`` of epoch ``epoch``."""
         return {**self._fingerprint(), "epoch": epoch, "position": position}
 
     def state(self) -> dict[str, Any]:
         """Where the loader is (the batches handed out so far), for a checkpoint. With batches
         prefetched ahead of training, checkpoint ``batch.loader_state`` of the last batch
         trained on instead."""
-        return self._state_at(self._epoch, self._position)
+        return self.position_state(self._epoch, self._position)
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` was taken; the data settings must be the same."""
@@ -178,6 +179,10 @@ class DataLoader:
             raise DataConfigError("cannot resume the data order: " + "; ".join(differing)
                                   + " (resume with the settings the run started with)")
         self._epoch, self._position = int(state["epoch"]), int(state["position"])
+
+    def seek(self, epoch: int) -> None:
+        """Start at the beginning of epoch ``epoch`` (e.g. after leaving one unfinished)."""
+        self._epoch, self._position = epoch, 0
 
     def batches_per_epoch(self) -> int:
         """Batches in every epoch, on every host."""
@@ -219,7 +224,7 @@ class DataLoader:
     def _deliver(self, future: Future, previous: Batch | None, epoch: int) -> Batch:
         batch = future.result()
         self._position += 1
-        state = self._state_at(epoch, self._position)
+        state = self.position_state(epoch, self._position)
         if batch is None:  # every sample bad: keep the batch count
             if previous is None:
                 raise DataConfigError(f"every sample of the first batch of epoch {epoch} is "

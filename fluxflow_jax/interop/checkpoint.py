@@ -30,7 +30,7 @@ import safetensors.numpy
 from flax import nnx
 
 import fluxflow_jax
-from fluxflow_jax.atomic import write_temp
+from fluxflow_jax.atomic import atomic_write, write_temp
 from fluxflow_jax.interop.keymap import COMPONENT_TABLES
 from fluxflow_jax.interop.state import (CheckpointError, check_coverage, export_tensors,
                                         import_tensors)
@@ -315,11 +315,11 @@ def save_fluxflow(path: str | os.PathLike, models: FluxFlowModels, *,
                       f"{', '.join(incompatible)}", stacklevel=2)
     payloads: dict[str, bytes] = {}
     if vae_parts:
-        payloads[weights_name] = _serialize(models, _VAE_COMPONENTS)
+        payloads[weights_name] = serialize_components(models, _VAE_COMPONENTS)
     if "text_encoder" in present:
-        payloads[TEXT_ENCODER_FILE] = _serialize(models, ("text_encoder",))
+        payloads[TEXT_ENCODER_FILE] = serialize_components(models, ("text_encoder",))
     if "discriminator" in present:
-        payloads[DISCRIMINATOR_FILE] = _serialize(models, ("discriminator",))
+        payloads[DISCRIMINATOR_FILE] = serialize_components(models, ("discriminator",))
     metadata = _metadata(models.config, payloads, weights_name if vae_parts else None,
                          training_info)
     out.mkdir(parents=True, exist_ok=True)
@@ -351,7 +351,26 @@ def _commit(out: Path, payloads: Mapping[str, bytes], metadata: bytes) -> None:
             temp.unlink(missing_ok=True)
 
 
-def _serialize(models: FluxFlowModels, components: tuple[str, ...]) -> bytes:
+def save_step_files(directory: str | os.PathLike, models: FluxFlowModels, step: str
+                    ) -> list[Path]:
+    """A pipeline step's weights, beside the run's latest checkpoint, under per-step names:
+    ``flxflow_step_<step>_final.safetensors``, ``text_encoder_step_<step>.safetensors`` and
+    ``D_img_step_<step>.safetensors`` (each file written atomically). They share the
+    directory's ``model_metadata.json`` (``save_fluxflow``), whose architecture they have."""
+    present = models.present()
+    files = {f"flxflow_step_{step}_final.safetensors": _VAE_COMPONENTS,
+             f"text_encoder_step_{step}.safetensors": ("text_encoder",),
+             f"D_img_step_{step}.safetensors": ("discriminator",)}
+    written = []
+    for name, components in files.items():
+        if all(c in present for c in components):
+            atomic_write(Path(directory) / name, serialize_components(models, components))
+            written.append(Path(directory) / name)
+    return written
+
+
+def serialize_components(models: FluxFlowModels, components: tuple[str, ...]) -> bytes:
+    """The components' tensors in PyTorch layout, as one safetensors file."""
     tensors: dict[str, np.ndarray] = {}
     for name in components:
         prefix, build_table = COMPONENT_TABLES[name]

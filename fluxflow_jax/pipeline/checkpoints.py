@@ -65,6 +65,16 @@ class RunCheckpoints:
         """The newest complete checkpoint's number, or None."""
         return self._manager.latest_step()
 
+    def record(self, step: int | None = None) -> dict[str, Any]:
+        """Only the JSON record of checkpoint ``step`` (default: the latest), e.g. to learn
+        which state structure to restore into."""
+        self._manager.wait_until_finished()
+        step = self.latest() if step is None else step
+        if step is None:
+            raise RunCheckpointError(f"no checkpoint in {self.directory}")
+        return self._manager.restore(step, args=ocp.args.Composite(
+            record=ocp.args.JsonRestore())).record
+
     def restore(self, like: TrainState, step: int | None = None
                 ) -> tuple[TrainState, dict[str, Any]]:
         """(state, record) of checkpoint ``step`` (default: the latest).

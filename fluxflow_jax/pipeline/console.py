@@ -7,8 +7,9 @@ KL: 12.4500 | G: 0.1560 | D: 0.0890 | LPIPS: 0.0812 | 3.20s/batch``.
 from __future__ import annotations
 
 import math
+import sys
 from collections import deque
-from typing import Mapping
+from typing import Mapping, TextIO
 
 # (label, metric) in display order; a part is shown only when its metric is averaged.
 CONSOLE_PARTS = (("VAE", "loss_recon"), ("KL", "loss_kl"), ("G", "loss_gen"),
@@ -64,6 +65,35 @@ class RunningAverage:
             if math.isfinite(number):
                 self._values.setdefault(name, deque(maxlen=self.window)).append(number)
 
+    def values(self) -> dict[str, list[float]]:
+        """The values averaged now, for a checkpoint."""
+        return {name: list(values) for name, values in self._values.items()}
+
+    def restore(self, values: Mapping[str, list[float]]) -> None:
+        self._values = {name: deque(v, maxlen=self.window) for name, v in values.items()}
+
     def averages(self) -> dict[str, float]:
         """The mean of each metric that has at least one finite value."""
         return {name: sum(values) / len(values) for name, values in self._values.items()}
+
+
+class ProgressBar:
+    """``[#####.....] 37/100`` redrawn in place on a terminal; silent otherwise (logs)."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, width: int = 30) -> None:
+        self.total, self.width = max(total, 1), width
+        self.stream = stream if stream is not None else sys.stderr
+        self.active = self.stream.isatty()
+
+    def update(self, done: int) -> None:
+        if self.active:
+            filled = self.width * min(done, self.total) // self.total
+            bar = "#" * filled + "." * (self.width - filled)
+            self.stream.write(f"\r[{bar}] {done}/{self.total}")
+            self.stream.flush()
+
+    def clear(self) -> None:
+        """Erase the bar (before a log line, and at the end)."""
+        if self.active:
+            self.stream.write("\r" + " " * (self.width + 24) + "\r")
+            self.stream.flush()

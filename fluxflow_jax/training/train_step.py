@@ -102,11 +102,23 @@ class StageConfig:
         return {g: cs for g, cs in trained.items() if cs}
 
 
+def _ema_decays(stage: StageConfig) -> dict[str, float | None]:
+    """Each optimizer group's EMA decay (None: no average)."""
+    flow = stage.flow.ema_decay if stage.flow else None
+    return {"vae": stage.vae.ema_decay if stage.vae else None, "discriminator": None,
+            "flow": flow, "text_encoder": flow}
+
+
+def ema_components(stage: StageConfig) -> tuple[str, ...]:
+    """The components the stage keeps an exponential moving average of."""
+    decays = _ema_decays(stage)
+    return tuple(c for group, components in stage.group_components().items()
+                 if decays[group] is not None for c in components)
+
+
 def _build_groups(stage: StageConfig) -> dict[str, OptimizerGroup]:
     unused = unused_expander_leaf(stage.vae) if stage.vae else (lambda path: False)
-    ema = {"vae": stage.vae.ema_decay if stage.vae else None, "discriminator": None,
-           "flow": stage.flow.ema_decay if stage.flow else None}
-    ema["text_encoder"] = ema["flow"]
+    ema = _ema_decays(stage)
     return {
         name: OptimizerGroup.build(
             name, components,
@@ -161,17 +173,30 @@ class TrainStep:
                                      in_shardings=(whole, split, whole, whole),
                                      out_shardings=(whole, whole))
 
-    def init_state(self, models: FluxFlowModels) -> TrainState:
+    def init_state(self, models: FluxFlowModels, *, previous: TrainState | None = None,
+                   carried_averages: tuple[str, ...] = ()) -> TrainState:
         """A fresh state from the models' current weights (copied; on the default device, or
-        replicated over the mesh when there is one)."""
-        state = new_train_state(models, {}, [c for g in self.groups.values()
-                                             if g.ema_decay is not None for c in g.components])
+        replicated over the mesh when there is one).
+
+        ``previous``, the last state of the stage before, hands over the weights, counters
+        and averages instead: only the optimizer states and loss histories start anew.
+        ``carried_averages`` are averaged components kept beyond this stage's own (an average
+        of an earlier stage, carried unchanged so it can still be exported).
+        """
+        own = ema_components(self.stage)
+        averaged = [*own, *(c for c in carried_averages if c not in own)]
+        state = new_train_state(models, {}, averaged)
+        if previous is not None:
+            state = state.replace(
+                step=previous.step, skipped=previous.skipped, params=previous.params,
+                buffers=previous.buffers,
+                ema={c: previous.ema.get(c, previous.params[c]) for c in averaged})
         state = state.replace(opt_states={name: group.init(state.params)
                                           for name, group in self.groups.items()})
         # Committed to its devices, as a restored checkpoint is: the step then compiles once
         # for both (jit keys its cache on committedness).
         placement = jax.devices()[0] if self.mesh is None else parallel.replicated(self.mesh)
-        return jax.device_put(state, placement)
+        return jax.device_put(jax.tree.map(jnp.copy, state), placement)
 
     def __call__(self, state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
