@@ -129,6 +129,55 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_run_config(args: argparse.Namespace):
+    """The config file (if any) with the command-line flags applied."""
+    from fluxflow_jax.pipeline.config import apply_overrides, load_config, read_config
+    from fluxflow_jax.pipeline.flags import overrides
+
+    given = overrides(args)
+    if args.config is None:
+        return read_config(apply_overrides({}, given))
+    return load_config(args.config, given)
+
+
+def _print_plan(config) -> int:
+    """Check everything checkable and print the plan (exit 0) or every problem (exit 2)."""
+    from fluxflow_jax.pipeline.plan import check_run, describe
+
+    loader, stages, problems = check_run(config)
+    if problems:
+        print(f"✗ {config.source}: {len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return USAGE_ERROR
+    print(describe(config, loader, stages))
+    print(f"✓ {config.source} is valid")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    """Print a config's plan, or every problem in it."""
+    return _print_plan(_load_run_config(args))
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Train (pipeline or standard mode), resuming from the output's checkpoints."""
+    from fluxflow_jax.pipeline.run import Run
+
+    config = _load_run_config(args)
+    if args.validate_pipeline:
+        return _print_plan(config)
+    if config.training.use_fp16:
+        print("note: use_fp16 is ignored: training runs in float32", file=sys.stderr)
+    try:
+        Run(config, resume=not args.no_resume).run()
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to resume from the last checkpoint "
+              f"in {config.output.output_path}", file=sys.stderr)
+        return 130
+    return 0
+
+
 class _Usage(Exception):
     """A mistake in the command's arguments, reported in one line."""
 
@@ -180,18 +229,42 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", choices=("png", "webp"), default="png")
     gen.add_argument("--output_path", type=Path, default=Path("outputs"))
     gen.set_defaults(run=_generate)
+    _add_train_commands(commands)
     return parser
 
 
+def _add_train_commands(commands) -> None:
+    from fluxflow_jax.pipeline.flags import add_training_flags
+
+    train = commands.add_parser(
+        "train", help="train from a YAML config and/or the reference's flags (resumes)")
+    train.add_argument("--config", type=Path, help="YAML config; flags given override it")
+    train.add_argument("--validate-pipeline", "--validate_pipeline", action="store_true",
+                       dest="validate_pipeline", help="print the plan (or every problem) "
+                                                      "and exit")
+    train.add_argument("--no_resume", action="store_true",
+                       help="start afresh, deleting the output's run checkpoints")
+    add_training_flags(train)
+    train.set_defaults(run=_train)
+    validate = commands.add_parser("validate", help="check a config and print its plan")
+    validate.add_argument("config", type=Path, metavar="CONFIG")
+    validate.set_defaults(run=_validate)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from fluxflow_jax.data import DataConfigError
     from fluxflow_jax.data.tokenizer import TokenizerError
     from fluxflow_jax.interop import CheckpointError
+    from fluxflow_jax.pipeline.checkpoints import RunCheckpointError
+    from fluxflow_jax.pipeline.config import ConfigError
+    from fluxflow_jax.pipeline.yaml_file import YamlFileError
     from fluxflow_jax.sampling.prompts import PromptError
 
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (CheckpointError, TokenizerError, PromptError, _Usage) as err:
+    except (CheckpointError, TokenizerError, PromptError, _Usage, ConfigError, YamlFileError,
+            RunCheckpointError, DataConfigError) as err:
         print(f"fluxflow-jax {args.command}: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading

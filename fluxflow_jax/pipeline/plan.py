@@ -1,0 +1,114 @@
+"""Checking a whole run before it starts, and printing its plan.
+
+``check_run`` builds everything a run needs that can be checked without training (the data
+loader, the stages, the devices, the LPIPS weights, the initial checkpoint's presence) and
+collects every problem; ``describe`` renders the stages for ``fluxflow-jax validate``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from fluxflow_jax.data import DataLoader
+from fluxflow_jax.models.bundle import COMPONENT_CLASSES
+from fluxflow_jax.pipeline.config import ConfigError, RunConfig
+from fluxflow_jax.pipeline.setup import load_lpips, make_loader, make_mesh
+from fluxflow_jax.pipeline.stages import Stage, build_stages
+
+
+def check_run(config: RunConfig) -> tuple[DataLoader | None, list[Stage], list[str]]:
+    """(loader, stages, problems); the stages are built with one batch per epoch when the
+    data cannot be read, so their own problems are still reported."""
+    problems: list[str] = []
+    loader = None
+    try:
+        loader = make_loader(config)
+    except ConfigError as err:
+        problems += err.problems
+    stages: list[Stage] = []
+    try:
+        stages = build_stages(config, loader.batches_per_epoch() if loader else 1)
+    except ConfigError as err:
+        problems += err.problems
+    for check in (lambda: make_mesh(config), lambda: load_lpips(config, stages)):
+        try:
+            check()
+        except ConfigError as err:
+            problems += err.problems
+    if config.model_checkpoint and not Path(config.model_checkpoint).exists():
+        problems.append(f"model_checkpoint: {config.model_checkpoint} does not exist")
+    return loader, stages, problems
+
+
+def parameter_counts(config: RunConfig) -> dict[str, int]:
+    """Parameters per component of the configured architecture (nothing allocated)."""
+    model_config = config.model_config()
+    counts = {}
+    for name, cls in COMPONENT_CLASSES.items():
+        module = nnx.eval_shape(lambda cls=cls: cls(model_config, rngs=nnx.Rngs(0)))
+        counts[name] = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)))
+    return counts
+
+
+def _losses(stage: Stage) -> list[str]:
+    out = []
+    vae, flow = stage.config.vae, stage.config.flow
+    if vae is not None:
+        if vae.train_reconstruction:
+            out.append(f"reconstruction (L1 + {vae.mse_weight}·MSE"
+                       + (f" + {vae.lambda_lpips}·LPIPS)" if vae.use_lpips else ")"))
+        out.append(f"KL (beta {vae.kl_beta}, warm-up {vae.kl_warmup_steps} updates)")
+        if vae.use_gan:
+            out.append(f"GAN (lambda_adv {vae.lambda_adv}, R1 {vae.r1_gamma} every "
+                       f"{vae.r1_interval})")
+        if not vae.train_spade:
+            out.append("SPADE off")
+    if flow is not None:
+        out.append("flow v-prediction"
+                   + (f" + {flow.lambda_align}·alignment" if flow.lambda_align else ""))
+    return out
+
+
+def _transition(stage: Stage) -> str:
+    rule = stage.transition
+    limit = f"after {stage.epochs} epoch(s)"
+    if stage.max_batches:
+        limit += f" or {stage.max_batches} batches"
+    if rule.mode != "loss_threshold":
+        return limit
+    return (f"when the mean of the last 20 {rule.metric} < {rule.threshold} at "
+            f"{rule.patience} epoch end(s) in a row (from epoch {max(rule.min_epochs, 1)}), "
+            f"else {limit}")
+
+
+def describe(config: RunConfig, loader: DataLoader, stages: list[Stage]) -> str:
+    """The run's plan: data, parameters, and per stage what trains, how and for how long."""
+    counts = parameter_counts(config)
+    lines = [f"Config: {config.source} ({'pipeline' if config.is_pipeline else 'standard'} "
+             f"mode, {len(stages)} step(s))",
+             f"Data: {loader.batches_per_epoch()} batches of {config.training.batch_size} "
+             f"per epoch, images {config.data.img_size} px",
+             "Parameters: " + ", ".join(f"{name} {count:,}" for name, count in counts.items())
+             + f"; total {sum(counts.values()):,}",
+             f"Output: {config.output.output_path}"]
+    for stage in stages:
+        groups = stage.config.group_components()
+        lines += [f"Step {stage.index + 1}/{len(stages)} '{stage.label}'"
+                  + (f": {stage.step.description}" if stage.step.description else ""),
+                  f"  runs: up to {stage.planned_batches()} batches; ends {_transition(stage)}",
+                  f"  losses: {', '.join(_losses(stage))}",
+                  f"  frozen: {', '.join(sorted(stage.config.frozen)) or 'nothing'}"]
+        for group, components in groups.items():
+            optimizer = stage.config.optimizers.get(group, {})
+            scheduler = stage.config.schedulers.get(group, {})
+            trained = sum(counts.get(c, 0) for c in components)
+            lines.append(f"  {group}: trains {', '.join(components)} ({trained:,} "
+                         f"parameters) with {optimizer.get('type', 'AdamW')} lr "
+                         f"{optimizer.get('lr', 'default')}, "
+                         f"{scheduler.get('type', 'CosineAnnealingLR')}")
+        if stage.ema_components:
+            lines.append(f"  EMA kept: {', '.join(stage.ema_components)}")
+    return "\n".join(lines)

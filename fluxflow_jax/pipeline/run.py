@@ -1,0 +1,320 @@
+"""The training run: its stages in order, each a loop of batches around the stage's jitted
+step, with the console, metrics, checkpoints, exports and transitions around it.
+
+The loop is thin. Each batch is dispatched without waiting for the device; metrics are
+fetched (one sync) only at log points and epoch ends. After a batch the loop decides once
+whether a checkpoint is due (every ``checkpoint_save_interval`` batches, at epoch ends,
+at stage ends) and saves the state with a record of where the run is: the next batch to
+run, the data loader's position, the transition history and console averages. A resumed run
+continues from that record exactly: the same batches, the same random keys (folded from
+the seed and the global step), the same updates.
+
+Stage ends write the stage's weights (``flxflow_step_<name>_final.safetensors`` and its
+text encoder and discriminator) and the latest ``flxflow_final.safetensors`` layout, both
+loadable by PyTorch ``fluxflow``, before the checkpoint that records the stage as done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from fluxflow_jax import parallel
+from fluxflow_jax.data import DataLoader, prefetch_to_device
+from fluxflow_jax.interop import save_fluxflow, save_step_files
+from fluxflow_jax.models.bundle import FluxFlowModels
+from fluxflow_jax.pipeline.checkpoints import RunCheckpoints
+from fluxflow_jax.pipeline.config import ConfigError, RunConfig
+from fluxflow_jax.pipeline.console import (ProgressBar, RunningAverage, averaging_window,
+                                           format_duration, progress_line)
+from fluxflow_jax.pipeline.metrics_log import MetricsLog
+from fluxflow_jax.pipeline.setup import (initial_models, load_lpips, make_loader, make_mesh)
+from fluxflow_jax.pipeline.stages import Stage, build_stages
+from fluxflow_jax.training.state import TrainState, write_to_models
+from fluxflow_jax.training.train_step import TrainStep
+
+log = logging.getLogger(__name__)
+RECORD_FORMAT = 1
+SMOOTHING = 20  # transition metric: mean of the last SMOOTHING values
+
+
+@dataclass
+class Position:
+    """Where a run is: what the next batch is, and what the loop has accumulated so far."""
+
+    stage: int = 0  # the stage running (or next to run)
+    state_stage: int = 0  # the stage whose train state the checkpoint holds
+    epoch: int = 0  # epochs of the stage finished
+    batch: int = 0  # batches of the current epoch finished
+    stage_batches: int = 0
+    global_step: int = 0  # batches of the whole run finished
+    data_epoch: int = 0  # the loader epoch the current epoch reads
+    skipped: int = 0  # updates the non-finite guard discarded
+    history: list[float] = field(default_factory=list)  # transition metric, newest last
+    met: int = 0  # consecutive epoch ends the threshold held at
+    averages: dict[str, list[float]] = field(default_factory=dict)  # console window
+    stages_completed: list[str] = field(default_factory=list)
+
+
+def console_metrics(stage: Stage) -> set[str]:
+    """The metrics the progress line shows: the losses this stage trains."""
+    vae, flow, shown = stage.config.vae, stage.config.flow, set()
+    if vae is not None:
+        shown |= {"loss_kl"} | ({"loss_recon"} if vae.train_reconstruction else set())
+        shown |= {"loss_gen", "loss_disc"} if vae.use_gan else set()
+        shown |= {"loss_lpips"} if vae.use_lpips and vae.train_reconstruction else set()
+    if flow is not None:
+        shown.add("flow_loss")
+    return shown
+
+
+def transition_due(stage: Stage, position: Position) -> tuple[bool, str]:
+    """At an epoch end (``position.epoch`` epochs done): whether the stage ends, and why.
+    Updates ``position.met``."""
+    rule = stage.transition
+    if rule.mode == "loss_threshold" and position.epoch >= rule.min_epochs:
+        values = position.history[-SMOOTHING:]
+        if values:
+            smoothed = sum(values) / len(values)
+            position.met = position.met + 1 if smoothed < rule.threshold else 0
+            if position.met >= rule.patience:
+                return True, (f"{rule.metric}={smoothed:.4f} < {rule.threshold} at "
+                              f"{position.met} epoch end(s) in a row (threshold met)")
+    if position.epoch >= stage.epochs:
+        return True, f"completed {position.epoch} epoch(s)"
+    return False, ""
+
+
+class Run:
+    """One training run of ``config``; ``run()`` trains it to the end (or resumes)."""
+
+    def __init__(self, config: RunConfig, *, resume: bool = True,
+                 echo: Callable[[str], None] = print):
+        self.config, self.echo = config, echo
+        self.output = Path(config.output.output_path)
+        self.loader: DataLoader = make_loader(config)
+        self.stages = build_stages(config, self.loader.batches_per_epoch())
+        self.mesh = make_mesh(config)
+        self.models: FluxFlowModels = initial_models(config)
+        self.lpips = load_lpips(config, self.stages)
+        self.output.mkdir(parents=True, exist_ok=True)
+        checkpoint_dir = self.output / "checkpoints"
+        if not resume and checkpoint_dir.exists():
+            echo(f"--no_resume: removing the previous run's checkpoints in {checkpoint_dir}")
+            shutil.rmtree(checkpoint_dir)
+        self.checkpoints = RunCheckpoints(checkpoint_dir, config.output.keep_last)
+        self.base_key = jax.random.PRNGKey(config.training.seed)
+        self.sharding = parallel.batch_sharding(self.mesh) if self.mesh else None
+
+    # -- the run ----------------------------------------------------------------------
+
+    def run(self) -> Position:
+        """Train every remaining stage; the final position."""
+        try:
+            position, state = self._start()
+            for stage in self.stages[position.stage:]:
+                state = self._run_stage(stage, position, state)
+            self.echo("PIPELINE TRAINING COMPLETE" if self.config.is_pipeline
+                      else "TRAINING COMPLETE")
+            return position
+        finally:
+            self.checkpoints.close()
+
+    def _start(self) -> tuple[Position, TrainState | None]:
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return Position(), None
+        record = self.checkpoints.record(latest)
+        names = [s.name for s in self.stages]
+        if record.get("format") != RECORD_FORMAT or record.get("stages") != names:
+            raise ConfigError([
+                f"{self.output} holds checkpoints of another run (stages "
+                f"{record.get('stages')}, this config has {names}); resume with the config "
+                "the run started with, or pass --no_resume / choose another output_path"])
+        position = Position(**record["position"])
+        stage = self.stages[position.state_stage]
+        step = self._train_step(stage)
+        like = step.init_state(self.models, carried_averages=stage.ema_components)
+        state, _ = self.checkpoints.restore(like, latest)
+        self.loader.restore(record["loader"])
+        if position.stage >= len(self.stages):
+            self.echo(f"The run in {self.output} is complete (checkpoint {latest}); pass "
+                      "--no_resume to train it again from the start")
+        else:
+            self.echo(f"Resuming from checkpoint {latest}: step {position.stage + 1}/"
+                      f"{len(self.stages)} ('{self.stages[position.stage].label}'), epoch "
+                      f"{position.epoch + 1}, batch {position.batch}, global step "
+                      f"{position.global_step}")
+        return position, state
+
+    def _train_step(self, stage: Stage) -> TrainStep:
+        return TrainStep(self.models, stage.config, lpips=self.lpips, mesh=self.mesh)
+
+    # -- one stage ----------------------------------------------------------------------
+
+    def _run_stage(self, stage: Stage, position: Position, state: TrainState | None
+                   ) -> TrainState:
+        count = len(self.stages)
+        resuming = position.stage == stage.index and (position.batch or position.epoch or
+                                                      position.stage_batches)
+        if not resuming:
+            self.echo("=" * 60)
+            self.echo(f"PIPELINE STEP {stage.index + 1}/{count}: {stage.label}")
+            if stage.step.description:
+                self.echo(f"Description: {stage.step.description}")
+            self.echo(f"Duration: {stage.epochs} epoch(s) of {stage.batches_per_epoch} "
+                      f"batches" + (f", at most {stage.max_batches} batches"
+                                    if stage.max_batches else ""))
+        step = self._train_step(stage)
+        if state is None or position.state_stage != stage.index:
+            state = step.init_state(self.models, previous=state,
+                                    carried_averages=stage.ema_components)
+            position.state_stage = stage.index
+        metrics_log = MetricsLog(self.output, stage.name,
+                                 position.global_step if resuming else None)
+        try:
+            while True:
+                state, done, reason = self._run_epoch(stage, step, state, position,
+                                                      metrics_log)
+                if done:
+                    break
+        finally:
+            metrics_log.close()
+        self.echo(f"Step '{stage.label}' finished: {reason}")
+        return state
+
+    def _run_epoch(self, stage: Stage, step: TrainStep, state: TrainState,
+                   position: Position, metrics_log: MetricsLog
+                   ) -> tuple[TrainState, bool, str]:
+        """Run (the rest of) one epoch; (state, whether the stage is done, why)."""
+        window = RunningAverage(averaging_window(self.config.output.log_interval))
+        window.restore(position.averages)
+        shown = console_metrics(stage)
+        started = tick = time.perf_counter()
+        pending: list[dict[str, jax.Array]] = []
+        bar = ProgressBar(stage.batches_per_epoch)
+        batches = prefetch_to_device(
+            self.loader.epoch(position.data_epoch), 2, self.sharding,
+            inputs=lambda b: [b.step_inputs(i) for i in range(len(b.scales))])
+        done, reason, tick_batches = False, "", 0
+        try:
+            for batch, device_inputs in batches:
+                state = self._train_batch(step, state, device_inputs, position, pending)
+                position.batch += 1
+                position.stage_batches += 1
+                position.global_step += 1
+                tick_batches += 1
+                bar.update(position.batch)
+                epoch_end = position.batch >= stage.batches_per_epoch
+                capped = bool(stage.max_batches) and position.stage_batches >= stage.max_batches
+                logged = (position.batch - 1) % self.config.output.log_interval == 0
+                interval = position.stage_batches % \
+                    self.config.output.checkpoint_save_interval == 0
+                if logged or epoch_end or capped or interval:
+                    self._collect(pending, stage, position, window)
+                if logged:
+                    seconds = (time.perf_counter() - tick) / max(tick_batches, 1)
+                    tick, tick_batches = time.perf_counter(), 0
+                    bar.clear()
+                    self._log(stage, position, window, shown, metrics_log, started, seconds)
+                loader_state = batch.loader_state
+                position.averages = window.values()
+                if epoch_end:
+                    position.epoch += 1
+                    position.data_epoch += 1
+                    position.batch = 0
+                    position.averages = {}  # the console window restarts every epoch
+                    loader_state = self.loader.position_state(position.data_epoch)
+                    self.echo(f"Epoch {position.epoch} completed in "
+                              f"{format_duration(time.perf_counter() - started)}")
+                    done, reason = transition_due(stage, position)
+                if capped and not done:
+                    done, reason = True, f"reached max_steps ({stage.max_batches} batches)"
+                if done:
+                    if not epoch_end:  # the next stage starts a fresh data epoch
+                        position.data_epoch += 1
+                        loader_state = self.loader.position_state(position.data_epoch)
+                    self._finish_stage(stage, state, position)
+                if interval or epoch_end or done:
+                    self._save(state, position, loader_state)
+                if epoch_end or done:
+                    break
+        finally:
+            batches.close()
+            bar.clear()
+        self.loader.seek(position.data_epoch)  # the loop may leave an epoch's iterator early
+        return state, done, reason
+
+    def _train_batch(self, step: TrainStep, state: TrainState, device_inputs: list,
+                     position: Position, pending: list) -> TrainState:
+        key = jax.random.fold_in(self.base_key, position.global_step)
+        for repeat in range(self.config.training.training_steps):
+            for scale, inputs in enumerate(device_inputs):
+                call_key = jax.random.fold_in(key, repeat * len(device_inputs) + scale)
+                state, metrics = step(state, inputs, call_key)
+                pending.append(metrics)
+        return state
+
+    def _collect(self, pending: list, stage: Stage, position: Position,
+                 window: RunningAverage) -> None:
+        """Fetch the metrics dispatched since the last fetch (the loop's one device sync)."""
+        for metrics in jax.device_get(pending):
+            values = {k: float(v) for k, v in metrics.items()}
+            position.skipped += int(values.pop("skipped"))
+            window.update(values)
+            metric = stage.transition.metric
+            if metric is not None and np.isfinite(values.get(metric, np.nan)):
+                position.history = (position.history + [values[metric]])[-SMOOTHING:]
+        pending.clear()
+
+    def _log(self, stage: Stage, position: Position, window: RunningAverage, shown: set[str],
+             metrics_log: MetricsLog, started: float, seconds: float) -> None:
+        averages = window.averages()
+        self.echo(progress_line(
+            time.perf_counter() - started, stage.label, stage.index + 1, len(self.stages),
+            position.epoch + 1, stage.epochs, position.batch, stage.batches_per_epoch,
+            {k: v for k, v in averages.items() if k in shown}, seconds, position.skipped))
+        metrics_log.log(position.epoch, position.batch - 1, position.global_step, averages,
+                        extras={"batch_time": seconds, "skipped": position.skipped})
+
+    # -- checkpoints and exports ---------------------------------------------------------
+
+    def _record(self, position: Position, loader_state: dict[str, Any]) -> dict[str, Any]:
+        return {"format": RECORD_FORMAT, "stages": [s.name for s in self.stages],
+                "position": dataclasses.asdict(position), "loader": loader_state}
+
+    def _save(self, state: TrainState, position: Position,
+              loader_state: dict[str, Any]) -> None:
+        self.checkpoints.save(position.global_step, state, self._record(position,
+                                                                        loader_state))
+
+    def _finish_stage(self, stage: Stage, state: TrainState, position: Position) -> None:
+        """Export the stage's weights; the position moves on to the next stage."""
+        models = write_to_models(state, self.models)
+        info = {"step": stage.label, "global_step": position.global_step}
+        if stage.name:
+            save_step_files(self.output, models, stage.name)
+        save_fluxflow(self.output, models, training_info=info)
+        position.stages_completed.append(stage.label)
+        position.stage += 1
+        position.epoch = position.batch = position.stage_batches = position.met = 0
+        position.history = []
+        if self.config.output.generate_diagrams:
+            self._draw_graphs()
+
+    def _draw_graphs(self) -> None:
+        from fluxflow_jax.pipeline.graphs import write_graphs  # loads matplotlib
+
+        try:
+            write_graphs(self.output)
+        except (ValueError, OSError) as err:  # a missing graph never stops training
+            log.warning("training graphs not drawn: %s", err)
