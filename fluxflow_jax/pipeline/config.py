@@ -281,6 +281,8 @@ TRAINING_CHECKS: dict[str, Check] = {
     "max_steps": _OPTIONAL_POSITIVE_INT, "seed": integer_at_least(0),
     "devices": _OPTIONAL_POSITIVE_INT, "lpips_weights": optional(check_str),
     "optim_sched_config": optional(check_str)}
+# Run-wide keys the reference also parses (and ignores) in a step.
+RUN_ONLY_KEYS = ("batch_size", "workers", "use_fp16", "training_steps", "seed", "devices")
 # Step keys of a standard-mode run; name, description and transitions belong to pipelines.
 STANDARD_STEP_KEYS = tuple(k for k in STEP_CHECKS if k not in TRAINING_CHECKS
                            and k not in ("name", "description"))
@@ -347,7 +349,10 @@ class _Reader:
                 continue
             if name not in checks:
                 valid = [*checks, *aliases]
-                self.problem(here, f"unknown key '{_dotted(here)}'{did_you_mean(key, valid)}")
+                hint = (f"; it is set for the whole run: training.{key}"
+                        if key in RUN_ONLY_KEYS and path[:1] == ("training",) and len(path) > 1
+                        else did_you_mean(key, valid))
+                self.problem(here, f"unknown key '{_dotted(here)}'{hint}")
                 continue
             message = checks[name](_dotted(path + (name,)), item)
             if message:
@@ -462,6 +467,9 @@ def read_config(document: Any, lines: Mapping[KeyPath, int] | None = None,
                 source: str = "command line") -> RunConfig:
     """The ``RunConfig`` of a parsed YAML document; ``ConfigError`` lists every problem."""
     reader = _Reader(source, lines or {})
+    if document is not None and not isinstance(document, Mapping):
+        raise ConfigError([f"{source}: the config must be a mapping of sections (model, data, "
+                           f"training, output, ...), got {type(document).__name__}"])
     root = reader.mapping(document, ())
     sections = ("model", "data", "training", "output", "optimization", "model_checkpoint")
     for key in root:
@@ -487,7 +495,9 @@ def read_config(document: Any, lines: Mapping[KeyPath, int] | None = None,
     standard_checks = {k: STEP_CHECKS[k] for k in STANDARD_STEP_KEYS}
     fields = _read_step_fields(reader, training_value, ("training",),
                                {**TRAINING_CHECKS, **standard_checks})
-    fields.pop("transition_on", None)
+    if fields.pop("transition_on", None) is not None:
+        reader.problem(("training", "transition_on"), "'training.transition_on' applies to "
+                       "pipeline steps only; put it in a step or in training.pipeline.defaults")
     run_fields = {k: v for k, v in fields.items() if k in TRAINING_CHECKS}
     step_fields = {k: v for k, v in fields.items() if k not in TRAINING_CHECKS}
     if "optim_sched_config" in legacy:
@@ -532,6 +542,11 @@ def apply_overrides(document: Any, overrides: Mapping[str, Mapping[str, Any]] | 
             out[section] = values
             continue
         current = out.get(section)
-        out[section] = {**(current if isinstance(current, Mapping) else {}), **values}
+        current = dict(current) if isinstance(current, Mapping) else {}
+        aliases = {"model": MODEL_ALIASES, "data": DATA_ALIASES}.get(section, {})
+        given = {aliases.get(key, key) for key in values}
+        # A flag replaces the file's value under any spelling of the same key.
+        kept = {k: v for k, v in current.items() if aliases.get(k, k) not in given}
+        out[section] = {**kept, **values}
     return out
 

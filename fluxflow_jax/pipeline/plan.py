@@ -15,7 +15,8 @@ from flax import nnx
 from fluxflow_jax.data import DataLoader
 from fluxflow_jax.models.bundle import COMPONENT_CLASSES
 from fluxflow_jax.pipeline.config import ConfigError, RunConfig
-from fluxflow_jax.pipeline.setup import load_lpips, make_loader, make_mesh
+from fluxflow_jax.pipeline.setup import (check_text_inputs, load_lpips, make_loader,
+                                         make_mesh)
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 
 
@@ -33,7 +34,11 @@ def check_run(config: RunConfig) -> tuple[DataLoader | None, list[Stage], list[s
         stages = build_stages(config, loader.batches_per_epoch() if loader else 1)
     except ConfigError as err:
         problems += err.problems
-    for check in (lambda: make_mesh(config), lambda: load_lpips(config, stages)):
+    checks = [lambda: make_mesh(config), lambda: load_lpips(config, stages)]
+    if loader is not None and config.model_checkpoint is None:
+        checks.append(lambda: check_text_inputs(config.model_config(), config.data,
+                                                       loader.tokenizer, stages))
+    for check in checks:
         try:
             check()
         except ConfigError as err:

@@ -37,7 +37,8 @@ from fluxflow_jax.pipeline.config import ConfigError, RunConfig
 from fluxflow_jax.pipeline.console import (ProgressBar, RunningAverage, averaging_window,
                                            format_duration, progress_line)
 from fluxflow_jax.pipeline.metrics_log import MetricsLog
-from fluxflow_jax.pipeline.setup import (initial_models, load_lpips, make_loader, make_mesh)
+from fluxflow_jax.pipeline.setup import (check_text_inputs, initial_models, load_lpips,
+                                         make_loader, make_mesh)
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.training.state import TrainState, write_to_models
 from fluxflow_jax.training.train_step import TrainStep
@@ -78,9 +79,9 @@ def console_metrics(stage: Stage) -> set[str]:
 
 
 def transition_due(stage: Stage, position: Position) -> tuple[bool, str]:
-    """At an epoch end (``position.epoch`` epochs done): whether the stage ends, and why.
-    Updates ``position.met``."""
-    rule = stage.transition
+    """At an epoch end (``position.epoch`` epochs done): whether the stage ends, and why (or,
+    for a threshold not met yet, where the metric stands). Updates ``position.met``."""
+    rule, status = stage.transition, ""
     if rule.mode == "loss_threshold" and position.epoch >= rule.min_epochs:
         values = position.history[-SMOOTHING:]
         if values:
@@ -89,9 +90,11 @@ def transition_due(stage: Stage, position: Position) -> tuple[bool, str]:
             if position.met >= rule.patience:
                 return True, (f"{rule.metric}={smoothed:.4f} < {rule.threshold} at "
                               f"{position.met} epoch end(s) in a row (threshold met)")
+            status = (f"{rule.metric}={smoothed:.4f} (target < {rule.threshold}, epoch "
+                      f"{position.epoch}/{stage.epochs})")
     if position.epoch >= stage.epochs:
         return True, f"completed {position.epoch} epoch(s)"
-    return False, ""
+    return False, status
 
 
 class Run:
@@ -105,6 +108,8 @@ class Run:
         self.stages = build_stages(config, self.loader.batches_per_epoch())
         self.mesh = make_mesh(config)
         self.models: FluxFlowModels = initial_models(config)
+        check_text_inputs(self.models.config, config.data, self.loader.tokenizer,
+                          self.stages)
         self.lpips = load_lpips(config, self.stages)
         self.output.mkdir(parents=True, exist_ok=True)
         checkpoint_dir = self.output / "checkpoints"
@@ -237,6 +242,8 @@ class Run:
                     self.echo(f"Epoch {position.epoch} completed in "
                               f"{format_duration(time.perf_counter() - started)}")
                     done, reason = transition_due(stage, position)
+                    if reason and not done:
+                        self.echo(f"Transition check: {reason}")
                 if capped and not done:
                     done, reason = True, f"reached max_steps ({stage.max_batches} batches)"
                 if done:
@@ -307,7 +314,7 @@ class Run:
         position.stages_completed.append(stage.label)
         position.stage += 1
         position.epoch = position.batch = position.stage_batches = position.met = 0
-        position.history = []
+        position.history, position.averages = [], {}
         if self.config.output.generate_diagrams:
             self._draw_graphs()
 

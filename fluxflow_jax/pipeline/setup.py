@@ -18,6 +18,7 @@ from fluxflow_jax.data import (CaptionedFolder, DataConfigError, DataLoader, Dem
                                WebDatasetSource)
 from fluxflow_jax.interop import CheckpointError, load_fluxflow
 from fluxflow_jax.models.bundle import COMPONENTS, FluxFlowModels
+from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.pipeline.config import ConfigError, DataConfig, RunConfig
 from fluxflow_jax.pipeline.stages import Stage
 from fluxflow_jax.training.lpips import LPIPS, LPIPSWeightsError
@@ -86,6 +87,27 @@ def make_loader(run: RunConfig) -> DataLoader:
             shard_count=hosts))
     except (DataConfigError, TokenizerError) as err:
         raise ConfigError([f"data: {err}"]) from None
+
+
+def check_text_inputs(config: FluxFlowConfig, data: DataConfig, tokenizer: Tokenizer,
+                      stages: list[Stage]) -> None:
+    """The text encoder must take every caption the loader gives: each token id in its
+    table (an id past it makes every flow loss NaN, and every batch skipped), and
+    ``max_length`` tokens within its positions."""
+    if not any(stage.config.flow for stage in stages):
+        return
+    problems = []
+    if config.text_vocab_size != tokenizer.vocab_size:
+        problems.append(f"model.text_vocab_size is {config.text_vocab_size}, but the "
+                        f"tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} ids; they "
+                        "must be equal for the flow steps (remove model.text_vocab_size to "
+                        "take the default)")
+    if data.max_length > config.text_max_positions:
+        problems.append(f"data.max_length ({data.max_length}) is more than the text "
+                        f"encoder's positions (model.text_max_positions, "
+                        f"{config.text_max_positions}); lower data.max_length")
+    if problems:
+        raise ConfigError(problems)
 
 
 def make_mesh(run: RunConfig) -> Mesh | None:

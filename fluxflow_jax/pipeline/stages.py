@@ -20,9 +20,7 @@ from fluxflow_jax.suggest import did_you_mean
 from fluxflow_jax.training.flow_step import FlowOptions
 from fluxflow_jax.training.optim_file import (OptimSchedFileError, per_model_optimization,
                                               read_optim_sched_file)
-from fluxflow_jax.training.optimizers import default_optimizer_config
-from fluxflow_jax.training.schedules import default_scheduler_config
-from fluxflow_jax.training.train_step import (GROUPS, StageConfig, ema_components,
+from fluxflow_jax.training.train_step import (StageConfig, ema_components,
                                                metric_names)
 from fluxflow_jax.training.vae_step import VAEOptions
 
@@ -113,7 +111,9 @@ def _options(step: StepConfig) -> tuple[VAEOptions | None, FlowOptions | None]:
 def _optimization(run: RunConfig, step: StepConfig, problems: list[str]
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Each group's optimizer and scheduler config: inline, else the step's (or the run's)
-    per-model JSON file, else the per-model default (with the step's ``lr``/``lr_min``)."""
+    per-model JSON file, else the per-model default. Defaults train at the step's ``lr``
+    (else the run's), shared out as the reference does (the text encoder gets a tenth); a
+    step's ``lr_min`` also sets the default cosine schedules' floor."""
     path = step.optim_sched_config or run.training.optim_sched_config
     content: Mapping[str, Any] = {}
     if path:
@@ -121,21 +121,16 @@ def _optimization(run: RunConfig, step: StepConfig, problems: list[str]
             content = read_optim_sched_file(path)
         except OptimSchedFileError as err:
             problems.append(str(err))
-    if not run.is_pipeline:  # the reference's standard mode: the run's lr, shared out
-        merged = per_model_optimization(content, run.training.lr, run.training.lr_min)
-        return ({**merged.optimizers, **step.optimizers},
-                {**merged.schedulers, **step.schedulers})
-    optimizers, schedulers = {}, {}
-    for group in GROUPS:
-        default = default_optimizer_config(group)
-        if step.lr is not None:
-            default["lr"] = step.lr
-        optimizers[group] = content.get("optimizers", {}).get(group, default)
-        default = default_scheduler_config(group)
-        if step.lr_min is not None and default.get("type") == "CosineAnnealingLR":
-            default["eta_min_factor"] = step.lr_min
-        schedulers[group] = content.get("schedulers", {}).get(group, default)
-    return ({**optimizers, **step.optimizers}, {**schedulers, **step.schedulers})
+    lr = step.lr if step.lr is not None else run.training.lr
+    lr_min = step.lr_min if step.lr_min is not None else run.training.lr_min
+    merged = per_model_optimization(content, lr, lr_min)
+    schedulers = merged.schedulers
+    if step.lr_min is not None:
+        schedulers = {group: {**config, "eta_min_factor": step.lr_min}
+                      if group not in content.get("schedulers", {})
+                      and config.get("type") == "CosineAnnealingLR" else config
+                      for group, config in schedulers.items()}
+    return ({**merged.optimizers, **step.optimizers}, {**schedulers, **step.schedulers})
 
 
 def _epochs(step: StepConfig) -> int:

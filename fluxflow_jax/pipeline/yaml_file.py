@@ -65,9 +65,14 @@ def read_yaml(path: str | Path) -> tuple[Any, dict[KeyPath, int]]:
         constructor.dispose()
 
 
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
 def _construct(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int],
                constructor: _Loader) -> Any:
     lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.CollectionNode) and node.tag not in _PLAIN_TAGS:
+        raise yaml.YAMLError(f"line {node.start_mark.line + 1}: unsupported tag {node.tag}")
     if isinstance(node, yaml.MappingNode):
         constructor.flatten_mapping(node)  # merge keys (<<)
         out = {}
