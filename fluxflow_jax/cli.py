@@ -144,13 +144,13 @@ def _print_plan(config) -> int:
     """Check everything checkable and print the plan (exit 0) or every problem (exit 2)."""
     from fluxflow_jax.pipeline.plan import check_run, describe
 
-    loader, stages, problems = check_run(config)
-    if problems:
-        print(f"✗ {config.source}: {len(problems)} problem(s):", file=sys.stderr)
-        for problem in problems:
+    plan = check_run(config)
+    if plan.problems:
+        print(f"✗ {config.source}: {len(plan.problems)} problem(s):", file=sys.stderr)
+        for problem in plan.problems:
             print(f"  - {problem}", file=sys.stderr)
         return USAGE_ERROR
-    print(describe(config, loader, stages))
+    print(describe(config, plan))
     print(f"✓ {config.source} is valid")
     return 0
 

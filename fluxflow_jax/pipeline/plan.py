@@ -1,59 +1,63 @@
 """Checking a whole run before it starts, and printing its plan.
 
 ``check_run`` builds everything a run needs that can be checked without training (the data
-loader, the stages, the devices, the LPIPS weights, the initial checkpoint's presence) and
-collects every problem; ``describe`` renders the stages for ``fluxflow-jax validate``.
+loader, the stages, the devices, the LPIPS weights, the initial checkpoint and its fit with
+the model section, the text inputs) and collects every problem; ``describe`` renders the
+stages for ``fluxflow-jax validate``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 from flax import nnx
 
 from fluxflow_jax.data import DataLoader
 from fluxflow_jax.models.bundle import COMPONENT_CLASSES
+from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.pipeline.config import ConfigError, RunConfig
 from fluxflow_jax.pipeline.setup import (check_text_inputs, load_lpips, make_loader,
-                                         make_mesh)
+                                         make_mesh, model_config)
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 
 
-def check_run(config: RunConfig) -> tuple[DataLoader | None, list[Stage], list[str]]:
-    """(loader, stages, problems); the stages are built with one batch per epoch when the
-    data cannot be read, so their own problems are still reported."""
+class Plan(NamedTuple):
+    loader: DataLoader | None
+    stages: list[Stage]
+    model: FluxFlowConfig | None  # the architecture trained (None: not known)
+    problems: list[str]
+
+
+def check_run(config: RunConfig) -> Plan:
+    """Everything checkable before training; the stages are built with one batch per epoch
+    when the data cannot be read, so their own problems are still reported."""
     problems: list[str] = []
-    loader = None
-    try:
-        loader = make_loader(config)
-    except ConfigError as err:
-        problems += err.problems
-    stages: list[Stage] = []
-    try:
-        stages = build_stages(config, loader.batches_per_epoch() if loader else 1)
-    except ConfigError as err:
-        problems += err.problems
-    checks = [lambda: make_mesh(config), lambda: load_lpips(config, stages)]
-    if loader is not None and config.model_checkpoint is None:
-        checks.append(lambda: check_text_inputs(config.model_config(), config.data,
-                                                       loader.tokenizer, stages))
-    for check in checks:
+
+    def attempt(build: Callable[[], Any]) -> Any:
         try:
-            check()
+            return build()
         except ConfigError as err:
-            problems += err.problems
-    if config.model_checkpoint and not Path(config.model_checkpoint).exists():
-        problems.append(f"model_checkpoint: {config.model_checkpoint} does not exist")
-    return loader, stages, problems
+            problems.extend(err.problems)
+            return None
+
+    loader = attempt(lambda: make_loader(config))
+    stages = attempt(lambda: build_stages(
+        config, loader.batches_per_epoch() if loader else 1)) or []
+    model = attempt(lambda: model_config(config))
+    attempt(lambda: make_mesh(config))
+    attempt(lambda: load_lpips(config, stages))
+    if loader is not None and model is not None:
+        attempt(lambda: check_text_inputs(model, config.data, loader.tokenizer, stages))
+    return Plan(loader, stages, model, problems)
 
 
-def parameter_counts(config: RunConfig) -> dict[str, int]:
-    """Parameters per component of the configured architecture (nothing allocated)."""
-    model_config = config.model_config()
+def parameter_counts(model: FluxFlowConfig) -> dict[str, int]:
+    """Parameters per component of an architecture (nothing allocated)."""
     counts = {}
     for name, cls in COMPONENT_CLASSES.items():
-        module = nnx.eval_shape(lambda cls=cls: cls(model_config, rngs=nnx.Rngs(0)))
+        module = nnx.eval_shape(lambda cls=cls: cls(model, rngs=nnx.Rngs(0)))
         counts[name] = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)))
     return counts
 
@@ -89,9 +93,10 @@ def _transition(stage: Stage) -> str:
             f"else {limit}")
 
 
-def describe(config: RunConfig, loader: DataLoader, stages: list[Stage]) -> str:
+def describe(config: RunConfig, plan: Plan) -> str:
     """The run's plan: data, parameters, and per stage what trains, how and for how long."""
-    counts = parameter_counts(config)
+    loader, stages = plan.loader, plan.stages
+    counts = parameter_counts(plan.model)
     lines = [f"Config: {config.source} ({'pipeline' if config.is_pipeline else 'standard'} "
              f"mode, {len(stages)} step(s))",
              f"Data: {loader.batches_per_epoch()} batches of {config.training.batch_size} "

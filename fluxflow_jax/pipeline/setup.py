@@ -126,12 +126,8 @@ def make_mesh(run: RunConfig) -> Mesh | None:
     return parallel.data_mesh(devices[:count])
 
 
-def initial_models(run: RunConfig) -> FluxFlowModels:
-    """Fresh models (seeded by training.seed), or ``model_checkpoint``'s weights with any
-    component it lacks freshly initialised."""
-    config = run.model_config()
-    if run.model_checkpoint is None:
-        return FluxFlowModels.create(config, nnx.Rngs(run.training.seed)).train()
+def _checkpoint_models(run: RunConfig) -> FluxFlowModels:
+    """``model_checkpoint``'s models, checked against the model section."""
     try:
         loaded = load_fluxflow(run.model_checkpoint)
     except CheckpointError as err:
@@ -143,6 +139,20 @@ def initial_models(run: RunConfig) -> FluxFlowModels:
         raise ConfigError([f"model_checkpoint {run.model_checkpoint} does not match the "
                            f"model section: {'; '.join(differing)} (remove those keys to "
                            "take the checkpoint's architecture)"])
+    return loaded
+
+
+def model_config(run: RunConfig) -> FluxFlowConfig:
+    """The architecture the run trains: the checkpoint's, or the model section's."""
+    return _checkpoint_models(run).config if run.model_checkpoint else run.model_config()
+
+
+def initial_models(run: RunConfig) -> FluxFlowModels:
+    """Fresh models (seeded by training.seed), or ``model_checkpoint``'s weights with any
+    component it lacks freshly initialised."""
+    if run.model_checkpoint is None:
+        return FluxFlowModels.create(run.model_config(), nnx.Rngs(run.training.seed)).train()
+    loaded = _checkpoint_models(run)
     missing = [c for c in COMPONENTS if getattr(loaded, c) is None]
     fresh = FluxFlowModels.create(loaded.config, nnx.Rngs(run.training.seed), tuple(missing))
     for name in missing:

@@ -130,7 +130,11 @@ def _optimization(run: RunConfig, step: StepConfig, problems: list[str]
                       if group not in content.get("schedulers", {})
                       and config.get("type") == "CosineAnnealingLR" else config
                       for group, config in schedulers.items()}
-    return ({**merged.optimizers, **step.optimizers}, {**schedulers, **step.schedulers})
+    # An optimizer named without a learning rate trains at the default's.
+    inline = {group: {"lr": merged.optimizers[group]["lr"], **config}
+              if group in merged.optimizers else config
+              for group, config in step.optimizers.items()}
+    return ({**merged.optimizers, **inline}, {**schedulers, **step.schedulers})
 
 
 def _epochs(step: StepConfig) -> int:

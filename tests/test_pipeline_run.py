@@ -1,0 +1,160 @@
+"""The training run end to end: stages, freezing, max_steps, transitions, outputs, standard
+mode. Runs use the tiny model on 8 demo images of 32 px (4 batches of 2 per epoch)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fluxflow_jax import cli
+from fluxflow_jax.interop import load_fluxflow
+from fluxflow_jax.pipeline.config import load_config
+from fluxflow_jax.pipeline.run import Position, Run, transition_due
+from fluxflow_jax.pipeline.stages import build_stages
+from pipeline_helpers import records, same_prefix, tensors, write_config
+from tiny import TINY
+
+# ----------------------------------------------------------------------------- stages
+
+def test_freezing_persists_and_max_steps_ends_each_step(tmp_path):
+    """vae trains the autoencoder; flow freezes it (freeze_vae) and trains the flow; the
+    GAN-only step after it inherits the frozen autoencoder, so only the discriminator moves.
+    Every step stops after max_steps batches and exports its own PyTorch-layout files."""
+    config = write_config(tmp_path, [
+        {"name": "vae", "n_epochs": 1, "max_steps": 2, "train_vae": True},
+        {"name": "flow", "n_epochs": 3, "max_steps": 3, "train_diff": True,
+         "freeze_vae": True},
+        {"name": "gan", "n_epochs": 1, "max_steps": 2, "gan_training": True}])
+    lines = []
+    position = Run(load_config(config), echo=lines.append).run()
+    out = tmp_path / "run"
+
+    assert [len(records(out, s)) for s in ("vae", "flow", "gan")] == [2, 3, 2]
+    assert position.global_step == 7 and position.stages_completed == ["vae", "flow", "gan"]
+    assert "Step 'flow' finished: reached max_steps (3 batches)" in lines
+    vae, flow, gan = (tensors(out / f"flxflow_step_{s}_final.safetensors")
+                      for s in ("vae", "flow", "gan"))
+    for part in ("diffuser.compressor.", "diffuser.expander."):
+        assert same_prefix(vae, flow, part) and same_prefix(flow, gan, part), part
+    assert not same_prefix(vae, flow, "diffuser.flow_processor.")
+    assert same_prefix(flow, gan, "diffuser.flow_processor.")
+    d_flow, d_gan = (tensors(out / f"D_img_step_{s}.safetensors") for s in ("flow", "gan"))
+    assert not same_prefix(d_flow, d_gan, "D_img.")
+    # The latest export is the last step's, and loads as a whole model.
+    assert same_prefix(tensors(out / "flxflow_final.safetensors"), gan, "diffuser.")
+    assert set(load_fluxflow(out).present()) == {"compressor", "flow_processor", "expander",
+                                                 "text_encoder", "discriminator"}
+
+
+def test_per_step_export_loads_strictly_into_pytorch(tmp_path):
+    torch = pytest.importorskip("torch")
+    from fluxflow.models.pipeline import FluxPipeline
+
+    import torch_reference as ref
+
+    config = write_config(tmp_path, [
+        {"name": "warm", "n_epochs": 1, "max_steps": 1, "train_vae": True}])
+    Run(load_config(config), echo=lambda line: None).run()
+    exported = tensors(tmp_path / "run" / "flxflow_step_warm_final.safetensors")
+    pipe = FluxPipeline(ref.compressor(TINY), ref.flow_processor(TINY), ref.expander(TINY))
+    pipe.load_state_dict({k.removeprefix("diffuser."): torch.from_numpy(v)
+                          for k, v in exported.items()}, strict=True)
+
+
+def _stage(tmp_path, transition: dict, n_epochs: int = 5):
+    config = load_config(write_config(tmp_path, [
+        {"name": "s", "n_epochs": n_epochs, "train_vae": True, "transition_on": transition}]))
+    return build_stages(config, batches_per_epoch=4)[0]
+
+
+def _epoch_ends(stage, values_per_epoch: list[list[float]]) -> tuple[int, str]:
+    """Feed one list of metric values per epoch; (epochs run, reason) when the stage ends."""
+    position = Position()
+    for values in values_per_epoch:
+        position.history = (position.history + values)[-20:]
+        position.epoch += 1
+        done, reason = transition_due(stage, position)
+        if done:
+            return position.epoch, reason
+    raise AssertionError("the stage never ended")
+
+
+@pytest.mark.parametrize("transition, values, epochs, reason", [
+    # threshold met at the first epoch end
+    ({"mode": "loss_threshold", "metric": "loss_recon", "threshold": 0.5},
+     [[0.4] * 4] * 5, 1, "loss_recon=0.4000 < 0.5"),
+    # the reference's metric name; strictly below: a mean of exactly 0.5 at epoch 2 is not
+    ({"mode": "loss_threshold", "metric": "vae_loss", "threshold": 0.5},
+     [[0.9] * 4, [0.1] * 4] + [[0.1] * 4] * 3, 3, "loss_recon=0.3667 < 0.5"),
+    # the short form; means 0.5, 0.3667, 0.3, then 0.26
+    ("loss_recon < 0.29", [[0.9] * 4, [0.1] * 4] + [[0.1] * 4] * 3, 5, "loss_recon=0.2600"),
+    # mean of the last 20: 12 values of 1.0 and 8 of 0.0 is 0.6, not yet below 0.5
+    ({"mode": "loss_threshold", "metric": "loss_recon", "threshold": 0.5},
+     [[1.0] * 20, [0.0] * 8, [0.0] * 4, [0.0] * 4, [0.0] * 4], 3, "0.4000 < 0.5"),
+    # min_epochs: met from the start, but only looked at from epoch 3
+    ({"mode": "loss_threshold", "metric": "loss_recon", "threshold": 0.5, "min_epochs": 3},
+     [[0.1] * 4] * 5, 3, "threshold met"),
+    # patience: below at epochs 1, 3, 4 -> two in a row first at epoch 4
+    ({"mode": "loss_threshold", "metric": "loss_recon", "threshold": 0.5, "patience": 2},
+     [[0.1] * 20, [0.9] * 20, [0.1] * 20, [0.1] * 20, [0.1] * 20], 4, "2 epoch end(s)"),
+    # never met: max_epochs ends it
+    ({"mode": "loss_threshold", "metric": "loss_recon", "threshold": 0.01, "max_epochs": 2},
+     [[0.4] * 4] * 5, 2, "completed 2 epoch(s)"),
+    # epoch mode: n_epochs
+    ({"mode": "epoch"}, [[0.0] * 4] * 5, 5, "completed 5 epoch(s)"),
+])
+def test_transitions(tmp_path, transition, values, epochs, reason):
+    ended_after, why = _epoch_ends(_stage(tmp_path, transition), values)
+    assert ended_after == epochs
+    assert reason in why
+
+
+def test_threshold_transition_ends_a_running_stage(tmp_path):
+    """A threshold every batch meets ends the stage at its first epoch end (of five)."""
+    config = write_config(tmp_path, [
+        {"name": "a", "n_epochs": 5, "train_vae": True,
+         "transition_on": {"mode": "loss_threshold", "metric": "loss_kl",
+                           "threshold": 1.0e6}},
+        {"name": "b", "n_epochs": 1, "max_steps": 1, "train_vae": True}])
+    lines = []
+    Run(load_config(config), echo=lines.append).run()
+    assert len(records(tmp_path / "run", "a")) == 4
+    assert any(line.startswith("Step 'a' finished: loss_kl=") for line in lines)
+
+
+# ----------------------------------------------------------------------------- standard mode
+
+def test_standard_mode_from_yaml_and_flags(tmp_path, capsys):
+    """No pipeline: one unnamed step from the training section; flags override the file."""
+    config = write_config(tmp_path, None, training={"batch_size": 4, "train_vae": False})
+    out = tmp_path / "flags_out"
+    status = cli.main(["train", "--config", str(config), "--train_vae", "--batch_size", "2",
+                       "--n_epochs", "2", "--max_steps", "3", f"--output_path={out}",
+                       "--kl_beta", "1e-3"])
+    assert status == 0
+    logged = records(out, "")
+    assert len(logged) == 3
+    assert logged[-1]["metrics"]["kl_beta"] > 0
+    assert (out / "flxflow_final.safetensors").is_file()
+    assert not list(out.glob("flxflow_step_*"))
+    assert "TRAINING COMPLETE" in capsys.readouterr().out
+
+
+def test_a_finished_run_is_not_trained_again_and_no_resume_restarts(tmp_path, capsys):
+    config = write_config(tmp_path, None, training={"train_vae": True, "max_steps": 1})
+    assert cli.main(["train", "--config", str(config)]) == 0
+    first = (tmp_path / "run" / "flxflow_final.safetensors").read_bytes()
+    assert cli.main(["train", "--config", str(config)]) == 0
+    assert "is complete" in capsys.readouterr().out
+    assert cli.main(["train", "--config", str(config), "--no_resume", "--seed", "1"]) == 0
+    assert (tmp_path / "run" / "flxflow_final.safetensors").read_bytes() != first
+
+
+def test_resuming_with_other_steps_is_refused(tmp_path, capsys):
+    config = write_config(tmp_path, [{"name": "a", "n_epochs": 1, "max_steps": 1,
+                                      "train_vae": True}])
+    assert cli.main(["train", "--config", str(config)]) == 0
+    other = write_config(tmp_path, [{"name": "b", "n_epochs": 1, "train_vae": True}])
+    assert cli.main(["train", "--config", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "holds checkpoints of another run" in err and "--no_resume" in err
+    assert "Traceback" not in err
