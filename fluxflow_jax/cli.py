@@ -93,7 +93,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args.prompt, args.prompts_file, args.text_prompts_path)
     tokenizer = Tokenizer.load(args.tokenizer)
-    models = load_fluxflow(args.checkpoint)
+    if args.ema:
+        from fluxflow_jax.pipeline.export import run_models
+
+        models = run_models(args.checkpoint, ema=True)
+    else:
+        models = load_fluxflow(args.checkpoint)
     missing = [name for name in ("text_encoder", "flow_processor", "expander")
                if getattr(models, name) is None]
     if missing:
@@ -152,6 +157,26 @@ def _print_plan(config) -> int:
         return USAGE_ERROR
     print(describe(config, plan))
     print(f"✓ {config.source} is valid")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """A training run's weights as a PyTorch-loadable checkpoint directory."""
+    from fluxflow_jax.pipeline.export import export_run
+
+    out = export_run(args.run_dir, args.out_dir, ema=args.ema, step=args.step)
+    print(f"wrote {out}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    """A fluxflow checkpoint (PyTorch's included), checked and rewritten for fluxflow-jax."""
+    from fluxflow_jax.interop import load_fluxflow, save_fluxflow
+
+    models = load_fluxflow(args.checkpoint)
+    out = save_fluxflow(args.out_dir, models, training_info={
+        "imported_from": str(Path(args.checkpoint).absolute())})
+    print(f"wrote {out} ({', '.join(models.present())}); use it as model_checkpoint")
     return 0
 
 
@@ -228,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tokenizer", help="tokenizer vocab (default: see README, Data)")
     gen.add_argument("--format", choices=("png", "webp"), default="png")
     gen.add_argument("--output_path", type=Path, default=Path("outputs"))
+    gen.add_argument("--ema", action="store_true",
+                     help="a training run directory's averaged weights (its latest checkpoint)")
     gen.set_defaults(run=_generate)
     _add_train_commands(commands)
     return parser
@@ -249,6 +276,21 @@ def _add_train_commands(commands) -> None:
     validate = commands.add_parser("validate", help="check a config and print its plan")
     validate.add_argument("config", type=Path, metavar="CONFIG")
     validate.set_defaults(run=_validate)
+    export = commands.add_parser(
+        "export", help="a training run's weights as a PyTorch fluxflow checkpoint")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run's output_path")
+    export.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    export.add_argument("--ema", action="store_true",
+                        help="the averaged weights where the run keeps averages")
+    export.add_argument("--step", metavar="NAME",
+                        help="the weights pipeline step NAME ended with (default: the latest)")
+    export.set_defaults(run=_export)
+    imports = commands.add_parser(
+        "import", help="check a fluxflow checkpoint (e.g. from PyTorch) and rewrite it")
+    imports.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+                         help="directory or .safetensors file")
+    imports.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    imports.set_defaults(run=_import)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

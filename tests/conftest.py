@@ -1,6 +1,6 @@
 """Test session setup (before jax loads): 8 virtual CPU devices for multi-device tests, and
-an on-disk cache of compiled programs, which many tests share (the same tiny train steps,
-compiled in several tests, test workers and training subprocesses)."""
+an on-disk cache of compiled programs, shared between tests, test workers and the training
+subprocesses some tests start (the tiny test programs take longer to compile than to run)."""
 
 import fcntl
 import os

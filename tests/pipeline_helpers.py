@@ -20,14 +20,16 @@ DATA = {"use_demo": True, "demo_samples": 8, "img_size": 32, "max_length": 16}
 
 
 def write_config(tmp_path: Path, steps: list[dict] | None, *, name: str = "run",
-                 training: dict | None = None, output: dict | None = None) -> Path:
-    """A tiny-model config; ``steps`` None makes it a standard-mode config."""
+                 training: dict | None = None, output: dict | None = None,
+                 model: dict | None = None, **top: object) -> Path:
+    """A tiny-model config (or ``model``); ``steps`` None makes it a standard-mode config;
+    ``top`` adds top-level keys (model_checkpoint)."""
     training = {"batch_size": 2, "devices": 1, **(training or {})}
     if steps is not None:
         training["pipeline"] = {"defaults": {"lr": 1.0e-3}, "steps": steps}
-    document = {"model": TINY_MODEL, "data": DATA, "training": training,
+    document = {"model": TINY_MODEL if model is None else model, "data": DATA, "training": training,
                 "output": {"output_path": str(tmp_path / name), "log_interval": 1,
-                           "generate_diagrams": False, **(output or {})}}
+                           "generate_diagrams": False, **(output or {})}, **top}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(document))
     return path

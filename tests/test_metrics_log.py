@@ -171,7 +171,7 @@ def test_progress_line_for_a_flow_step_with_skipped_batches():
     line = progress_line(5, "flow", 3, 3, 1, 10, 0, 250, {"flow_loss": 0.12344}, 0.854,
                          skipped=2)
     assert line == ("[0000:00:05.000] Step flow (3/3) | Epoch 1/10 | Batch 0/250 | "
-                    "Flow: 0.1234 | 0.85s/batch | skipped 2")
+                    "Flow: 0.1234 | skipped 2 | 0.85s/batch")
 
 
 def test_progress_line_omits_absent_parts():

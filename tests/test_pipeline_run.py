@@ -3,7 +3,10 @@ mode. Runs use the tiny model on 8 demo images of 32 px (4 batches of 2 per epoc
 
 from __future__ import annotations
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
 from fluxflow_jax import cli
 from fluxflow_jax.interop import load_fluxflow
@@ -16,48 +19,40 @@ from tiny import TINY
 # ----------------------------------------------------------------------------- stages
 
 def test_freezing_persists_and_max_steps_ends_each_step(tmp_path):
-    """vae trains the autoencoder; flow freezes it (freeze_vae) and trains the flow; the
-    GAN-only step after it inherits the frozen autoencoder, so only the discriminator moves.
-    Every step stops after max_steps batches and exports its own PyTorch-layout files."""
+    """vae trains the autoencoder; flow freezes it (freeze_vae) and trains the flow; flow2,
+    which says nothing about freezing, inherits the frozen autoencoder. Every step stops
+    after max_steps batches and exports its own files, which PyTorch loads strictly."""
     config = write_config(tmp_path, [
         {"name": "vae", "n_epochs": 1, "max_steps": 2, "train_vae": True},
         {"name": "flow", "n_epochs": 3, "max_steps": 3, "train_diff": True,
          "freeze_vae": True},
-        {"name": "gan", "n_epochs": 1, "max_steps": 2, "gan_training": True}])
+        {"name": "flow2", "n_epochs": 1, "max_steps": 2, "train_diff": True}])
     lines = []
     position = Run(load_config(config), echo=lines.append).run()
     out = tmp_path / "run"
 
-    assert [len(records(out, s)) for s in ("vae", "flow", "gan")] == [2, 3, 2]
-    assert position.global_step == 7 and position.stages_completed == ["vae", "flow", "gan"]
+    assert [len(records(out, s)) for s in ("vae", "flow", "flow2")] == [2, 3, 2]
+    assert position.global_step == 7 and position.stages_completed == ["vae", "flow", "flow2"]
     assert "Step 'flow' finished: reached max_steps (3 batches)" in lines
-    vae, flow, gan = (tensors(out / f"flxflow_step_{s}_final.safetensors")
-                      for s in ("vae", "flow", "gan"))
+    vae, flow, flow2 = (tensors(out / f"flxflow_step_{s}_final.safetensors")
+                        for s in ("vae", "flow", "flow2"))
     for part in ("diffuser.compressor.", "diffuser.expander."):
-        assert same_prefix(vae, flow, part) and same_prefix(flow, gan, part), part
+        assert same_prefix(vae, flow, part) and same_prefix(flow, flow2, part), part
     assert not same_prefix(vae, flow, "diffuser.flow_processor.")
-    assert same_prefix(flow, gan, "diffuser.flow_processor.")
-    d_flow, d_gan = (tensors(out / f"D_img_step_{s}.safetensors") for s in ("flow", "gan"))
-    assert not same_prefix(d_flow, d_gan, "D_img.")
+    assert not same_prefix(flow, flow2, "diffuser.flow_processor.")
     # The latest export is the last step's, and loads as a whole model.
-    assert same_prefix(tensors(out / "flxflow_final.safetensors"), gan, "diffuser.")
+    assert same_prefix(tensors(out / "flxflow_final.safetensors"), flow2, "diffuser.")
     assert set(load_fluxflow(out).present()) == {"compressor", "flow_processor", "expander",
                                                  "text_encoder", "discriminator"}
 
-
-def test_per_step_export_loads_strictly_into_pytorch(tmp_path):
     torch = pytest.importorskip("torch")
     from fluxflow.models.pipeline import FluxPipeline
 
     import torch_reference as ref
 
-    config = write_config(tmp_path, [
-        {"name": "warm", "n_epochs": 1, "max_steps": 1, "train_vae": True}])
-    Run(load_config(config), echo=lambda line: None).run()
-    exported = tensors(tmp_path / "run" / "flxflow_step_warm_final.safetensors")
     pipe = FluxPipeline(ref.compressor(TINY), ref.flow_processor(TINY), ref.expander(TINY))
     pipe.load_state_dict({k.removeprefix("diffuser."): torch.from_numpy(v)
-                          for k, v in exported.items()}, strict=True)
+                          for k, v in vae.items()}, strict=True)
 
 
 def _stage(tmp_path, transition: dict, n_epochs: int = 5):
@@ -113,12 +108,26 @@ def test_threshold_transition_ends_a_running_stage(tmp_path):
     config = write_config(tmp_path, [
         {"name": "a", "n_epochs": 5, "train_vae": True,
          "transition_on": {"mode": "loss_threshold", "metric": "loss_kl",
-                           "threshold": 1.0e6}},
-        {"name": "b", "n_epochs": 1, "max_steps": 1, "train_vae": True}])
+                           "threshold": 1.0e6}}])
     lines = []
     Run(load_config(config), echo=lines.append).run()
     assert len(records(tmp_path / "run", "a")) == 4
     assert any(line.startswith("Step 'a' finished: loss_kl=") for line in lines)
+
+
+def test_model_checkpoint_starts_from_a_previous_runs_output(tmp_path):
+    """Fine-tuning: a run directory as model_checkpoint gives the new run its weights."""
+    first = write_config(tmp_path, [{"name": "a", "n_epochs": 1, "max_steps": 1,
+                                     "train_vae": True}], name="first")
+    Run(load_config(first), echo=lambda line: None).run()
+    second = write_config(tmp_path, [{"name": "b", "n_epochs": 1, "train_diff": True}],
+                          name="second", model_checkpoint=str(tmp_path / "first"))
+    models = Run(load_config(second), echo=lambda line: None).models
+    trained = load_fluxflow(tmp_path / "first")
+    for name in ("compressor", "expander", "discriminator", "text_encoder"):
+        expected = jax.tree.leaves(nnx.state(getattr(trained, name), nnx.Param))
+        actual = jax.tree.leaves(nnx.state(getattr(models, name), nnx.Param))
+        assert all(np.array_equal(a, e) for a, e in zip(actual, expected, strict=True)), name
 
 
 # ----------------------------------------------------------------------------- standard mode

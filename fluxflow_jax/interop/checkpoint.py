@@ -351,18 +351,24 @@ def _commit(out: Path, payloads: Mapping[str, bytes], metadata: bytes) -> None:
             temp.unlink(missing_ok=True)
 
 
-def save_step_files(directory: str | os.PathLike, models: FluxFlowModels, step: str
-                    ) -> list[Path]:
+def step_file_names(step: str, *, ema: bool = False) -> dict[str, tuple[str, ...]]:
+    """{file name: components} of a pipeline step's weights (or of its averages)."""
+    kind = "ema" if ema else "final"
+    return {f"flxflow_step_{step}_{kind}.safetensors": _VAE_COMPONENTS,
+            f"text_encoder_step_{step}{'_ema' if ema else ''}.safetensors": ("text_encoder",),
+            f"D_img_step_{step}{'_ema' if ema else ''}.safetensors": ("discriminator",)}
+
+
+def save_step_files(directory: str | os.PathLike, models: FluxFlowModels, step: str, *,
+                    ema: bool = False) -> list[Path]:
     """A pipeline step's weights, beside the run's latest checkpoint, under per-step names:
     ``flxflow_step_<step>_final.safetensors``, ``text_encoder_step_<step>.safetensors`` and
-    ``D_img_step_<step>.safetensors`` (each file written atomically). They share the
-    directory's ``model_metadata.json`` (``save_fluxflow``), whose architecture they have."""
+    ``D_img_step_<step>.safetensors`` (``..._ema...`` for averaged weights; each file written
+    atomically). They share the directory's ``model_metadata.json`` (``save_fluxflow``),
+    whose architecture they have."""
     present = models.present()
-    files = {f"flxflow_step_{step}_final.safetensors": _VAE_COMPONENTS,
-             f"text_encoder_step_{step}.safetensors": ("text_encoder",),
-             f"D_img_step_{step}.safetensors": ("discriminator",)}
     written = []
-    for name, components in files.items():
+    for name, components in step_file_names(step, ema=ema).items():
         if all(c in present for c in components):
             atomic_write(Path(directory) / name, serialize_components(models, components))
             written.append(Path(directory) / name)

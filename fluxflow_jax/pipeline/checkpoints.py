@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from fluxflow_jax.training.state import TrainState
@@ -25,13 +26,19 @@ class RunCheckpointError(ValueError):
     """A checkpoint that cannot be restored into this run; the message says why."""
 
 
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """{dotted leaf path: shape} of a state, its abstract twin or a checkpoint's metadata."""
+def leaf_names(tree: Any) -> list[str]:
+    """The dotted path of every leaf, in leaf order: the same names for a state, its
+    abstract twin, a checkpoint's metadata and the arrays restored from it."""
     def name(path: tuple) -> str:
         return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
                         for k in path)
-    return {name(path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return [name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{dotted leaf path: shape} of a state, its abstract twin or a checkpoint's metadata."""
+    return {name: tuple(leaf.shape)
+            for name, leaf in zip(leaf_names(tree), jax.tree.leaves(tree), strict=True)}
 
 
 def _differences(stored: dict[str, tuple], wanted: dict[str, tuple]) -> list[str]:
@@ -97,6 +104,20 @@ class RunCheckpoints:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()))
         return restored.state, restored.record
+
+    def restore_arrays(self, step: int | None = None) -> dict[str, Any]:
+        """Checkpoint ``step``'s state (default: the latest) as nested dicts of host arrays,
+        without knowing the run's configuration (e.g. to export its weights)."""
+        self._manager.wait_until_finished()
+        step = self.latest() if step is None else step
+        if step is None:
+            raise RunCheckpointError(f"no checkpoint in {self.directory}")
+        host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
+                              self._manager.item_metadata(step)["state"])
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))
+        return jax.tree.map(np.asarray, restored.state)
 
     def close(self) -> None:
         """Wait for pending saves to be on disk, then release the writer threads."""

@@ -38,9 +38,9 @@ def progress_line(elapsed: float, step_name: str, step_index: int, step_count: i
              f"Epoch {epoch}/{epochs}", f"Batch {batch}/{batches}"]
     parts += [f"{label}: {averages[name]:.4f}" for label, name in CONSOLE_PARTS
               if name in averages]
-    parts.append(f"{seconds_per_batch:.2f}s/batch")
     if skipped > 0:
         parts.append(f"skipped {skipped}")
+    parts.append(f"{seconds_per_batch:.2f}s/batch")  # last, as in the reference's line
     return " | ".join(parts)
 
 

@@ -98,7 +98,9 @@ def transition_due(stage: Stage, position: Position) -> tuple[bool, str]:
 
 
 class Run:
-    """One training run of ``config``; ``run()`` trains it to the end (or resumes)."""
+    """One training run of ``config``: constructing it builds and checks everything (data,
+    stages, devices, models); ``run()`` trains to the end, resuming from the output's
+    checkpoints."""
 
     def __init__(self, config: RunConfig, *, resume: bool = True,
                  echo: Callable[[str], None] = print):
@@ -111,19 +113,22 @@ class Run:
         check_text_inputs(self.models.config, config.data, self.loader.tokenizer,
                           self.stages)
         self.lpips = load_lpips(config, self.stages)
-        self.output.mkdir(parents=True, exist_ok=True)
-        checkpoint_dir = self.output / "checkpoints"
-        if not resume and checkpoint_dir.exists():
-            echo(f"--no_resume: removing the previous run's checkpoints in {checkpoint_dir}")
-            shutil.rmtree(checkpoint_dir)
-        self.checkpoints = RunCheckpoints(checkpoint_dir, config.output.keep_last)
+        self.resume = resume
         self.base_key = jax.random.PRNGKey(config.training.seed)
         self.sharding = parallel.batch_sharding(self.mesh) if self.mesh else None
+        self.checkpoints: RunCheckpoints | None = None  # opened by run()
 
     # -- the run ----------------------------------------------------------------------
 
     def run(self) -> Position:
         """Train every remaining stage; the final position."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        checkpoint_dir = self.output / "checkpoints"
+        if not self.resume and checkpoint_dir.exists():
+            self.echo(f"--no_resume: removing the previous run's checkpoints in "
+                      f"{checkpoint_dir}")
+            shutil.rmtree(checkpoint_dir)
+        self.checkpoints = RunCheckpoints(checkpoint_dir, self.config.output.keep_last)
         try:
             position, state = self._start()
             for stage in self.stages[position.stage:]:
@@ -306,8 +311,11 @@ class Run:
 
     def _finish_stage(self, stage: Stage, state: TrainState, position: Position) -> None:
         """Export the stage's weights; the position moves on to the next stage."""
-        models = write_to_models(state, self.models)
         info = {"step": stage.label, "global_step": position.global_step}
+        if stage.name and stage.ema_components:  # the averages, for `export --step --ema`
+            save_step_files(self.output, write_to_models(state, self.models, ema=True),
+                            stage.name, ema=True)
+        models = write_to_models(state, self.models)
         if stage.name:
             save_step_files(self.output, models, stage.name)
         save_fluxflow(self.output, models, training_info=info)
