@@ -1,6 +1,7 @@
 """End to end across frameworks: train briefly in JAX, export, load the files in PyTorch
 ``fluxflow``, sample with the same starting noise in both (diffusers' DPM-Solver++ on the
-PyTorch side), decode, and compare the images; in float64 and in float32."""
+PyTorch side), decode, and compare the images; in float64 and in float32. And the other
+way: a checkpoint PyTorch ``fluxflow`` saved, brought in with ``fluxflow-jax import``."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import safetensors.torch
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from flax import nnx
-from fluxflow.models.versioning import load_versioned_checkpoint
+from fluxflow.models.versioning import load_versioned_checkpoint, save_versioned_checkpoint
 
 import torch_reference as ref
+from fluxflow_jax import cli
 from fluxflow_jax.interop import FluxFlowModels, load_fluxflow, save_fluxflow
 from fluxflow_jax.sampling import generate
 from fluxflow_jax.training import FlowOptions, StageConfig, TrainStep
@@ -52,6 +54,19 @@ def exported(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """A model created and saved by PyTorch fluxflow, then ``fluxflow-jax import``ed."""
+    source, out = tmp_path_factory.mktemp("torch"), tmp_path_factory.mktemp("imported")
+    save_versioned_checkpoint(ref.pipeline(CFG, seed=3), source, model_version="0.3.0")
+    encoder = ref.text_encoder(CFG, seed=4)
+    safetensors.torch.save_file({f"text_encoder.{k}": v.contiguous() for k, v in
+                                 encoder.state_dict().items()},
+                                source / "text_encoder.safetensors")
+    assert cli.main(["import", str(source), str(out)]) == 0
+    return out
+
+
 def torch_sample(path, ids, mask, noise, guidance, dtype):
     """The PyTorch side: fluxflow's loader, its text encoder file, diffusers' scheduler."""
     pipe = load_versioned_checkpoint(path, "cpu").to(dtype).eval()
@@ -83,9 +98,11 @@ def torch_sample(path, ids, mask, noise, guidance, dtype):
     return ref.nchw(images.clamp(-1, 1))
 
 
+@pytest.mark.parametrize("origin", ["exported", "imported"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 @pytest.mark.parametrize("precision", ["float64", "float32"])
-def test_same_images_in_both_frameworks(exported, guidance, precision):
+def test_same_images_in_both_frameworks(origin, guidance, precision, request):
+    exported = request.getfixturevalue(origin)
     torch_dtype, jax_dtype, _ = ref.PRECISIONS[precision]
     rng = np.random.default_rng(1)
     ids = rng.integers(1, 64, (BATCH, 12))
