@@ -102,6 +102,18 @@ def test_generate_from_a_run_with_its_averages(run_dir, tmp_path):
     assert [p.name for p in out.iterdir()] == ["000_a-red-circle.png"]
 
 
+def test_model_checkpoint_starts_from_a_previous_runs_output(run_dir, tmp_path):
+    """Fine-tuning: a run directory as model_checkpoint gives the new run its weights."""
+    second = write_config(tmp_path, [{"name": "b", "n_epochs": 1, "train_diff": True}],
+                          name="second", model_checkpoint=str(run_dir))
+    models = Run(load_config(second), echo=lambda line: None).models
+    for name in ("compressor", "flow_processor", "expander", "text_encoder",
+                 "discriminator"):
+        loaded = [np.asarray(x) for x in jax.tree.leaves(nnx.state(getattr(models, name),
+                                                                   nnx.Param))]
+        assert equal(loaded, params(run_dir, name)), name
+
+
 def test_a_pytorch_checkpoint_imports_and_fine_tunes(tmp_path):
     """A checkpoint PyTorch fluxflow wrote (its own save function) becomes a run's
     model_checkpoint with its weights unchanged."""

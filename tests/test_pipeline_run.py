@@ -3,10 +3,7 @@ mode. Runs use the tiny model on 8 demo images of 32 px (4 batches of 2 per epoc
 
 from __future__ import annotations
 
-import jax
-import numpy as np
 import pytest
-from flax import nnx
 
 from fluxflow_jax import cli
 from fluxflow_jax.interop import load_fluxflow
@@ -114,21 +111,6 @@ def test_threshold_transition_ends_a_running_stage(tmp_path):
     Run(load_config(config), echo=lines.append).run()
     assert len(records(tmp_path / "run", "a")) == 4
     assert any(line.startswith("Step 'a' finished: loss_kl=") for line in lines)
-
-
-def test_model_checkpoint_starts_from_a_previous_runs_output(tmp_path):
-    """Fine-tuning: a run directory as model_checkpoint gives the new run its weights."""
-    first = write_config(tmp_path, [{"name": "a", "n_epochs": 1, "max_steps": 1,
-                                     "train_vae": True}], name="first")
-    Run(load_config(first), echo=lambda line: None).run()
-    second = write_config(tmp_path, [{"name": "b", "n_epochs": 1, "train_diff": True}],
-                          name="second", model_checkpoint=str(tmp_path / "first"))
-    models = Run(load_config(second), echo=lambda line: None).models
-    trained = load_fluxflow(tmp_path / "first")
-    for name in ("compressor", "expander", "discriminator", "text_encoder"):
-        expected = jax.tree.leaves(nnx.state(getattr(trained, name), nnx.Param))
-        actual = jax.tree.leaves(nnx.state(getattr(models, name), nnx.Param))
-        assert all(np.array_equal(a, e) for a, e in zip(actual, expected, strict=True)), name
 
 
 # ----------------------------------------------------------------------------- standard mode
