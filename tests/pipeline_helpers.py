@@ -29,7 +29,8 @@ def write_config(tmp_path: Path, steps: list[dict] | None, *, name: str = "run",
         training["pipeline"] = {"defaults": {"lr": 1.0e-3}, "steps": steps}
     document = {"model": TINY_MODEL if model is None else model, "data": DATA, "training": training,
                 "output": {"output_path": str(tmp_path / name), "log_interval": 1,
-                           "generate_diagrams": False, **(output or {})}, **top}
+                           "generate_diagrams": False, "no_samples": True,
+                           **(output or {})}, **top}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(document))
     return path

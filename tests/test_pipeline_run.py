@@ -3,11 +3,13 @@ mode. Runs use the tiny model on 8 demo images of 32 px (4 batches of 2 per epoc
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from fluxflow_jax import cli
 from fluxflow_jax.interop import load_fluxflow
-from fluxflow_jax.pipeline.config import load_config
+from fluxflow_jax.pipeline.config import ConfigError, load_config
 from fluxflow_jax.pipeline.run import Position, Run, transition_due
 from fluxflow_jax.pipeline.stages import build_stages
 from pipeline_helpers import records, same_prefix, tensors, write_config
@@ -111,6 +113,37 @@ def test_threshold_transition_ends_a_running_stage(tmp_path):
     Run(load_config(config), echo=lines.append).run()
     assert len(records(tmp_path / "run", "a")) == 4
     assert any(line.startswith("Step 'a' finished: loss_kl=") for line in lines)
+
+
+def test_samples_during_training(tmp_path):
+    """Reconstructions in the VAE step at every 2nd checkpoint and its end; text-to-image in
+    the flow step at each configured size."""
+    config = write_config(tmp_path, [
+        {"name": "vae", "n_epochs": 1, "max_steps": 3, "train_vae": True},
+        {"name": "flow", "n_epochs": 1, "max_steps": 1, "train_diff": True}],
+        output={"no_samples": False, "checkpoint_save_interval": 1,
+                "samples_per_checkpoint": 2, "sample_sizes": [32, "48x32"],
+                "sample_steps": 2, "sample_captions": ["a red circle", "a blue star"]})
+    Run(load_config(config), echo=lambda line: None).run()
+    files = {p.name: np.asarray(Image.open(p)) for p in (tmp_path / "run" / "samples").iterdir()}
+    assert {name: image.shape for name, image in files.items()} == {
+        # rows: the first 2 images; columns: original, with context, without
+        "sample_vae_epoch_1_batch_2_vae.png": (64, 96, 3),
+        "sample_vae_epoch_1_batch_3_vae.png": (64, 96, 3),
+        # the captions side by side
+        "sample_flow_epoch_1_batch_1_32x32.png": (32, 64, 3),
+        "sample_flow_epoch_1_batch_1_48x32.png": (32, 96, 3)}
+    originals = [files[f"sample_vae_epoch_1_batch_{b}_vae.png"][:, :32] for b in (2, 3)]
+    assert np.array_equal(*originals)  # the same fixed images every time
+    assert not np.array_equal(files["sample_vae_epoch_1_batch_2_vae.png"],
+                              files["sample_vae_epoch_1_batch_3_vae.png"])
+
+
+def test_sample_sizes_the_model_cannot_make_are_reported(tmp_path):
+    config = write_config(tmp_path, [{"name": "a", "n_epochs": 1, "train_diff": True}],
+                          output={"no_samples": False, "sample_sizes": [30]})
+    with pytest.raises(ConfigError, match="output.sample_sizes: 30x30"):
+        Run(load_config(config), echo=lambda line: None)
 
 
 # ----------------------------------------------------------------------------- standard mode

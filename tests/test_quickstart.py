@@ -23,5 +23,8 @@ def test_quickstart_runs_every_stage(tmp_path, lpips_files, monkeypatch, capsys)
         assert len(records(out, stage)) == 1
         assert (out / "graph" / f"training_losses_{stage}.png").is_file()
     assert (out / "graph" / "training_overview.png").is_file()
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "sample_flow_epoch_1_batch_1_64x64.png", "sample_vae_gan_epoch_1_batch_1_vae.png",
+        "sample_vae_warmup_epoch_1_batch_1_vae.png"]
     assert set(load_fluxflow(out).present()) == {"compressor", "flow_processor", "expander",
                                                  "text_encoder", "discriminator"}

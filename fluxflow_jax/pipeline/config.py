@@ -236,7 +236,8 @@ class OutputConfig:
     no_samples: bool = False
     test_image_address: tuple[str, ...] = ()
     sample_captions: tuple[str, ...] = ("A sample caption",)
-    sample_sizes: tuple[Any, ...] | None = None
+    sample_sizes: tuple[Any, ...] | None = None  # None: data.img_size
+    sample_steps: int = 20  # solver steps of the text-to-image samples
     log_level: str = "INFO"
     log_file: str | None = None
 
@@ -247,6 +248,7 @@ OUTPUT_CHECKS: dict[str, Check] = {
     "generate_diagrams": check_bool, "samples_per_checkpoint": integer_at_least(0),
     "no_samples": check_bool, "test_image_address": check_str_list,
     "sample_captions": check_str_list, "sample_sizes": optional(_check_sizes),
+    "sample_steps": integer_at_least(1),
     "log_level": one_of(("DEBUG", "INFO", "WARNING", "ERROR")),
     "log_file": optional(check_str)}
 

@@ -74,6 +74,7 @@ FLAGS: tuple[tuple[str, str, str, Any], ...] = (
     ("generate_diagrams", "output", "generate_diagrams", "flag"),
     ("test_image_address", "output", "test_image_address", (str, "+")),
     ("sample_captions", "output", "sample_captions", (str, "+")),
+    ("sample_steps", "output", "sample_steps", int),
     ("sample_sizes", "output", "sample_sizes", (lambda text: int(text) if text.isdigit()
                                                  else text, "+")),  # 512 or WxH
 )

@@ -37,6 +37,7 @@ from fluxflow_jax.pipeline.config import ConfigError, RunConfig
 from fluxflow_jax.pipeline.console import (ProgressBar, RunningAverage, averaging_window,
                                            format_duration, progress_line)
 from fluxflow_jax.pipeline.metrics_log import MetricsLog
+from fluxflow_jax.pipeline.samples import Samples
 from fluxflow_jax.pipeline.setup import (check_text_inputs, initial_models, load_lpips,
                                          make_loader, make_mesh)
 from fluxflow_jax.pipeline.stages import Stage, build_stages
@@ -113,6 +114,9 @@ class Run:
         check_text_inputs(self.models.config, config.data, self.loader.tokenizer,
                           self.stages)
         self.lpips = load_lpips(config, self.stages)
+        output = config.output
+        self.samples = (None if output.no_samples or output.samples_per_checkpoint == 0
+                        else Samples(config, self.loader, self.models.config))
         self.resume = resume
         self.base_key = jax.random.PRNGKey(config.training.seed)
         self.sharding = parallel.batch_sharding(self.mesh) if self.mesh else None
@@ -238,6 +242,7 @@ class Run:
                     self._log(stage, position, window, shown, metrics_log, started, seconds)
                 loader_state = batch.loader_state
                 position.averages = window.values()
+                shown_at = (position.epoch + 1, position.batch)  # for sample names
                 if epoch_end:
                     position.epoch += 1
                     position.data_epoch += 1
@@ -258,6 +263,10 @@ class Run:
                     self._finish_stage(stage, state, position)
                 if interval or epoch_end or done:
                     self._save(state, position, loader_state)
+                if self.samples and (done or epoch_end or self._samples_due(position)):
+                    if not done:  # a stage end has just written its weights
+                        write_to_models(state, self.models)
+                    self.samples.write(self.models, stage, *shown_at)
                 if epoch_end or done:
                     break
         finally:
@@ -265,6 +274,12 @@ class Run:
             bar.clear()
         self.loader.seek(position.data_epoch)  # the loop may leave an epoch's iterator early
         return state, done, reason
+
+    def _samples_due(self, position: Position) -> bool:
+        """At every samples_per_checkpoint-th interval checkpoint of the stage."""
+        interval = self.config.output.checkpoint_save_interval
+        return position.stage_batches % interval == 0 and \
+            (position.stage_batches // interval) % self.config.output.samples_per_checkpoint == 0
 
     def _train_batch(self, step: TrainStep, state: TrainState, device_inputs: list,
                      position: Position, pending: list) -> TrainState:
