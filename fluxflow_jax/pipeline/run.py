@@ -244,16 +244,8 @@ class Run:
                 position.averages = window.values()
                 shown_at = (position.epoch + 1, position.batch)  # for sample names
                 if epoch_end:
-                    position.epoch += 1
-                    position.data_epoch += 1
-                    position.batch = 0
-                    position.averages = {}  # the console window restarts every epoch
+                    done, reason = self._close_epoch(stage, position, started)
                     loader_state = self.loader.position_state(position.data_epoch)
-                    self.echo(f"Epoch {position.epoch} completed in "
-                              f"{format_duration(time.perf_counter() - started)}")
-                    done, reason = transition_due(stage, position)
-                    if reason and not done:
-                        self.echo(f"Transition check: {reason}")
                 if capped and not done:
                     done, reason = True, f"reached max_steps ({stage.max_batches} batches)"
                 if done:
@@ -274,6 +266,20 @@ class Run:
             bar.clear()
         self.loader.seek(position.data_epoch)  # the loop may leave an epoch's iterator early
         return state, done, reason
+
+    def _close_epoch(self, stage: Stage, position: Position, started: float
+                     ) -> tuple[bool, str]:
+        """Move the position past a finished epoch; whether the stage ends there, and why."""
+        position.epoch += 1
+        position.data_epoch += 1
+        position.batch = 0
+        position.averages = {}  # the console window restarts every epoch
+        self.echo(f"Epoch {position.epoch} completed in "
+                  f"{format_duration(time.perf_counter() - started)}")
+        done, reason = transition_due(stage, position)
+        if reason and not done:
+            self.echo(f"Transition check: {reason}")
+        return done, reason
 
     def _samples_due(self, position: Position) -> bool:
         """At every samples_per_checkpoint-th interval checkpoint of the stage."""
