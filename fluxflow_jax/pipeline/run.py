@@ -241,7 +241,6 @@ class Run:
                     bar.clear()
                     self._log(stage, position, window, shown, metrics_log, started, seconds)
                 loader_state = batch.loader_state
-                position.averages = window.values()
                 shown_at = (position.epoch + 1, position.batch)  # for sample names
                 if epoch_end:
                     done, reason = self._close_epoch(stage, position, started)
@@ -254,6 +253,8 @@ class Run:
                         loader_state = self.loader.position_state(position.data_epoch)
                     self._finish_stage(stage, state, position)
                 if interval or epoch_end or done:
+                    if not (epoch_end or done):  # mid-epoch: the console window goes on
+                        position.averages = window.values()
                     self._save(state, position, loader_state)
                 if self.samples and (done or epoch_end or self._samples_due(position)):
                     if not done:  # a stage end has just written its weights
