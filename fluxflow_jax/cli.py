@@ -192,8 +192,9 @@ def _train(args: argparse.Namespace) -> int:
     config = _load_run_config(args)
     if args.validate_pipeline:
         return _print_plan(config)
-    if config.training.use_fp16:
-        print("note: use_fp16 is ignored: training runs in float32", file=sys.stderr)
+    training = config.training
+    if training.distributed or training.coordinator_address:
+        _join_processes(training)
     try:
         Run(config, resume=not args.no_resume).run()
     except KeyboardInterrupt:
@@ -201,6 +202,23 @@ def _train(args: argparse.Namespace) -> int:
               f"in {config.output.output_path}", file=sys.stderr)
         return 130
     return 0
+
+
+def _join_processes(training) -> None:
+    """Join the other hosts of a multi-host run, or fail with what to fix."""
+    from fluxflow_jax import parallel
+    from fluxflow_jax.pipeline.config import ConfigError
+
+    try:
+        parallel.join_processes(training.coordinator_address, training.num_processes,
+                                training.process_id)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError([
+            f"training.distributed: could not join the other processes ({err}); give "
+            "training.coordinator_address (host:port of process 0), num_processes and "
+            "process_id, or their JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / "
+            "JAX_PROCESS_ID environment variables, or run under SLURM, Open MPI or a TPU "
+            "pod"]) from None
 
 
 class _Usage(Exception):

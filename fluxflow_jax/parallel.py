@@ -8,6 +8,7 @@ expressed the way current JAX builds ``pmap`` itself.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import jax
@@ -38,3 +39,18 @@ def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
     if batch_size % devices:
         raise ValueError(f"the global batch of {batch_size} cannot be split over {devices} "
                          f"devices; use a batch size divisible by {devices}")
+
+
+def join_processes(coordinator_address: str | None = None, num_processes: int | None = None,
+                   process_id: int | None = None) -> None:
+    """Join a multi-host run (``jax.distributed.initialize``); call before any other JAX use.
+
+    What is not given comes from the environment: ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, else JAX's cluster detection (SLURM, Open MPI,
+    Cloud TPU pods, Kubernetes). Afterwards ``jax.devices()`` lists every process's devices.
+    """
+    from_env = lambda name: int(os.environ[name]) if os.environ.get(name) else None
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"),
+        num_processes=num_processes or from_env("JAX_NUM_PROCESSES"),
+        process_id=process_id if process_id is not None else from_env("JAX_PROCESS_ID"))

@@ -1,4 +1,7 @@
-"""Data parallelism: a step on 8 (CPU) devices equals the single-device step."""
+"""Data parallelism: a step on 8 (CPU) devices equals the single-device step, and a run
+moves between device counts."""
+
+import re
 
 import jax
 import numpy as np
@@ -7,7 +10,11 @@ from flax import nnx
 
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.parallel import data_mesh
+from fluxflow_jax.pipeline import run as run_module
+from fluxflow_jax.pipeline.config import load_config
+from fluxflow_jax.pipeline.run import Run
 from fluxflow_jax.training import FlowOptions, StageConfig, TrainStep, VAEOptions
+from pipeline_helpers import DATA, records, write_config
 from tiny import TINY
 
 SGD = {"type": "SGD", "lr": 0.05}
@@ -64,3 +71,50 @@ def test_a_batch_that_does_not_split_is_named():
     step = TrainStep(models, stage, mesh=data_mesh())
     with pytest.raises(ValueError, match="batch of 6 cannot be split over 8 devices"):
         step(step.init_state(models), {"images": IMAGES[:6]}, jax.random.key(0))
+
+
+def test_an_eight_device_run_resumes_on_one_device(tmp_path, monkeypatch):
+    """An 8-device run stopped after its 2nd batch continues on 1 device: the same 4 logged
+    batches as an uninterrupted 8-device run. Its log lines carry the compile time, the
+    speed and (with a known device peak) the MFU."""
+    steps = [{"name": "flow", "n_epochs": 1, "max_steps": 4, "train_diff": True}]
+    common = {"data": {**DATA, "demo_samples": 32}, "output": {"checkpoint_save_interval": 1}}
+    whole = write_config(tmp_path, steps, name="whole",
+                         training={"batch_size": 8, "devices": 8}, **common)
+    stopped = write_config(tmp_path, steps, name="stopped",
+                           training={"batch_size": 8, "devices": 8}, **common)
+    lines: list[str] = []
+    monkeypatch.setattr(run_module, "peak_flops", lambda device, precision: 1e12)
+    Run(load_config(whole), echo=lines.append).run()
+
+    save = Run._save
+
+    def save_then_stop(self, state, position, loader_state):
+        save(self, state, position, loader_state)
+        if position.global_step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "_save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        Run(load_config(stopped), echo=lambda line: None).run()
+    monkeypatch.setattr(Run, "_save", save)
+    resumed: list[str] = []
+    Run(load_config(stopped, {"training": {"devices": 1}}), echo=resumed.append).run()
+    assert any(line.startswith("Resuming from checkpoint 2") for line in resumed)
+
+    expected, actual = records(tmp_path / "whole", "flow"), records(tmp_path / "stopped", "flow")
+    assert [r["global_step"] for r in actual] == [1, 2, 3, 4]
+    for a, b in zip(expected, actual, strict=True):
+        for key, value in a["metrics"].items():
+            assert b["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+    compiled = [line for line in lines if line.startswith("Compiled step flow for ")]
+    assert len(compiled) == 1 and "images 8x32x32x3" in compiled[0]  # once for the stage
+    gflop = float(re.search(r"([0-9.e+]+) GFLOP per call and device", compiled[0])[1])
+    for record in expected:
+        extras = record["extras"]
+        assert extras["images_per_second"] == pytest.approx(8 / extras["batch_time"])
+        assert extras["mfu"] == pytest.approx(gflop * 1e9 / extras["batch_time"] / 1e12,
+                                              rel=1e-3)
+    assert re.search(r"\| [0-9.]+ img/s \| MFU [0-9.]+% \| [0-9.]+s/batch$",
+                     [line for line in lines if "Batch 4/" in line][0])

@@ -49,9 +49,16 @@ class TokenAttentionBlock(nnx.Module):
         return x + self.ff_out(hidden)
 
 
+def _downscale(first: nnx.Conv, down: nnx.Conv, x: jax.Array) -> jax.Array:
+    """One encoder stage: a 3x3 conv, then the stride-2 8x8 one, each Bezier-activated."""
+    x = bezier_activation(first(x), "tanh", "silu")
+    return bezier_activation(down(x), "tanh", "silu")
+
+
 class FluxCompressor(nnx.Module):
     def __init__(self, config: FluxFlowConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.remat = False  # recompute block activations in backward passes
         c, dim = config.compressor_channels, config.vae_dim
         self.encoder_first_step = nnx.List([
             layers.conv(c[i], 5 * c[i + 1], 3, padding=1, use_bias=False, rngs=rngs)
@@ -80,8 +87,7 @@ class FluxCompressor(nnx.Module):
         b, height, width, _ = images.shape
         x = jnp.concatenate([images, coordinate_channels(b, height, width, images.dtype)], -1)
         for first, down in zip(self.encoder_first_step, self.encoder_z):
-            x = bezier_activation(first(x), "tanh", "silu")
-            x = bezier_activation(down(x), "tanh", "silu")
+            x = layers.checkpointed(_downscale, first, down, x, remat=self.remat)
         latent = x
         for proj in self.latent_proj:
             latent = bezier_activation(proj(latent), "tanh", "silu")
@@ -98,7 +104,8 @@ class FluxCompressor(nnx.Module):
         tokens = (z.reshape(b, h * w, dim) + sincos_table_2d(h, w, dim, z.dtype)[None]
                   + latent.reshape(b, h * w, dim))
         for block in self.token_attn:
-            tokens = block(tokens)
+            tokens = layers.checkpointed(TokenAttentionBlock.__call__, block, tokens,
+                                         remat=self.remat)
         hw = hw_token(b, h, w, dim, self.config.max_hw, tokens.dtype)
         return Encoded(jnp.concatenate([tokens, hw], axis=1), mu, logvar)
 
@@ -119,7 +126,10 @@ class FluxCompressor(nnx.Module):
             raise ValueError("FluxCompressor needs exactly one of noise= (an array shaped "
                              f"like the latent, {mu.shape}) or key= (a PRNG key)")
         if noise is None:
-            return jax.random.normal(key, mu.shape, mu.dtype)
+            # Drawn in (at least) float32 whatever the compute dtype, so a bfloat16 run
+            # samples the same latents as a float32 one.
+            wide = jnp.promote_types(mu.dtype, jnp.float32)
+            return jax.random.normal(key, mu.shape, wide).astype(mu.dtype)
         if noise.shape != mu.shape:
             raise ValueError(f"noise has shape {noise.shape}; the latent is {mu.shape}")
         return noise.astype(mu.dtype)

@@ -38,6 +38,7 @@ class ResidualUpsampleBlock(nnx.Module):
 class FluxExpander(nnx.Module):
     def __init__(self, config: FluxFlowConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.remat = False  # recompute block activations in backward passes
         dim = config.vae_dim
         self.upscale = nnx.List([
             ResidualUpsampleBlock(dim, dim, config.spade_hidden, rngs=rngs)
@@ -67,7 +68,8 @@ class FluxExpander(nnx.Module):
         context = feat if use_context else None
         x = feat
         for block in self.upscale:
-            x = block(x, context)
+            x = layers.checkpointed(ResidualUpsampleBlock.__call__, block, x, context,
+                                    remat=self.remat)
         x = jax.nn.silu(self.rgb_norm1(self.rgb_conv1(x)))
         x = jax.nn.silu(self.rgb_norm2(self.rgb_conv2(x)))
         return self.rgb_activation(self.rgb_conv3(x))

@@ -105,6 +105,7 @@ class FluxTransformerBlock(nnx.Module):
 class FluxFlowProcessor(nnx.Module):
     def __init__(self, config: FluxFlowConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.remat = False  # recompute block activations in backward passes
         df, dv, emb = config.flow_dim, config.vae_dim, config.text_embed_dim
         self.vae_to_dmodel = layers.linear(dv, df, rngs=rngs)
         self.dmodel_to_vae = layers.linear(df, dv, rngs=rngs)
@@ -150,7 +151,8 @@ class FluxFlowProcessor(nnx.Module):
         b, t_len, _ = tokens.shape
         x = self.vae_to_dmodel(tokens)
         context, _ = self.ctx_mixer(x[:, : min(self.config.ctx_tokens, t_len)])
-        cond = text_embeddings + self.time_conditioning(timesteps)
+        cond = text_embeddings + self.time_conditioning(timesteps).astype(
+            text_embeddings.dtype)
         txt = self.text_proj(cond)[:, None]
 
         inv_freq = self.transformer_blocks[0].inv_freq[...].astype(x.dtype)
@@ -158,7 +160,8 @@ class FluxFlowProcessor(nnx.Module):
         pillars = [None] * 4
         for block in self.transformer_blocks:
             x = self.context_injection(x, context)
-            x, pillars = block(x, txt, rope_img, rope_txt, pillars)
+            x, pillars = layers.checkpointed(FluxTransformerBlock.__call__, block, x, txt,
+                                             rope_img, rope_txt, pillars, remat=self.remat)
             context = context + x.mean(axis=1)
         out = self.dmodel_to_vae(x)
         out = out + self._side_branch_update(x, h, w)

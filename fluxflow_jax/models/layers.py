@@ -103,7 +103,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     for float64 inputs: float64 parity with PyTorch must stay exact.
     """
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+    return jnp.einsum("bhqk,bkhd->bqhd", softmax(scores), v)
+
+
+def softmax(scores: jax.Array) -> jax.Array:
+    """Softmax over the last axis, computed in at least float32 (bfloat16 logits would
+    lose the small probabilities), returned in the logits' dtype."""
+    wide = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    return jax.nn.softmax(wide, axis=-1).astype(scores.dtype)
+
+
+def checkpointed(fn, *args, remat: bool):
+    """``fn(*args)``, the modules it uses passed among ``args``. With ``remat`` its
+    activations are recomputed in the backward pass instead of being kept from the forward
+    one (``jax.checkpoint``): less memory for one more forward of the block."""
+    return nnx.remat(fn)(*args) if remat else fn(*args)
 
 
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:

@@ -39,7 +39,7 @@ class DistilBertLayer(nnx.Module):
         q = q / jnp.sqrt(jnp.asarray(q.shape[-1], x.dtype))  # DistilBERT scales q first
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, split(self.k_lin(x)))
         scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
-        weights = self.attention_dropout(jax.nn.softmax(scores, axis=-1), rngs=rngs)
+        weights = self.attention_dropout(layers.softmax(scores), rngs=rngs)
         attended = jnp.einsum("bhqk,bkhd->bqhd", weights, split(self.v_lin(x)))
         # DistilBERT drops out attention weights and the FFN output, not the attention output.
         x = self.sa_layer_norm(x + self.out_lin(attended.reshape(x.shape)))
@@ -56,6 +56,7 @@ class BertTextEncoder(nnx.Module):
 
     def __init__(self, config: FluxFlowConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.remat = False  # recompute block activations in backward passes
         d = config.text_dim
         self.word_embeddings = layers.Embedding(config.text_vocab_size, d, std=0.02, rngs=rngs)
         self.position_embeddings = layers.Embedding(config.text_max_positions, d, std=0.02,
@@ -83,7 +84,8 @@ class BertTextEncoder(nnx.Module):
         x = self.word_embeddings(input_ids) + self.position_embeddings(jnp.arange(length))[None]
         x = self.embedding_dropout(self.embedding_norm(x), rngs=rngs)
         for layer in self.layers:
-            x = layer(x, attention_mask.astype(bool), rngs)
+            x = layers.checkpointed(DistilBertLayer.__call__, layer, x,
+                                    attention_mask.astype(bool), rngs, remat=self.remat)
         return x
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,

@@ -264,27 +264,45 @@ class TrainingConfig:
     lr_min: float = 0.1
     preserve_lr: bool = False  # accepted for reference configs: resume restores schedules
     training_steps: int = 1  # updates per batch
-    use_fp16: bool = False
+    use_fp16: bool = False  # mixed precision, as bf16 (see precision)
+    precision: str | None = None  # fp32 | bf16; None: bf16 if use_fp16, else fp32
+    remat: bool = False  # recompute block activations in the backward pass (less memory)
     initial_clipping_norm: float = 1.0
     max_steps: int | None = None  # every step ends after this many batches
     seed: int = 0  # model initialisation and training randomness
     devices: int | None = None  # data-parallel devices; None: all
     lpips_weights: str | None = None  # None: the default path (fluxflow-jax lpips-weights)
+    # Multi-host (jax.distributed): on, auto-detecting the cluster (SLURM, Open MPI, TPU pods,
+    # Kubernetes) unless the coordinator and this process are given.
+    distributed: bool = False
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
     optim_sched_config: str | None = None
     step: StepConfig = StepConfig()  # standard mode's step
     pipeline: PipelineConfig | None = None
+
+    @property
+    def compute_precision(self) -> str:
+        """The arithmetic the steps run in: ``precision``, else bf16 for ``use_fp16`` (JAX
+        accelerators do mixed precision in bfloat16, which needs no loss scaling)."""
+        return self.precision or ("bf16" if self.use_fp16 else "fp32")
 
 
 TRAINING_CHECKS: dict[str, Check] = {
     "n_epochs": integer_at_least(1), "batch_size": integer_at_least(1),
     "workers": integer_at_least(1), "lr": _POSITIVE, "lr_min": in_interval("[0, 1]", 0.1),
     "preserve_lr": check_bool, "training_steps": integer_at_least(1),
-    "use_fp16": check_bool, "initial_clipping_norm": optional(_POSITIVE),
+    "use_fp16": check_bool, "precision": optional(one_of(("fp32", "bf16"))),
+    "remat": check_bool, "initial_clipping_norm": optional(_POSITIVE),
     "max_steps": _OPTIONAL_POSITIVE_INT, "seed": integer_at_least(0),
     "devices": _OPTIONAL_POSITIVE_INT, "lpips_weights": optional(check_str),
+    "distributed": check_bool, "coordinator_address": optional(check_str),
+    "num_processes": _OPTIONAL_POSITIVE_INT, "process_id": optional(integer_at_least(0)),
     "optim_sched_config": optional(check_str)}
 # Run-wide keys the reference also parses (and ignores) in a step.
-RUN_ONLY_KEYS = ("batch_size", "workers", "use_fp16", "training_steps", "seed", "devices")
+RUN_ONLY_KEYS = ("batch_size", "workers", "use_fp16", "training_steps", "seed", "devices",
+                 "precision", "remat")
 # Step keys of a standard-mode run; name, description and transitions belong to pipelines.
 STANDARD_STEP_KEYS = tuple(k for k in STEP_CHECKS if k not in TRAINING_CHECKS
                            and k not in ("name", "description"))

@@ -1,7 +1,8 @@
 """The training progress line, in the reference's layout under our metric names.
 
 Example: ``[0000:15:23.123] Step vae_gan (2/3) | Epoch 5/20 | Batch 127/500 | VAE: 0.0234 |
-KL: 12.4500 | G: 0.1560 | D: 0.0890 | LPIPS: 0.0812 | 3.20s/batch``.
+KL: 12.4500 | G: 0.1560 | D: 0.0890 | LPIPS: 0.0812 | 2.5 img/s | 3.20s/batch``, with
+``MFU 41.3%`` before the last part on accelerators whose peak is known.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import math
 import sys
 from collections import deque
 from typing import Mapping, TextIO
+
+from fluxflow_jax.training.train_step import Compilation
 
 # (label, metric) in display order; a part is shown only when its metric is averaged.
 CONSOLE_PARTS = (("VAE", "loss_recon"), ("KL", "loss_kl"), ("G", "loss_gen"),
@@ -30,18 +33,36 @@ def format_duration(seconds: float) -> str:
 def progress_line(elapsed: float, step_name: str, step_index: int, step_count: int,
                   epoch: int, epochs: int, batch: int, batches: int,
                   averages: Mapping[str, float], seconds_per_batch: float,
-                  skipped: int = 0) -> str:
+                  skipped: int = 0, *, images_per_second: float | None = None,
+                  mfu: float | None = None) -> str:
     """One progress line. Positions are printed as given (pass 1-based step and epoch
     numbers); ``averages`` holds only the metrics the stage trains (the train step reports
-    zeros for the others); ``skipped`` batches are shown when there are any."""
+    zeros for the others); ``skipped`` batches are shown when there are any, the speed
+    (images/s, MFU) when known."""
     parts = [f"[{format_duration(elapsed)}] Step {step_name} ({step_index}/{step_count})",
              f"Epoch {epoch}/{epochs}", f"Batch {batch}/{batches}"]
     parts += [f"{label}: {averages[name]:.4f}" for label, name in CONSOLE_PARTS
               if name in averages]
     if skipped > 0:
         parts.append(f"skipped {skipped}")
+    if images_per_second is not None:
+        parts.append(f"{images_per_second:.1f} img/s")
+    if mfu is not None:
+        parts.append(f"MFU {mfu:.1%}")
     parts.append(f"{seconds_per_batch:.2f}s/batch")  # last, as in the reference's line
     return " | ".join(parts)
+
+
+def compile_line(step_name: str, compilation: Compilation) -> str:
+    """The log line of one compilation of a step: for which inputs, how long, how costly."""
+    shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}"
+                       for name, shape, _ in compilation.shapes)
+    cost = (f", {compilation.flops / 1e9:.4g} GFLOP per call and device"
+            if compilation.flops else "")
+    memory = (f", {compilation.temp_bytes / 2**20:,.0f} MiB activations"
+              if compilation.temp_bytes is not None else "")
+    return (f"Compiled step {step_name} for {shapes} in {compilation.seconds:.1f}s"
+            f"{cost}{memory}")
 
 
 def averaging_window(log_interval: int) -> int:

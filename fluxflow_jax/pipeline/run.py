@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from fluxflow_jax import parallel
 from fluxflow_jax.data import DataLoader, prefetch_to_device
@@ -35,12 +36,14 @@ from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.pipeline.checkpoints import RunCheckpoints
 from fluxflow_jax.pipeline.config import ConfigError, RunConfig
 from fluxflow_jax.pipeline.console import (ProgressBar, RunningAverage, averaging_window,
-                                           format_duration, progress_line)
+                                           compile_line, format_duration, progress_line)
 from fluxflow_jax.pipeline.metrics_log import MetricsLog
 from fluxflow_jax.pipeline.samples import Samples
 from fluxflow_jax.pipeline.setup import (check_text_inputs, initial_models, load_lpips,
                                          make_loader, make_mesh)
+from fluxflow_jax.pipeline.speed import Speed, SpeedMeter
 from fluxflow_jax.pipeline.stages import Stage, build_stages
+from fluxflow_jax.training.performance import peak_flops
 from fluxflow_jax.training.state import TrainState, write_to_models
 from fluxflow_jax.training.train_step import TrainStep
 
@@ -105,7 +108,10 @@ class Run:
 
     def __init__(self, config: RunConfig, *, resume: bool = True,
                  echo: Callable[[str], None] = print):
-        self.config, self.echo = config, echo
+        # Every process trains; only process 0 prints and writes files (orbax coordinates
+        # the checkpoints of all of them).
+        self.writer = jax.process_index() == 0
+        self.config, self.echo = config, echo if self.writer else (lambda line: None)
         self.output = Path(config.output.output_path)
         self.loader: DataLoader = make_loader(config)
         self.stages = build_stages(config, self.loader.batches_per_epoch())
@@ -120,6 +126,8 @@ class Run:
         self.resume = resume
         self.base_key = jax.random.PRNGKey(config.training.seed)
         self.sharding = parallel.batch_sharding(self.mesh) if self.mesh else None
+        self.precision = config.training.compute_precision
+        self.peak_flops = peak_flops(jax.devices()[0], self.precision)
         self.checkpoints: RunCheckpoints | None = None  # opened by run()
 
     # -- the run ----------------------------------------------------------------------
@@ -128,10 +136,12 @@ class Run:
         """Train every remaining stage; the final position."""
         self.output.mkdir(parents=True, exist_ok=True)
         checkpoint_dir = self.output / "checkpoints"
-        if not self.resume and checkpoint_dir.exists():
+        if not self.resume and checkpoint_dir.exists() and self.writer:
             self.echo(f"--no_resume: removing the previous run's checkpoints in "
                       f"{checkpoint_dir}")
             shutil.rmtree(checkpoint_dir)
+        if jax.process_count() > 1:  # no process opens the checkpoints before that
+            multihost_utils.sync_global_devices("fluxflow_jax: checkpoints ready")
         self.checkpoints = RunCheckpoints(checkpoint_dir, self.config.output.keep_last)
         try:
             position, state = self._start()
@@ -171,7 +181,8 @@ class Run:
         return position, state
 
     def _train_step(self, stage: Stage) -> TrainStep:
-        return TrainStep(self.models, stage.config, lpips=self.lpips, mesh=self.mesh)
+        return TrainStep(self.models, stage.config, lpips=self.lpips, mesh=self.mesh,
+                         precision=self.precision, remat=self.config.training.remat)
 
     # -- one stage ----------------------------------------------------------------------
 
@@ -194,7 +205,8 @@ class Run:
                                     carried_averages=stage.ema_components)
             position.state_stage = stage.index
         metrics_log = MetricsLog(self.output, stage.name,
-                                 position.global_step if resuming else None)
+                                 position.global_step if resuming else None) \
+            if self.writer else None
         try:
             while True:
                 state, done, reason = self._run_epoch(stage, step, state, position,
@@ -202,31 +214,33 @@ class Run:
                 if done:
                     break
         finally:
-            metrics_log.close()
+            if metrics_log:
+                metrics_log.close()
         self.echo(f"Step '{stage.label}' finished: {reason}")
         return state
 
     def _run_epoch(self, stage: Stage, step: TrainStep, state: TrainState,
-                   position: Position, metrics_log: MetricsLog
+                   position: Position, metrics_log: MetricsLog | None
                    ) -> tuple[TrainState, bool, str]:
         """Run (the rest of) one epoch; (state, whether the stage is done, why)."""
         window = RunningAverage(averaging_window(self.config.output.log_interval))
         window.restore(position.averages)
         shown = console_metrics(stage)
-        started = tick = time.perf_counter()
+        started = time.perf_counter()
+        speed = SpeedMeter(self.peak_flops)
         pending: list[dict[str, jax.Array]] = []
         bar = ProgressBar(stage.batches_per_epoch)
         batches = prefetch_to_device(
             self.loader.epoch(position.data_epoch), 2, self.sharding,
             inputs=lambda b: [b.step_inputs(i) for i in range(len(b.scales))])
-        done, reason, tick_batches = False, "", 0
+        done, reason = False, ""
         try:
             for batch, device_inputs in batches:
-                state = self._train_batch(step, state, device_inputs, position, pending)
+                state = self._train_batch(step, stage, state, device_inputs, position,
+                                          pending, speed)
                 position.batch += 1
                 position.stage_batches += 1
                 position.global_step += 1
-                tick_batches += 1
                 bar.update(position.batch)
                 epoch_end = position.batch >= stage.batches_per_epoch
                 capped = bool(stage.max_batches) and position.stage_batches >= stage.max_batches
@@ -236,10 +250,9 @@ class Run:
                 if logged or epoch_end or capped or interval:
                     self._collect(pending, stage, position, window)
                 if logged:
-                    seconds = (time.perf_counter() - tick) / max(tick_batches, 1)
-                    tick, tick_batches = time.perf_counter(), 0
                     bar.clear()
-                    self._log(stage, position, window, shown, metrics_log, started, seconds)
+                    self._log(stage, position, window, shown, metrics_log, started,
+                              speed.read())
                 loader_state = batch.loader_state
                 shown_at = (position.epoch + 1, position.batch)  # for sample names
                 if epoch_end:
@@ -247,19 +260,17 @@ class Run:
                     loader_state = self.loader.position_state(position.data_epoch)
                 if capped and not done:
                     done, reason = True, f"reached max_steps ({stage.max_batches} batches)"
-                if done:
-                    if not epoch_end:  # the next stage starts a fresh data epoch
-                        position.data_epoch += 1
-                        loader_state = self.loader.position_state(position.data_epoch)
-                    self._finish_stage(stage, state, position)
-                if interval or epoch_end or done:
-                    if not (epoch_end or done):  # mid-epoch: the console window goes on
-                        position.averages = window.values()
-                    self._save(state, position, loader_state)
-                if self.samples and (done or epoch_end or self._samples_due(position)):
-                    if not done:  # a stage end has just written its weights
-                        write_to_models(state, self.models)
-                    self.samples.write(self.models, stage, *shown_at)
+                if done and not epoch_end:  # the next stage starts a fresh data epoch
+                    position.data_epoch += 1
+                    loader_state = self.loader.position_state(position.data_epoch)
+                sampling = bool(self.samples) and (done or epoch_end or
+                                                   self._samples_due(position))
+                if done or interval or epoch_end or sampling:
+                    jax.block_until_ready(state)  # the batches so far count as training
+                    with speed.excluded():
+                        self._write(stage, state, position, loader_state, window, done=done,
+                                    epoch_end=epoch_end, save=interval or epoch_end or done,
+                                    sample_at=shown_at if sampling else None)
                 if epoch_end or done:
                     break
         finally:
@@ -267,6 +278,22 @@ class Run:
             bar.clear()
         self.loader.seek(position.data_epoch)  # the loop may leave an epoch's iterator early
         return state, done, reason
+
+    def _write(self, stage: Stage, state: TrainState, position: Position,
+               loader_state: dict[str, Any], window: RunningAverage, *, done: bool,
+               epoch_end: bool, save: bool, sample_at: tuple[int, int] | None) -> None:
+        """What a batch end writes, in this order: the stage's weights when it ends, a
+        checkpoint, samples (named after ``sample_at``, the 1-based epoch and batch)."""
+        if done:
+            self._finish_stage(stage, state, position)
+        if save:
+            if not (epoch_end or done):  # mid-epoch: the console window goes on
+                position.averages = window.values()
+            self._save(state, position, loader_state)
+        if sample_at:
+            if not done:  # a stage end has just written its weights
+                write_to_models(state, self.models)
+            self.samples.write(self.models, stage, *sample_at)
 
     def _close_epoch(self, stage: Stage, position: Position, started: float
                      ) -> tuple[bool, str]:
@@ -288,14 +315,23 @@ class Run:
         return position.stage_batches % interval == 0 and \
             (position.stage_batches // interval) % self.config.output.samples_per_checkpoint == 0
 
-    def _train_batch(self, step: TrainStep, state: TrainState, device_inputs: list,
-                     position: Position, pending: list) -> TrainState:
+    def _train_batch(self, step: TrainStep, stage: Stage, state: TrainState,
+                     device_inputs: list, position: Position, pending: list,
+                     speed: SpeedMeter) -> TrainState:
         key = jax.random.fold_in(self.base_key, position.global_step)
+        flops: float | None = 0.0
         for repeat in range(self.config.training.training_steps):
             for scale, inputs in enumerate(device_inputs):
                 call_key = jax.random.fold_in(key, repeat * len(device_inputs) + scale)
+                compiled = len(step.compilations)
                 state, metrics = step(state, inputs, call_key)
+                for compilation in step.compilations[compiled:]:
+                    speed.exclude(compilation.seconds)
+                    self.echo(compile_line(stage.label, compilation))
                 pending.append(metrics)
+                cost = step.cost(inputs).flops
+                flops = None if cost is None or flops is None else flops + cost
+        speed.batch(self.config.training.batch_size, flops)
         return state
 
     def _collect(self, pending: list, stage: Stage, position: Position,
@@ -311,14 +347,19 @@ class Run:
         pending.clear()
 
     def _log(self, stage: Stage, position: Position, window: RunningAverage, shown: set[str],
-             metrics_log: MetricsLog, started: float, seconds: float) -> None:
+             metrics_log: MetricsLog | None, started: float, speed: Speed) -> None:
         averages = window.averages()
         self.echo(progress_line(
             time.perf_counter() - started, stage.label, stage.index + 1, len(self.stages),
             position.epoch + 1, stage.epochs, position.batch, stage.batches_per_epoch,
-            {k: v for k, v in averages.items() if k in shown}, seconds, position.skipped))
-        metrics_log.log(position.epoch, position.batch - 1, position.global_step, averages,
-                        extras={"batch_time": seconds, "skipped": position.skipped})
+            {k: v for k, v in averages.items() if k in shown}, speed.seconds_per_batch,
+            position.skipped, images_per_second=speed.images_per_second, mfu=speed.mfu))
+        if metrics_log:
+            extras = {"batch_time": speed.seconds_per_batch, "skipped": position.skipped,
+                      "images_per_second": speed.images_per_second}
+            metrics_log.log(position.epoch, position.batch - 1, position.global_step,
+                            averages, extras={**extras, **({"mfu": speed.mfu}
+                                                           if speed.mfu is not None else {})})
 
     # -- checkpoints and exports ---------------------------------------------------------
 
@@ -334,18 +375,21 @@ class Run:
     def _finish_stage(self, stage: Stage, state: TrainState, position: Position) -> None:
         """Export the stage's weights; the position moves on to the next stage."""
         info = {"step": stage.label, "global_step": position.global_step}
+        # Every process gathers the weights (a computation over all devices); one writes.
         if stage.name and stage.ema_components:  # the averages, for `export --step --ema`
-            save_step_files(self.output, write_to_models(state, self.models, ema=True),
-                            stage.name, ema=True)
+            averaged = write_to_models(state, self.models, ema=True)
+            if self.writer:
+                save_step_files(self.output, averaged, stage.name, ema=True)
         models = write_to_models(state, self.models)
-        if stage.name:
-            save_step_files(self.output, models, stage.name)
-        save_fluxflow(self.output, models, training_info=info)
+        if self.writer:
+            if stage.name:
+                save_step_files(self.output, models, stage.name)
+            save_fluxflow(self.output, models, training_info=info)
         position.stages_completed.append(stage.label)
         position.stage += 1
         position.epoch = position.batch = position.stage_batches = position.met = 0
         position.history, position.averages = [], {}
-        if self.config.output.generate_diagrams:
+        if self.config.output.generate_diagrams and self.writer:
             self._draw_graphs()
 
     def _draw_graphs(self) -> None:

@@ -93,7 +93,8 @@ class Samples:
     def write(self, models: FluxFlowModels, stage: Stage, epoch: int, batch: int
               ) -> list[Path]:
         """The stage's samples after ``batch`` batches of its epoch ``epoch`` (1-based)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
         prefix = f"sample_{stage.label}_epoch_{epoch}_batch_{batch}"
         written = []
         key = jax.random.PRNGKey(SAMPLE_SEED)
@@ -116,6 +117,8 @@ class Samples:
         return written
 
     def _save(self, pixels: np.ndarray, name: str) -> Path:
+        if jax.process_index() != 0:  # every process samples (over all devices), one writes
+            return self.directory / name
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="png")
         atomic_write(self.directory / name, buffer.getvalue())

@@ -67,7 +67,8 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
     images = batch["images"]
     compressor = nets.bind("compressor", state.params, state.buffers)
     hw = compressor.latent_shape(*images.shape[1:3])
-    packed = jax.lax.stop_gradient(compressor.encode(images, key=k_latent).packed)
+    packed = nets.outputs(jax.lax.stop_gradient(
+        compressor.encode(nets.inputs(images), key=k_latent).packed))
     x0, hw_token = packed[:, :-1], packed[:, -1:]
     t = diffusion.sample_timesteps(k_time, x0.shape[0])
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
@@ -79,7 +80,7 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
         encoder = nets.bind("text_encoder", params, state.buffers)
         rngs = nnx.Rngs(dropout=k_dropout) if "text_encoder" in trained else None
         embeddings = encoder(batch["input_ids"], batch["attention_mask"], rngs=rngs)
-        return jnp.where(keep_text, embeddings, 0.0)
+        return jnp.where(keep_text, nets.outputs(embeddings), 0.0)
 
     def objective(trainable):
         params = state.params
@@ -87,7 +88,8 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
             params = group.with_trainable(params, trainable[name])
         embeddings = embed(params)
         processor = nets.bind("flow_processor", params, state.buffers)
-        prediction = processor(noisy, embeddings, diffusion.model_time(t), hw=hw)[:, :-1]
+        prediction = nets.outputs(processor(nets.inputs(noisy), nets.inputs(embeddings),
+                                            diffusion.model_time(t), hw=hw)[:, :-1])
         diff = jnp.mean((prediction - target) ** 2)
         align = (losses.alignment_loss(prediction, embeddings) if use_alignment
                  else jnp.zeros([], diff.dtype))

@@ -27,6 +27,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -214,7 +215,10 @@ class LPIPS(nnx.Module):
             node.set_value(jnp.array(tensors[key], dtype=jnp.float32, copy=True))
         return model
 
-    def __call__(self, pred: jax.Array, target: jax.Array) -> jax.Array:
+    def __call__(self, pred: jax.Array, target: jax.Array, *, compute_dtype: Any = None
+                 ) -> jax.Array:
+        """[B] distances; with ``compute_dtype`` (bfloat16 under mixed precision) the VGG
+        features are computed in it, their normalised differences in float32."""
         if pred.shape != target.shape or pred.ndim != 4 or pred.shape[-1] != 3:
             raise ValueError(f"LPIPS needs two NHWC RGB batches of one shape; got "
                              f"{pred.shape} and {target.shape}")
@@ -225,10 +229,12 @@ class LPIPS(nnx.Module):
         # Two passes, as lpips does, not one over the concatenated batch: in a train step
         # the target pass then needs no backward. (Identical images give exactly 0 eagerly;
         # under jit XLA may contract a*b - c*d into an FMA, leaving ~1e-17.)
-        feats_pred = self.vgg((pred.astype(dtype) - shift) / scale)
-        feats_target = self.vgg((target.astype(dtype) - shift) / scale)
+        features = lambda x: self.vgg(((x.astype(dtype) - shift) / scale).astype(
+            compute_dtype or dtype))
+        feats_pred, feats_target = features(pred), features(target)
         total = jnp.zeros((pred.shape[0],), dtype)
         for l, (fp, ft) in enumerate(zip(feats_pred, feats_target)):
-            diff = jnp.square(normalize_channels(fp) - normalize_channels(ft))
+            diff = jnp.square(normalize_channels(fp.astype(dtype))
+                              - normalize_channels(ft.astype(dtype)))
             total = total + jnp.mean(getattr(self, f"lin{l}")(diff), axis=(1, 2))
         return total

@@ -19,6 +19,7 @@ from flax import nnx, struct
 
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.training.balancing import LossHistory, new_history
+from fluxflow_jax.training.precision import cast_parameters, to_compute, to_float32
 
 # The losses the VAE-GAN step balances adaptively, in history-row order.
 BALANCED_LOSSES = ("recon", "kl", "gan")
@@ -57,15 +58,18 @@ def new_train_state(models: FluxFlowModels, opt_states: dict[str, Any],
 
 @dataclass(frozen=True, eq=False)
 class Networks:
-    """Graph definitions of the components, each in the mode its stage runs it in."""
+    """Graph definitions of the components, each in the mode its stage runs it in, and the
+    arithmetic they are bound for (``compute_dtype``; None: the parameters' own)."""
 
     graphdefs: dict[str, nnx.GraphDef]
+    compute_dtype: Any = None
 
     @classmethod
-    def from_models(cls, models: FluxFlowModels, train_mode: Collection[str] = ()
-                    ) -> "Networks":
+    def from_models(cls, models: FluxFlowModels, train_mode: Collection[str] = (), *,
+                    compute_dtype: Any = None, remat: bool = False) -> "Networks":
         """Components named in ``train_mode`` run in train mode (dropout on), the others in
-        eval mode. The given modules are not changed."""
+        eval mode; with ``remat`` their blocks recompute activations in the backward pass
+        instead of storing them. The given modules are not changed."""
         graphdefs = {}
         for name, module in models.present().items():
             twin = nnx.merge(*nnx.split(module), copy=True)  # only its mode will differ
@@ -73,17 +77,30 @@ class Networks:
                 twin.train()
             else:
                 twin.eval()
+            twin.set_attributes(remat=remat, raise_if_not_found=False)
             graphdefs[name] = nnx.graphdef(twin)
-        return cls(graphdefs)
+        return cls(graphdefs, compute_dtype)
 
-    def bind(self, name: str, params: dict[str, nnx.State],
-             buffers: dict[str, nnx.State]) -> nnx.Module:
-        """The component as a module over the given state (inside a traced function).
+    def bind(self, name: str, params: dict[str, nnx.State], buffers: dict[str, nnx.State],
+             *, compute: bool = True) -> nnx.Module:
+        """The component as a module over the given state (inside a traced function), its
+        parameters cast to the compute dtype unless ``compute`` is off (e.g. for spectral
+        power iterations, whose vectors stay float32).
 
         The module gets its own variables: calls that update state in place (spectral
         norm) change the module, never the ``params`` / ``buffers`` passed in.
         """
-        return nnx.merge(self.graphdefs[name], params[name], buffers[name], copy=True)
+        dtype = self.compute_dtype if compute else None
+        return nnx.merge(self.graphdefs[name], cast_parameters(name, params[name], dtype),
+                         buffers[name], copy=True)
+
+    def inputs(self, x: jax.Array) -> jax.Array:
+        """A network input in the compute dtype."""
+        return to_compute(x, self.compute_dtype)
+
+    def outputs(self, x: jax.Array) -> jax.Array:
+        """A network output back in float32 for the losses."""
+        return to_float32(x, self.compute_dtype)
 
 
 def write_to_models(state: TrainState, models: FluxFlowModels, *,

@@ -10,6 +10,7 @@ counters (so optimizer moments, schedules, EMA and loss histories do not move ei
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -27,6 +28,8 @@ from fluxflow_jax.training.flow_step import FLOW_METRICS, FlowOptions, flow_upda
 from fluxflow_jax.training.groups import OptimizerGroup
 from fluxflow_jax.training.lpips import LPIPS
 from fluxflow_jax.training.optimizers import default_optimizer_config, optimizer_config_problems
+from fluxflow_jax.training.performance import flops_per_device, temporary_bytes
+from fluxflow_jax.training.precision import PRECISIONS, compute_dtype
 from fluxflow_jax.training.schedules import default_scheduler_config, scheduler_config_problems
 from fluxflow_jax.training.state import Networks, TrainState, new_train_state
 from fluxflow_jax.training.vae_step import (VAE_METRICS, VAEOptions, unused_expander_leaf,
@@ -144,8 +147,11 @@ class TrainStep:
     """
 
     def __init__(self, models: FluxFlowModels, stage: StageConfig, *,
-                 lpips: LPIPS | None = None, mesh: Mesh | None = None):
+                 lpips: LPIPS | None = None, mesh: Mesh | None = None,
+                 precision: str = "fp32", remat: bool = False):
         problems = stage.problems()
+        if precision not in PRECISIONS:
+            problems.append(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         missing = sorted(stage.required_components() - set(models.present()))
         problems += [f"the stage needs the {name}, which the models lack" for name in missing]
         needs_lpips = stage.vae is not None and stage.vae.train_reconstruction and \
@@ -158,11 +164,14 @@ class TrainStep:
         self.config = models.config
         self.groups = _build_groups(stage)
         self.networks = Networks.from_models(
-            models, train_mode=("text_encoder",) if "text_encoder" in self.groups else ())
+            models, train_mode=("text_encoder",) if "text_encoder" in self.groups else (),
+            compute_dtype=compute_dtype(precision), remat=remat)
         self.alignment_active = (stage.flow.alignment_active(models.config) if stage.flow
                                  else False)
         self._lpips = nnx.split(lpips) if needs_lpips else None
         self.mesh = mesh
+        self.compilations: list[Compilation] = []
+        self._executables: dict[tuple, tuple[jax.stages.Compiled, Compilation]] = {}
         if mesh is None:
             self._compiled = jax.jit(self._step, donate_argnums=0)
         else:  # data parallel: batch split over the devices, everything else replicated
@@ -200,14 +209,37 @@ class TrainStep:
 
     def __call__(self, state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
-        lpips_state = self._lpips[1] if self._lpips else None
+        batch = dict(batch)
+        known = self._executables.get(_shapes(batch))
+        executable = known[0] if known else self.compile(state, batch, key)
+        return executable(state, batch, key, self._lpips[1] if self._lpips else None)
+
+    def compile(self, state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
+                ) -> jax.stages.Compiled:
+        """Compile the step ahead of time for the shapes of ``batch`` (arrays or
+        ``jax.ShapeDtypeStruct``s); later calls with such batches run it without tracing.
+        Each compilation is recorded in ``compilations`` with its time and XLA's FLOP count.
+        """
+        batch = dict(batch)
         if self.mesh is not None:
-            parallel.check_batch_divides(len(batch["images"]), self.mesh)
-        return self._compiled(state, dict(batch), key, lpips_state)
+            parallel.check_batch_divides(batch["images"].shape[0], self.mesh)
+        start = time.perf_counter()
+        executable = self._compiled.lower(state, batch, key,
+                                          self._lpips[1] if self._lpips else None).compile()
+        compilation = Compilation(shapes=_shapes(batch), seconds=time.perf_counter() - start,
+                                  flops=flops_per_device(executable),
+                                  temp_bytes=temporary_bytes(executable))
+        self.compilations.append(compilation)
+        self._executables[compilation.shapes] = (executable, compilation)
+        return executable
+
+    def cost(self, batch: Mapping[str, Any]) -> Compilation:
+        """The compilation that serves batches shaped like ``batch`` (compiled already)."""
+        return self._executables[_shapes(batch)][1]
 
     @property
     def compiled(self):
-        """The underlying ``jax.jit`` function (for lowering, cost analysis, cache checks)."""
+        """The underlying ``jax.jit`` function (for lowering and cost analysis)."""
         return self._compiled
 
     def _step(self, state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
@@ -232,6 +264,23 @@ class TrainStep:
             step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32))
         metrics["skipped"] = (~finite).astype(jnp.float32)
         return new_state, {k: v.astype(jnp.float32) for k, v in metrics.items()}
+
+
+@dataclass(frozen=True)
+class Compilation:
+    """One ahead-of-time compilation of a step: for which batch shapes, how long it took,
+    the FLOPs one call costs each device and the temporary (activation) memory it needs on
+    each device, beyond its inputs and outputs (XLA's analyses; None if unknown)."""
+
+    shapes: tuple
+    seconds: float
+    flops: float | None
+    temp_bytes: int | None
+
+
+def _shapes(batch: Mapping[str, Any]) -> tuple:
+    """What a compiled step is specialised to: each batch entry's shape and dtype."""
+    return tuple((name, tuple(x.shape), str(x.dtype)) for name, x in sorted(batch.items()))
 
 
 def metric_names(stage: StageConfig) -> tuple[str, ...]:

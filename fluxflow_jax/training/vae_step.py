@@ -15,7 +15,7 @@ update, twice, as the reference's two train-mode calls do).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -104,14 +104,15 @@ def generator_outputs(options: VAEOptions, nets: Networks, params: Params,
     decoded images each loss reads ("recon" and/or "fake"), with the gradient routes of the
     stage built in."""
     compressor = nets.bind("compressor", params, buffers)
-    encoded = compressor.encode(images, key=key)
+    encoded = compressor.encode(nets.inputs(images), key=key)
     hw = compressor.latent_shape(*images.shape[1:3])
-    out = {"mu": encoded.mu, "logvar": encoded.logvar,
-           "context": _mean_image_token(encoded.packed)}
+    out = {"mu": nets.outputs(encoded.mu), "logvar": nets.outputs(encoded.logvar),
+           "context": nets.outputs(_mean_image_token(encoded.packed))}
 
     def decode(expander_state, packed):
-        expander = nnx.merge(nets.graphdefs["expander"], *expander_state, copy=True)
-        return expander(packed, use_context=options.train_spade, hw=hw)
+        expander = nets.bind("expander", {"expander": expander_state[0]},
+                             {"expander": expander_state[1]})
+        return nets.outputs(expander(packed, use_context=options.train_spade, hw=hw))
 
     expander_state = (params["expander"], buffers["expander"])
     if options.train_reconstruction and options.use_gan:
@@ -125,8 +126,8 @@ def generator_outputs(options: VAEOptions, nets: Networks, params: Params,
 
 
 def generator_terms(options: VAEOptions, outputs: dict[str, jax.Array], images: jax.Array,
-                    discriminator: nnx.Module | None, lpips: LPIPS | None
-                    ) -> dict[str, jax.Array]:
+                    discriminator: Callable | None, lpips: LPIPS | None,
+                    compute_dtype: Any = None) -> dict[str, jax.Array]:
     """The unweighted generator losses: "recon" (frequency-aware L1 + mse_weight * MSE +
     lambda_lpips * LPIPS), "kl", "gan" (lambda_adv * hinge), and the raw "l1" (frequency
     aware), "mse" and "lpips" parts for monitoring."""
@@ -139,7 +140,7 @@ def generator_terms(options: VAEOptions, outputs: dict[str, jax.Array], images: 
         terms["l1"] = losses.frequency_l1(recon, images, options.frequency_alpha)
         terms["mse"] = jnp.mean((recon - images) ** 2)
         if options.use_lpips:
-            terms["lpips"] = jnp.mean(lpips(recon, images))
+            terms["lpips"] = jnp.mean(lpips(recon, images, compute_dtype=compute_dtype))
         terms["recon"] = (terms["l1"] + options.mse_weight * terms["mse"]
                           + options.lambda_lpips * terms["lpips"])
     if options.use_gan:
@@ -173,13 +174,14 @@ def vae_gan_update(options: VAEOptions, nets: Networks, groups: Mapping[str, Opt
             finite &= jnp.isfinite(d_metrics["loss_disc"]) & jnp.isfinite(
                 d_metrics["grad_norm_disc"])
             metrics.update(d_metrics)
-        discriminator = nets.bind("discriminator", params, buffers)
+        discriminator = _logits(nets, params, buffers)
 
     active = jnp.array([options.train_reconstruction, True, options.use_gan])
     beta = losses.kl_beta(batch_number, options.kl_beta, options.kl_warmup_steps)
 
     def objective(outputs):
-        terms = generator_terms(options, outputs, images, discriminator, lpips)
+        terms = generator_terms(options, outputs, images, discriminator, lpips,
+                                nets.compute_dtype)
         values = jnp.stack([terms[name] for name in BALANCED_LOSSES])
         history = push(state.loss_history, jax.lax.stop_gradient(values), active)
         weights = (adaptive_weights(history, active) if options.adaptive_weights
@@ -228,8 +230,7 @@ def _discriminator_update(options: VAEOptions, nets: Networks, disc: OptimizerGr
 
     def objective(trainable):
         params = disc.with_trainable(state.params, trainable)
-        logits = lambda buffers: lambda x: nets.bind("discriminator", params, buffers)(
-            x, context)
+        logits = lambda buffers: lambda x: _logits(nets, params, buffers)(x, context)
         real_logits, r1 = jax.lax.cond(
             with_r1, lambda: losses.logits_and_r1_penalty(logits(after_real), real),
             lambda: (logits(after_real)(real), jnp.zeros([], real.dtype)))
@@ -245,8 +246,16 @@ def _discriminator_update(options: VAEOptions, nets: Networks, disc: OptimizerGr
     return metrics, params, opt_states, after_fake
 
 
+def _logits(nets: Networks, params: Params, buffers: Params
+            ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The discriminator as ``(images, context) -> float32 logits``, in the compute dtype."""
+    discriminator = nets.bind("discriminator", params, buffers)
+    return lambda images, context: nets.outputs(discriminator(nets.inputs(images),
+                                                              nets.inputs(context)))
+
+
 def _power_iterated(nets: Networks, params: Params, buffers: Params) -> Params:
     """``buffers`` with the discriminator's spectral-norm vectors one step further."""
-    module = nets.bind("discriminator", params, buffers)
+    module = nets.bind("discriminator", params, buffers, compute=False)
     module.power_iteration()
     return {**buffers, "discriminator": nnx.state(module, nnx.Not(nnx.Param))}
