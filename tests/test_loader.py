@@ -121,6 +121,20 @@ def test_hosts_get_disjoint_equal_shares(tokenizer):
     assert sorted(keys(shares[0]) + keys(shares[1])) == sorted(f"demo/{i}" for i in range(40))
 
 
+def test_hosts_rows_make_the_single_host_batches(tokenizer):
+    """Two hosts of 2 rows each load, batch by batch, the 4-row batches one host loads
+    (same images, same size): the global batch does not depend on the number of hosts."""
+    whole = list(DataLoader(demo(), tokenizer, LoaderConfig(batch_size=4, image_size=32))
+                 .epoch(0))
+    hosts = [list(DataLoader(demo(), tokenizer, LoaderConfig(
+        batch_size=2, image_size=32, shard_index=i, shard_count=2)).epoch(0)) for i in (0, 1)]
+    assert len({batch.images.shape for batch in whole}) > 1  # several sizes in the epoch
+    for one, first, second in zip(whole, *hosts, strict=True):
+        assert one.keys == first.keys + second.keys
+        np.testing.assert_array_equal(one.images, np.concatenate([first.images,
+                                                                  second.images]))
+
+
 # --------------------------------------------------------------------------- bad input
 
 

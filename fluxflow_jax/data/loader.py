@@ -257,17 +257,22 @@ class DataLoader:
             return err.key
 
     def _plan(self, epoch: int) -> list[_Planned]:
-        """The epoch's batches of source indices for this host (random-access sources)."""
+        """The epoch's batches of source indices for this host (random-access sources).
+
+        Every host plans the same global batches (``shard_count`` host batches each) and
+        takes its rows of each: all hosts' k-th batches have one image size, and the global
+        batch is the same whatever the number of hosts.
+        """
         rng = np.random.default_rng([self.config.seed, epoch])
         groups: dict[Size, list[int]] = collections.defaultdict(list)
         for index, size in enumerate(self._sizes):
             if size is not None:
                 groups[self._bucket(size)].append(index)
-        batches = _cut_into_batches(groups, self.config.batch_size, rng)
-        order = rng.permutation(len(batches))
-        mine = [batches[i] for i in order][self.config.shard_index::self.config.shard_count]
-        per_shard = len(batches) // self.config.shard_count  # equal counts across hosts
-        return [_Planned(size, tuple(members)) for size, members in mine[:per_shard]]
+        size = self.config.batch_size
+        batches = _cut_into_batches(groups, size * self.config.shard_count, rng)
+        rows = slice(self.config.shard_index * size, (self.config.shard_index + 1) * size)
+        return [_Planned(batches[i][0], tuple(batches[i][1][rows]))
+                for i in rng.permutation(len(batches))]
 
     def _stream_epoch(self, epoch: int) -> Iterator[_Planned]:
         """Exactly ``batches_per_epoch()`` batches of a streaming epoch: extra ones dropped,
