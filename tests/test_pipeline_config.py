@@ -1264,3 +1264,24 @@ def test_validate_takes_the_architecture_from_model_checkpoint(tmp_path):
                  model_checkpoint=str(tmp_path / "ckpt"))
     [problem] = check_run(clash).problems
     assert "model.vae_dim is 32, the checkpoint has 16" in problem
+
+
+@pytest.mark.parametrize("training, expected", [
+    ({}, "fp32"), ({"use_fp16": True}, "bf16"), ({"precision": "bf16"}, "bf16"),
+    ({"use_fp16": True, "precision": "fp32"}, "fp32")])
+def test_precision_follows_precision_then_use_fp16(tmp_path, training, expected):
+    assert load(tmp_path, training=training).training.compute_precision == expected
+
+
+def test_speed_and_multi_host_keys_and_flags(tmp_path):
+    path = write(tmp_path, document(training={"precision": "fp16", "num_processes": 0}))
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert "'training.precision' must be one of ['fp32', 'bf16']" in str(raised.value)
+    assert "'training.num_processes'" in str(raised.value)
+    args = build_parser().parse_args([
+        "train", "--config", str(path), "--precision", "bf16", "--remat",
+        "--coordinator_address", "10.0.0.1:1234", "--num_processes", "4", "--process_id", "3"])
+    training = load_config(path, overrides(args)).training
+    assert (training.compute_precision, training.remat, training.coordinator_address,
+            training.num_processes, training.process_id) == ("bf16", True, "10.0.0.1:1234", 4, 3)

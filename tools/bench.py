@@ -51,8 +51,6 @@ VARIANTS = ("jax", "torch", "torch.compile")
 LEARNING_RATE = 1e-4
 FLOW_LR = 1e-5
 TOTAL_STEPS = 1000  # the schedules' length; only the LR values depend on it
-# Dense float32 peaks (no tensor cores), by a substring of jax's device_kind.
-PEAK_FLOPS = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12}
 
 
 @dataclass(frozen=True)
@@ -90,13 +88,15 @@ def host_batch(bench: BenchConfig, seed: int = 0) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------ JAX variant
 
 
-def jax_runner(bench: BenchConfig, stage_name: str) -> tuple[Callable[[int], None], dict]:
+def jax_runner(bench: BenchConfig, stage_name: str, precision: str, remat: bool
+               ) -> tuple[Callable[[int], None], dict]:
     """(run step n, info): the jitted fluxflow-jax step; info gets FLOPs and memory later."""
     import jax
     from flax import nnx
 
     from fluxflow_jax.models import FluxFlowModels
     from fluxflow_jax.training import LPIPS, FlowOptions, StageConfig, TrainStep, VAEOptions
+    from fluxflow_jax.training.performance import peak_flops
 
     adamw = {"type": "AdamW", "lr": LEARNING_RATE, "weight_decay": 0.01}
     models = FluxFlowModels.create(bench.model, nnx.Rngs(0))
@@ -109,7 +109,7 @@ def jax_runner(bench: BenchConfig, stage_name: str) -> tuple[Callable[[int], Non
         lpips = None
         stage = StageConfig(flow=FlowOptions(), total_steps=TOTAL_STEPS, optimizers={
             "flow": {"type": "Lion", "lr": FLOW_LR}, "text_encoder": adamw})
-    step = TrainStep(models, stage, lpips=lpips)
+    step = TrainStep(models, stage, lpips=lpips, precision=precision, remat=remat)
     trained = {c for cs in stage.group_components().values() for c in cs}
     params = sum(x.size for name, module in models.present().items() if name in trained
                  for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
@@ -124,19 +124,16 @@ def jax_runner(bench: BenchConfig, stage_name: str) -> tuple[Callable[[int], Non
         jax.block_until_ready(metrics)
 
     def finish(info: dict) -> None:
-        """FLOPs from XLA's cost analysis of the same jitted function (cache hit, no
-        recompilation), and the accelerator's allocator peak where it reports one."""
-        lpips_state = nnx.split(lpips)[1] if lpips is not None else None
-        lowered = step.compiled.lower(holder["state"], batch, keys[0], lpips_state)
-        cost = lowered.compile().cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        info["flops_per_step"] = float(cost.get("flops", 0.0)) if cost else None
+        """FLOPs from XLA's cost analysis of the compiled step, its compile time, and the
+        accelerator's allocator peak where it reports one."""
+        compilation = step.compilations[0]
+        info["flops_per_step"] = compilation.flops
+        info["compile_seconds"] = compilation.seconds
         device = jax.devices()[0]
         stats = device.memory_stats() or {}
         info["device"] = f"{device.platform}: {device.device_kind}"
         info["device_peak_bytes"] = stats.get("peak_bytes_in_use")
-        info["peak_flops"] = next((v for k, v in PEAK_FLOPS.items()
-                                   if k in device.device_kind), None)
+        info["peak_flops"] = peak_flops(device, precision)
 
     return run, {"params": int(params), "finish": finish}
 
@@ -206,7 +203,7 @@ def worker(spec: dict) -> None:
     import_framework(spec["variant"])
     baseline = current_rss_bytes()
     if spec["variant"] == "jax":
-        run, info = jax_runner(bench, spec["stage"])
+        run, info = jax_runner(bench, spec["stage"], spec["precision"], spec["remat"])
     else:
         run, info = torch_runner(bench, spec["stage"], spec["variant"] == "torch.compile")
     start = time.perf_counter()
@@ -399,6 +396,10 @@ def main() -> None:
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each worker, wait up to this long for other processes "
                              "to leave the CPUs idle (shared machines)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="the JAX step's arithmetic (PyTorch rows stay float32)")
+    parser.add_argument("--remat", action="store_true",
+                        help="rematerialise the JAX step's blocks (memory for compute)")
     parser.add_argument("--json", type=Path, help="write every row (all step times) here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -411,7 +412,9 @@ def main() -> None:
         for stage in parse_list(args.stages, STAGES, "stages"):
             for variant in parse_list(args.variants, VARIANTS, "variants"):
                 spec = {"config": config, "stage": stage, "variant": variant,
-                        "steps": args.steps, "warmup": args.warmup}
+                        "steps": args.steps, "warmup": args.warmup,
+                        "precision": args.precision if variant == "jax" else "fp32",
+                        "remat": args.remat}
                 if args.wait_idle > 0:
                     wait_for_quiet(args.wait_idle)
                 print(f"[{config} {stage} {variant}] ...", file=sys.stderr, flush=True)

@@ -103,6 +103,8 @@ def describe(config: RunConfig, plan: Plan) -> str:
              f"per epoch, images {config.data.img_size} px",
              "Parameters: " + ", ".join(f"{name} {count:,}" for name, count in counts.items())
              + f"; total {sum(counts.values()):,}",
+             f"Arithmetic: {config.training.compute_precision}"
+             + (", blocks rematerialised" if config.training.remat else ""),
              f"Output: {config.output.output_path}"]
     for stage in stages:
         groups = stage.config.group_components()
