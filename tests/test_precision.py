@@ -64,7 +64,8 @@ def allowed_in_float32(op: str, operands: str, result: str) -> bool:
         return "1x1x48x3xf32" in operands + result
     shapes = re.findall(r"tensor<([^>]*)>", operands)
     vector = any(shape.count("x") == 1 for shape in shapes)
-    return vector or "24x16xf32" in operands or "x24xf32" in operands and "x16xf32" in operands
+    projection = "24x16xf32" in operands or ("x24xf32" in operands and "x16xf32" in operands)
+    return vector or projection
 
 
 @pytest.mark.parametrize("name", ["vae_gan", "flow"])

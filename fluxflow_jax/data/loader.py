@@ -268,11 +268,11 @@ class DataLoader:
         for index, size in enumerate(self._sizes):
             if size is not None:
                 groups[self._bucket(size)].append(index)
-        size = self.config.batch_size
-        batches = _cut_into_batches(groups, size * self.config.shard_count, rng)
-        rows = slice(self.config.shard_index * size, (self.config.shard_index + 1) * size)
-        return [_Planned(batches[i][0], tuple(batches[i][1][rows]))
-                for i in rng.permutation(len(batches))]
+        per_host, host = self.config.batch_size, self.config.shard_index
+        batches = _cut_into_batches(groups, per_host * self.config.shard_count, rng)
+        rows = slice(host * per_host, (host + 1) * per_host)
+        return [_Planned(size, tuple(members[rows]))
+                for size, members in (batches[i] for i in rng.permutation(len(batches)))]
 
     def _stream_epoch(self, epoch: int) -> Iterator[_Planned]:
         """Exactly ``batches_per_epoch()`` batches of a streaming epoch: extra ones dropped,

@@ -46,14 +46,3 @@ def cast_parameters(component: str, params: Any, dtype: Any) -> Any:
         return leaf.astype(dtype)
 
     return jax.tree_util.tree_map_with_path(cast, params)
-
-
-def to_compute(x: jax.Array, dtype: Any) -> jax.Array:
-    """A network input in the compute dtype (unchanged when ``dtype`` is None)."""
-    return x if dtype is None else x.astype(dtype)
-
-
-def to_float32(x: jax.Array, dtype: Any) -> jax.Array:
-    """A network output back in float32 for the losses (unchanged when ``dtype`` is None,
-    so float64 runs stay float64)."""
-    return x if dtype is None else x.astype(jnp.float32)

@@ -19,7 +19,7 @@ from flax import nnx, struct
 
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.training.balancing import LossHistory, new_history
-from fluxflow_jax.training.precision import cast_parameters, to_compute, to_float32
+from fluxflow_jax.training.precision import cast_parameters
 
 # The losses the VAE-GAN step balances adaptively, in history-row order.
 BALANCED_LOSSES = ("recon", "kl", "gan")
@@ -96,11 +96,11 @@ class Networks:
 
     def inputs(self, x: jax.Array) -> jax.Array:
         """A network input in the compute dtype."""
-        return to_compute(x, self.compute_dtype)
+        return x if self.compute_dtype is None else x.astype(self.compute_dtype)
 
     def outputs(self, x: jax.Array) -> jax.Array:
-        """A network output back in float32 for the losses."""
-        return to_float32(x, self.compute_dtype)
+        """A network output back in float32 for the losses (float64 runs stay float64)."""
+        return x if self.compute_dtype is None else x.astype(jnp.float32)
 
 
 def write_to_models(state: TrainState, models: FluxFlowModels, *,
