@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import sys
 from collections import deque
-from typing import Mapping, TextIO
+from typing import TYPE_CHECKING, Mapping, TextIO
 
-from fluxflow_jax.training.train_step import Compilation
+if TYPE_CHECKING:  # the console needs no JAX to format a line
+    from fluxflow_jax.training.train_step import Compilation
 
 # (label, metric) in display order; a part is shown only when its metric is averaged.
 CONSOLE_PARTS = (("VAE", "loss_recon"), ("KL", "loss_kl"), ("G", "loss_gen"),
