@@ -166,6 +166,15 @@ def test_metric_properties_and_input_gradients(model):
     assert not jax.tree.leaves(nnx.state(model, nnx.Param))
 
 
+def test_bfloat16_features_track_float32(model):
+    """Mixed precision: VGG in bfloat16, distances in float32, close to all-float32."""
+    x, y = _images(SHAPE, 5)
+    full = np.asarray(_distance(model, x, y))
+    half = np.asarray(nnx.jit(lambda m, a, b: m(a, b, compute_dtype=jnp.bfloat16))(model, x, y))
+    assert half.dtype == np.float32
+    np.testing.assert_allclose(half, full, rtol=3e-2)
+
+
 def test_normalisation_has_finite_gradient_at_zero():
     x = jnp.array([[0.0, 0.0, 0.0], [3.0, 0.0, 4.0]])
     np.testing.assert_allclose(lp.normalize_channels(x),

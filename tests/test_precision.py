@@ -12,19 +12,20 @@ import pytest
 from flax import nnx
 
 from fluxflow_jax.models import FluxFlowModels
-from fluxflow_jax.training import (LPIPS, FlowOptions, StageConfig, StageConfigError,
-                                   TrainStep, VAEOptions)
+from fluxflow_jax.training import FlowOptions, StageConfig, StageConfigError, TrainStep, VAEOptions
 from tiny import TINY
 
 # flow_dim differs from vae_dim, so the flow's float32 output projection is recognisable.
-CONFIG = dataclasses.replace(TINY, flow_dim=24, flow_transformer_layers=2)
+CONFIG = dataclasses.replace(TINY, flow_dim=24)
 RNG = np.random.default_rng(0)
 BATCH = {"images": RNG.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32),
          "input_ids": RNG.integers(1, 64, (2, 8)).astype(np.int32),
          "attention_mask": np.ones((2, 8), np.int32)}
-STAGES = {"vae_gan": StageConfig(vae=VAEOptions(r1_interval=1), total_steps=10),
+# LPIPS in bf16 is checked on its own (tests/test_lpips.py): one VGG less to compile here.
+STAGES = {"vae_gan": StageConfig(vae=VAEOptions(r1_interval=1, use_lpips=False),
+                                 total_steps=10),
           "flow": StageConfig(flow=FlowOptions(), total_steps=10)}
-COMPARED = {"vae_gan": ("loss_recon", "loss_l1", "loss_mse", "loss_lpips", "loss_kl",
+COMPARED = {"vae_gan": ("loss_recon", "loss_l1", "loss_mse", "loss_kl",
                         "loss_gen", "loss_disc", "r1_penalty", "grad_norm_vae",
                         "grad_norm_disc"),
             "flow": ("flow_loss", "grad_norm_flow", "grad_norm_text", "pred_std")}
@@ -35,31 +36,24 @@ def models():
     return FluxFlowModels.create(CONFIG, nnx.Rngs(0))
 
 
-@pytest.fixture(scope="module")
-def lpips():
-    return LPIPS(rngs=nnx.Rngs(0))
-
-
-def one_step(models, lpips, name, **options):
-    step = TrainStep(models, STAGES[name], lpips=lpips, **options)
+def one_step(models, name, **options):
+    step = TrainStep(models, STAGES[name], **options)
     state, metrics = step(step.init_state(models), BATCH, jax.random.key(3))
     return step, state, {k: float(v) for k, v in metrics.items()}
 
 
-def conv_and_dot_types(step, models, lpips) -> list[tuple[str, str, str]]:
+def conv_and_dot_types(step, models) -> list[tuple[str, str, str]]:
     """(op, operand types, result type) of every convolution and matmul the step lowers to."""
-    state = step.init_state(models)
-    lpips_state = nnx.split(lpips)[1] if step.stage.vae else None
-    text = step.compiled.lower(state, BATCH, jax.random.key(0), lpips_state).as_text()
+    text = step.compiled.lower(step.init_state(models), BATCH, jax.random.key(0),
+                               None).as_text()
     return re.findall(r"stablehlo\.(convolution|dot_general).*: \((.*)\) -> (tensor<[^>]*>)",
                       text)
 
 
 def allowed_in_float32(op: str, operands: str, result: str) -> bool:
     """The float32 arithmetic bf16 keeps on purpose: the decoder's last conv (48 -> 3
-    channels, 1x1), the flow's output projection (flow_dim 24 -> vae_dim 16), the spectral
-    norm's matrix-vector power iterations and the LPIPS heads' channel weighting (a matrix or
-    feature map against one vector)."""
+    channels, 1x1), the flow's output projection (flow_dim 24 -> vae_dim 16) and the spectral
+    norm's matrix-vector power iterations (a matrix against one vector)."""
     if op == "convolution":  # forward, or the gradient of its input or its kernel
         return "1x1x48x3xf32" in operands + result
     shapes = re.findall(r"tensor<([^>]*)>", operands)
@@ -69,9 +63,9 @@ def allowed_in_float32(op: str, operands: str, result: str) -> bool:
 
 
 @pytest.mark.parametrize("name", ["vae_gan", "flow"])
-def test_bf16_step_tracks_float32_and_keeps_float32_state(models, lpips, name):
-    _, state32, fp32 = one_step(models, lpips, name)
-    step, state16, bf16 = one_step(models, lpips, name, precision="bf16")
+def test_bf16_step_tracks_float32_and_keeps_float32_state(models, name):
+    _, state32, fp32 = one_step(models, name)
+    step, state16, bf16 = one_step(models, name, precision="bf16")
     for key in COMPARED[name]:
         assert bf16[key] == pytest.approx(fp32[key], rel=3e-2, abs=1e-4), key
     # Parameters, moments, averages and buffers stay float32: the same state structure.
@@ -81,23 +75,23 @@ def test_bf16_step_tracks_float32_and_keeps_float32_state(models, lpips, name):
                                          state16.params, step.init_state(models).params))
     assert max(moved) > 0
 
-    types = conv_and_dot_types(step, models, lpips)
+    types = conv_and_dot_types(step, models)
     in_bf16 = [t for t in types if t[2].endswith("xbf16>")]
     in_f32 = [t for t in types if t[2].endswith("xf32>") or t[2] == "tensor<f32>"]
     assert len(in_bf16) > 3 * len(in_f32)
     assert [t for t in in_f32 if not allowed_in_float32(*t)] == []
 
 
-def test_float32_lowers_no_bf16(models, lpips):
+def test_float32_lowers_no_bf16(models):
     step = TrainStep(models, STAGES["flow"])
     assert not any("bf16" in operands for _, operands, _ in
-                   conv_and_dot_types(step, models, lpips))
+                   conv_and_dot_types(step, models))
 
 
 @pytest.mark.parametrize("name", ["flow"])
-def test_remat_recomputes_the_same_step_in_less_memory(models, lpips, name):
-    plain, plain_state, plain_metrics = one_step(models, lpips, name)
-    remat, remat_state, remat_metrics = one_step(models, lpips, name, remat=True)
+def test_remat_recomputes_the_same_step_in_less_memory(models, name):
+    plain, plain_state, plain_metrics = one_step(models, name)
+    remat, remat_state, remat_metrics = one_step(models, name, remat=True)
     for key, value in plain_metrics.items():
         assert remat_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
