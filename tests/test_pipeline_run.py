@@ -17,22 +17,25 @@ from tiny import TINY
 
 # ----------------------------------------------------------------------------- stages
 
+# A VAE step, then a flow step with the VAE frozen, each stopped by max_steps. The tests
+# that run them compile each step once: the others get the programs from the cache.
+VAE_THEN_FLOW = [{"name": "vae", "n_epochs": 1, "max_steps": 3, "train_vae": True},
+                 {"name": "flow", "n_epochs": 3, "max_steps": 3, "train_diff": True,
+                  "freeze_vae": True}]
+
+
 def test_freezing_persists_and_max_steps_ends_each_step(tmp_path):
     """vae trains the autoencoder; flow freezes it (freeze_vae) and trains the flow; flow2,
     which says nothing about freezing, inherits the frozen autoencoder. Every step stops
-    after max_steps batches and exports its own files, which PyTorch loads strictly.
-    (flow2 is flow's program again, so it comes from the compilation cache.)"""
-    config = write_config(tmp_path, [
-        {"name": "vae", "n_epochs": 1, "max_steps": 2, "train_vae": True},
-        {"name": "flow", "n_epochs": 3, "max_steps": 3, "train_diff": True,
-         "freeze_vae": True},
+    after max_steps batches and exports its own files, which PyTorch loads strictly."""
+    config = write_config(tmp_path, VAE_THEN_FLOW + [
         {"name": "flow2", "n_epochs": 1, "max_steps": 3, "train_diff": True}])
     lines = []
     position = Run(load_config(config), echo=lines.append).run()
     out = tmp_path / "run"
 
-    assert [len(records(out, s)) for s in ("vae", "flow", "flow2")] == [2, 3, 3]
-    assert position.global_step == 8 and position.stages_completed == ["vae", "flow", "flow2"]
+    assert [len(records(out, s)) for s in ("vae", "flow", "flow2")] == [3, 3, 3]
+    assert position.global_step == 9 and position.stages_completed == ["vae", "flow", "flow2"]
     assert "Step 'flow' finished: reached max_steps (3 batches)" in lines
     vae, flow, flow2 = (tensors(out / f"flxflow_step_{s}_final.safetensors")
                         for s in ("vae", "flow", "flow2"))
@@ -116,11 +119,10 @@ def test_threshold_transition_ends_a_running_stage(tmp_path):
 
 
 def test_samples_during_training(tmp_path):
-    """Reconstructions in the VAE step at every 2nd checkpoint and its end; text-to-image in
-    the flow step at each configured size."""
-    config = write_config(tmp_path, [
-        {"name": "vae", "n_epochs": 1, "max_steps": 3, "train_vae": True},
-        {"name": "flow", "n_epochs": 1, "max_steps": 1, "train_diff": True}],
+    """At every 2nd checkpoint and each step's end: reconstructions in the VAE step,
+    text-to-image at each configured size in the flow step."""
+    config = write_config(
+        tmp_path, VAE_THEN_FLOW,
         output={"no_samples": False, "checkpoint_save_interval": 1,
                 "samples_per_checkpoint": 2, "sample_sizes": [32, "48x32"],
                 "sample_steps": 2, "sample_captions": ["a red circle", "a blue star"]})
@@ -131,12 +133,15 @@ def test_samples_during_training(tmp_path):
         "sample_vae_epoch_1_batch_2_vae.png": (64, 96, 3),
         "sample_vae_epoch_1_batch_3_vae.png": (64, 96, 3),
         # the captions side by side
-        "sample_flow_epoch_1_batch_1_32x32.png": (32, 64, 3),
-        "sample_flow_epoch_1_batch_1_48x32.png": (32, 96, 3)}
+        "sample_flow_epoch_1_batch_2_32x32.png": (32, 64, 3),
+        "sample_flow_epoch_1_batch_2_48x32.png": (32, 96, 3),
+        "sample_flow_epoch_1_batch_3_32x32.png": (32, 64, 3),
+        "sample_flow_epoch_1_batch_3_48x32.png": (32, 96, 3)}
     originals = [files[f"sample_vae_epoch_1_batch_{b}_vae.png"][:, :32] for b in (2, 3)]
     assert np.array_equal(*originals)  # the same fixed images every time
-    assert not np.array_equal(files["sample_vae_epoch_1_batch_2_vae.png"],
-                              files["sample_vae_epoch_1_batch_3_vae.png"])
+    for kind in ("vae_epoch_1_batch_{}_vae", "flow_epoch_1_batch_{}_32x32"):
+        assert not np.array_equal(files[f"sample_{kind.format(2)}.png"],
+                                  files[f"sample_{kind.format(3)}.png"]), kind
 
 
 def test_sample_sizes_the_model_cannot_make_are_reported(tmp_path):
@@ -154,18 +159,19 @@ def test_standard_mode_from_yaml_and_flags(tmp_path, capsys):
     out = tmp_path / "flags_out"
     status = cli.main(["train", "--config", str(config), "--train_vae", "--batch_size", "2",
                        "--n_epochs", "2", "--max_steps", "3", f"--output_path={out}",
-                       "--kl_beta", "1e-3"])
+                       "--lr", "1e-3"])
     assert status == 0
     logged = records(out, "")
     assert len(logged) == 3
-    assert logged[-1]["metrics"]["kl_beta"] > 0
+    assert logged[0]["learning_rates"]["lr_vae"] == pytest.approx(1e-3)
     assert (out / "flxflow_final.safetensors").is_file()
     assert not list(out.glob("flxflow_step_*"))
     assert "TRAINING COMPLETE" in capsys.readouterr().out
 
 
 def test_a_finished_run_is_not_trained_again_and_no_resume_restarts(tmp_path, capsys):
-    config = write_config(tmp_path, None, training={"train_vae": True, "max_steps": 1})
+    config = write_config(tmp_path, None, training={"train_vae": True, "lr": 1.0e-3,
+                                                    "n_epochs": 1, "max_steps": 3})
     assert cli.main(["train", "--config", str(config)]) == 0
     first = (tmp_path / "run" / "flxflow_final.safetensors").read_bytes()
     assert cli.main(["train", "--config", str(config)]) == 0
@@ -175,8 +181,7 @@ def test_a_finished_run_is_not_trained_again_and_no_resume_restarts(tmp_path, ca
 
 
 def test_resuming_with_other_steps_is_refused(tmp_path, capsys):
-    config = write_config(tmp_path, [{"name": "a", "n_epochs": 1, "max_steps": 1,
-                                      "train_vae": True}])
+    config = write_config(tmp_path, VAE_THEN_FLOW[:1])
     assert cli.main(["train", "--config", str(config)]) == 0
     other = write_config(tmp_path, [{"name": "b", "n_epochs": 1, "train_vae": True}])
     assert cli.main(["train", "--config", str(other)]) == 2
