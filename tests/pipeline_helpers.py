@@ -17,6 +17,11 @@ from tiny import TINY
 TINY_MODEL = {f.name: getattr(TINY, f.name) for f in dataclasses.fields(FluxFlowConfig)
               if getattr(TINY, f.name) != f.default and f.name != "text_vocab_size"}
 DATA = {"use_demo": True, "demo_samples": 8, "img_size": 32, "max_length": 16}
+# A VAE step, then a flow step with the VAE frozen, each stopped by max_steps. Tests that run
+# these same steps compile each once; the others load the programs from the cache.
+VAE_THEN_FLOW = [{"name": "vae", "n_epochs": 1, "max_steps": 3, "train_vae": True},
+                 {"name": "flow", "n_epochs": 3, "max_steps": 3, "train_diff": True,
+                  "freeze_vae": True}]
 
 
 def write_config(tmp_path: Path, steps: list[dict] | None, *, name: str = "run",

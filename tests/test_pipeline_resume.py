@@ -15,11 +15,7 @@ import numpy as np
 
 from fluxflow_jax.pipeline.config import load_config
 from fluxflow_jax.pipeline.run import Run
-from pipeline_helpers import records, write_config
-
-
-KILL_STEPS = [{"name": "vae", "n_epochs": 1, "train_vae": True},
-              {"name": "flow", "n_epochs": 1, "train_diff": True, "freeze_vae": True}]
+from pipeline_helpers import VAE_THEN_FLOW, records, write_config
 
 
 def _train_process(config: Path, env: dict) -> subprocess.Popen:
@@ -45,12 +41,12 @@ def test_killed_runs_resume_bit_for_bit(tmp_path):
     # The processes load the steps this one compiles from the compilation cache (conftest).
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     output = {"checkpoint_save_interval": 1}
-    whole = write_config(tmp_path, KILL_STEPS, name="whole", output=output)
-    killed = write_config(tmp_path, KILL_STEPS, name="killed", output=output)
+    whole = write_config(tmp_path, VAE_THEN_FLOW, name="whole", output=output)
+    killed = write_config(tmp_path, VAE_THEN_FLOW, name="killed", output=output)
     Run(load_config(whole), echo=lambda line: None).run()  # compiles into the cache
 
     process = _train_process(killed, env)
-    while _logged_batches(tmp_path / "killed") < 3 and process.poll() is None:  # of 8
+    while _logged_batches(tmp_path / "killed") < 2 and process.poll() is None:  # of 6
         time.sleep(0.05)
     time.sleep(np.random.default_rng(0).uniform(0.0, 0.3))
     process.send_signal(signal.SIGKILL)

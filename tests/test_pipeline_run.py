@@ -12,17 +12,10 @@ from fluxflow_jax.interop import load_fluxflow
 from fluxflow_jax.pipeline.config import ConfigError, load_config
 from fluxflow_jax.pipeline.run import Position, Run, transition_due
 from fluxflow_jax.pipeline.stages import build_stages
-from pipeline_helpers import records, same_prefix, tensors, write_config
+from pipeline_helpers import VAE_THEN_FLOW, records, same_prefix, tensors, write_config
 from tiny import TINY
 
 # ----------------------------------------------------------------------------- stages
-
-# A VAE step, then a flow step with the VAE frozen, each stopped by max_steps. The tests
-# that run them compile each step once: the others get the programs from the cache.
-VAE_THEN_FLOW = [{"name": "vae", "n_epochs": 1, "max_steps": 3, "train_vae": True},
-                 {"name": "flow", "n_epochs": 3, "max_steps": 3, "train_diff": True,
-                  "freeze_vae": True}]
-
 
 def test_freezing_persists_and_max_steps_ends_each_step(tmp_path):
     """vae trains the autoencoder; flow freezes it (freeze_vae) and trains the flow; flow2,
