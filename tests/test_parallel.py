@@ -17,9 +17,9 @@ from fluxflow_jax.pipeline.run import Run
 from fluxflow_jax.training import StageConfig, TrainStep, VAEOptions
 from pipeline_helpers import DATA, records, tensors, write_config
 from tiny import TINY
+from tiny_steps import CONSTANT
 
 SGD = {"type": "SGD", "lr": 0.05}
-CONSTANT = {"type": "ConstantLR", "factor": 1.0}
 BATCH = 8
 RNG = np.random.default_rng(0)
 IMAGES = RNG.uniform(-1, 1, (BATCH, 32, 32, 3)).astype(np.float32)

@@ -163,6 +163,8 @@ def test_standard_mode_from_yaml_and_flags(tmp_path, capsys):
 
 
 def test_a_finished_run_is_not_trained_again_and_no_resume_restarts(tmp_path, capsys):
+    # VAE_THEN_FLOW's VAE step (at the pipeline defaults' lr) in standard mode: the same
+    # program, so it comes from the compilation cache.
     config = write_config(tmp_path, None, training={"train_vae": True, "lr": 1.0e-3,
                                                     "n_epochs": 1, "max_steps": 3})
     assert cli.main(["train", "--config", str(config)]) == 0
