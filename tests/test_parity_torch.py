@@ -19,8 +19,9 @@ from flax import nnx
 
 import torch_reference as ref
 from fluxflow_jax.interop import component_from_tensors
-from fluxflow_jax.interop.keymap import CONV, LINEAR, Entry
+from fluxflow_jax.interop.keymap import CONV, CONV_TRANSPOSE, LINEAR, Entry
 from fluxflow_jax.interop.state import import_tensors
+from fluxflow_jax.models import layers
 from fluxflow_jax.models import (SPADE, ContextAttentionMixer, FluxFlowConfig,
                                  GatedContextInjection, TrainableBezier, bezier_activation)
 
@@ -115,6 +116,30 @@ def test_expander(case, precision, use_context):
         model, ref.to_jax(packed, jax_dtype))
     assert actual.shape == (image_shape[0], *image_shape[1:], cfg.in_channels)
     assert ref.relative_error(actual, ref.nchw(expected)) <= tol
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(16, 2, 7), (4, 2, 1), (2, 2, 0),
+                                                    (7, 3, 2), (3, 1, 1)])
+def test_conv_transpose_phases_match_torch(kernel, stride, padding):
+    """The phase-wise ConvTranspose equals ``nn.ConvTranspose2d`` (float64, non-square)."""
+    torch_conv = torch.nn.ConvTranspose2d(3, 5, kernel, stride=stride, padding=padding,
+                                          dtype=torch.float64)
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        expected = torch_conv(x)
+    with jax.enable_x64(True):
+        conv = layers.ConvTranspose(3, 5, kernel, stride=stride, padding=padding,
+                                    rngs=nnx.Rngs(0))
+        _load_by_table(conv, torch_conv, [Entry("weight", ("kernel",), CONV_TRANSPOSE),
+                                          Entry("bias", ("bias",))])
+        actual = conv(ref.to_jax(x, jnp.float64, True))
+        assert actual.shape == (2, 4 * stride, 6 * stride, 5)
+        assert ref.relative_error(actual, ref.nchw(expected)) <= ref.FLOAT64_TOL
+
+
+def test_conv_transpose_refuses_other_output_sizes():
+    with pytest.raises(ValueError, match="kernel - 2 padding == stride"):
+        layers.ConvTranspose(3, 5, 4, stride=2, padding=0, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("use_context", [True, False])

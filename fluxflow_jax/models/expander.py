@@ -22,8 +22,8 @@ class ResidualUpsampleBlock(nnx.Module):
     def __init__(self, channels: int, context_channels: int, spade_hidden: int, *,
                  rngs: nnx.Rngs):
         self.spade = SPADE(context_channels, channels, hidden=spade_hidden, rngs=rngs)
-        self.upsample = layers.conv_transpose(channels, 5 * channels, 16, stride=2, padding=7,
-                                              rngs=rngs)
+        self.upsample = layers.ConvTranspose(channels, 5 * channels, 16, stride=2, padding=7,
+                                             rngs=rngs)
         self.refine = layers.conv(channels, 5 * channels, 5, padding=4, dilation=2, rngs=rngs)
 
     def __call__(self, x: jax.Array, context: jax.Array | None) -> jax.Array:

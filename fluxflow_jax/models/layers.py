@@ -49,20 +49,58 @@ def conv(in_channels: int, out_channels: int, kernel_size: int, *, rngs: nnx.Rng
                     bias_init=bias_init, rngs=rngs)
 
 
-def conv_transpose(in_channels: int, out_channels: int, kernel_size: int, *, stride: int,
-                   padding: int, rngs: nnx.Rngs) -> nnx.ConvTranspose:
-    """``nn.ConvTranspose2d`` equivalent.
+class ConvTranspose(nnx.Module):
+    """``nn.ConvTranspose2d`` for ``kernel_size - 2 * padding == stride``: [B, H, W, in] ->
+    [B, stride*H, stride*W, out], computed as ``stride**2`` ordinary convolutions.
 
-    With ``transpose_kernel=True`` the kernel is the PyTorch weight [in, out, kh, kw]
-    transposed to [kh, kw, out, in]; PyTorch's padding p becomes k - 1 - p on each side of
-    the stride-dilated input. PyTorch computes fan-in of this weight from dim 1 (out).
+    Output pixel (s*m + r) only meets the kernel taps congruent to (r + padding) mod s, so
+    each output phase r is a stride-1 correlation of the input with those taps, reversed;
+    the phases are interleaved afterwards. The textbook form (a convolution over the input
+    with s-1 zeros inserted between pixels) multiplies zeros in 1 - 1/s**2 of its products,
+    and XLA:CPU runs such input-dilated convolutions through a slow generic loop: on the
+    expander's 16x16 upsampling this form is 7x faster forward and backward on CPU.
+
+    The kernel is stored as flax's ``transpose_kernel=True`` layout [kh, kw, out, in] (the
+    PyTorch weight [in, out, kh, kw] permuted), drawn before the bias with PyTorch's fan-in
+    taken from ``out``.
     """
-    kernel_init, bias_init = _torch_default_inits(out_channels * kernel_size**2, False)
-    pad = kernel_size - 1 - padding
-    return nnx.ConvTranspose(in_channels, out_channels, (kernel_size, kernel_size),
-                             strides=stride, padding=((pad, pad), (pad, pad)),
-                             transpose_kernel=True, kernel_init=kernel_init,
-                             bias_init=bias_init, rngs=rngs)
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int,
+                 padding: int, rngs: nnx.Rngs):
+        if kernel_size - 2 * padding != stride:
+            raise ValueError(f"kernel {kernel_size}, padding {padding}: only the exact "
+                             f"{stride}x upsampling (kernel - 2 padding == stride) is supported")
+        kernel_init, bias_init = _torch_default_inits(out_channels * kernel_size**2, False)
+        self.stride, self.padding = stride, padding
+        self.kernel = nnx.Param(kernel_init(
+            rngs.params(), (kernel_size, kernel_size, out_channels, in_channels)))
+        self.bias = nnx.Param(bias_init(rngs.params(), (out_channels,)))
+
+    def _phase(self, r: int) -> tuple[slice, tuple[int, int]]:
+        """(taps of phase r in reversed order, its input padding (low, high))."""
+        s, first = self.stride, (r + self.padding) % self.stride
+        taps = len(range(first, self.kernel.shape[0], s))
+        low = taps - 1 - (r + self.padding) // s
+        return slice(first, None, s), (low, taps - 1 - low)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = jnp.result_type(x, self.kernel[...])
+        kernel = self.kernel[...].astype(dtype).transpose(0, 1, 3, 2)  # [kh, kw, in, out]
+        x = x.astype(dtype)
+        b, h, w, _ = x.shape
+        s = self.stride
+        rows = []
+        for rh in range(s):
+            taps_h, pad_h = self._phase(rh)
+            phases = []
+            for rw in range(s):
+                taps_w, pad_w = self._phase(rw)
+                phases.append(jax.lax.conv_general_dilated(
+                    x, kernel[taps_h, taps_w][::-1, ::-1], (1, 1), (pad_h, pad_w),
+                    dimension_numbers=("NHWC", "HWIO", "NHWC")))
+            rows.append(jnp.stack(phases, axis=3))  # [B, H, W, s(rw), out]
+        y = jnp.stack(rows, axis=2)  # [B, H, s(rh), W, s(rw), out]
+        return y.reshape(b, s * h, s * w, -1) + self.bias[...].astype(dtype)
 
 
 def layer_norm(features: int, *, rngs: nnx.Rngs, epsilon: float = 1e-5) -> nnx.LayerNorm:
