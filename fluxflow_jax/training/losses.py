@@ -74,18 +74,11 @@ def r1_penalty(logits_fn: Callable[[jax.Array], jax.Array], real: jax.Array) -> 
     Differentiable in the discriminator's parameters (closed over by ``logits_fn``), as the
     penalty term must be.
     """
-    return logits_and_r1_penalty(logits_fn, real)[1]
+    def summed_logits(x):
+        return jnp.sum(per_sample_logits(logits_fn(x)))
 
-
-def logits_and_r1_penalty(logits_fn: Callable[[jax.Array], jax.Array], real: jax.Array
-                          ) -> tuple[jax.Array, jax.Array]:
-    """(``logits_fn(real)``, ``r1_penalty``) from one forward pass."""
-    def summed(x):
-        logits = logits_fn(x)
-        return jnp.sum(per_sample_logits(logits)), logits
-
-    grads, logits = jax.grad(summed, has_aux=True)(real)
-    return logits, jnp.mean(jnp.sum(grads.reshape(grads.shape[0], -1) ** 2, axis=1))
+    grads = jax.grad(summed_logits)(real)
+    return jnp.mean(jnp.sum(grads.reshape(grads.shape[0], -1) ** 2, axis=1))
 
 
 def instance_noise_std(step: jax.Array, std: float, decay: float) -> jax.Array:
