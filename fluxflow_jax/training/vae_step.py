@@ -233,7 +233,7 @@ def _discriminator_update(options: VAEOptions, nets: Networks, disc: OptimizerGr
         logits = lambda buffers: lambda x: _logits(nets, params, buffers)(x, context)
         # Only the penalty sits in the cond (its forward pass repeated, 1 step in
         # r1_interval): XLA:CPU compiles convolutions inside conditional branches to a
-        # generic loop, which made the every-step real-image backward pass 40% of the step.
+        # generic loop, which made the every-step real-image backward pass a third of the step.
         r1 = jax.lax.cond(with_r1, lambda: losses.r1_penalty(logits(after_real), real),
                           lambda: jnp.zeros([], real.dtype))
         hinge = losses.hinge_discriminator_loss(logits(after_real)(real),
