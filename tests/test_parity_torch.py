@@ -70,7 +70,8 @@ def test_flow_processor(case, precision):
     model = _component("flow_processor", cfg, torch_model, jax_dtype)
     hw = ref.grid(packed, cfg)
     flow = nnx.jit(lambda m, x, e, t: m(x, e, t, hw=hw))
-    actual = flow(model, ref.to_jax(packed, jax_dtype), ref.to_jax(text, jax_dtype), ref.to_jax(t, jax_dtype))
+    actual = flow(model, ref.to_jax(packed, jax_dtype), ref.to_jax(text, jax_dtype),
+                  ref.to_jax(t, jax_dtype))
     assert ref.relative_error(actual, expected) <= tol
 
 
@@ -210,8 +211,8 @@ def test_discriminator(precision, training):
     before = {k: v.clone() for k, v in torch_model.state_dict().items() if "weight_u" in k}
     with torch.no_grad():
         feats, logits = torch_model(images, ctx)
-    actual_feats, actual_logits = model(ref.to_jax(images, jax_dtype, True), ref.to_jax(ctx, jax_dtype),
-                                        return_features=True)
+    actual_feats, actual_logits = model(ref.to_jax(images, jax_dtype, True),
+                                        ref.to_jax(ctx, jax_dtype), return_features=True)
     assert actual_logits.shape == (2, 40 // 8, 56 // 8, 1)
     assert ref.relative_error(actual_logits, ref.nchw(logits)) <= tol
     assert ref.relative_error(actual_feats, feats) <= tol
@@ -297,7 +298,8 @@ def test_context_attention_mixer_and_gated_injection():
             table += [Entry(f"{proj}.weight", (proj, "kernel"), LINEAR),
                       Entry(f"{proj}.bias", (proj, "bias"))]
         for norm in ("norm_in", "norm_out"):
-            table += [Entry(f"{norm}.weight", (norm, "scale")), Entry(f"{norm}.bias", (norm, "bias"))]
+            table += [Entry(f"{norm}.weight", (norm, "scale")),
+                      Entry(f"{norm}.bias", (norm, "bias"))]
         _load_by_table(mixer, torch_mixer, table)
         x = torch.randn(3, 5, 16, dtype=torch.float64)
         pooled, tokens = torch_mixer(x)
@@ -308,9 +310,12 @@ def test_context_attention_mixer_and_gated_injection():
         torch_gated = ref.perturb(TorchGated(16, 12), seed=4).double()
         gated = GatedContextInjection(16, 12, rngs=nnx.Rngs(0))
         _load_by_table(gated, torch_gated, [
-            Entry("gate.0.weight", ("gate", "kernel"), LINEAR), Entry("gate.0.bias", ("gate", "bias")),
-            Entry("bias.weight", ("bias", "kernel"), LINEAR), Entry("bias.bias", ("bias", "bias"))])
-        tokens_in, context = torch.randn(3, 7, 12, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
+            Entry("gate.0.weight", ("gate", "kernel"), LINEAR),
+            Entry("gate.0.bias", ("gate", "bias")),
+            Entry("bias.weight", ("bias", "kernel"), LINEAR),
+            Entry("bias.bias", ("bias", "bias"))])
+        tokens_in = torch.randn(3, 7, 12, dtype=torch.float64)
+        context = torch.randn(3, 16, dtype=torch.float64)
         expected = torch_gated(tokens_in, context).detach()
-        assert ref.relative_error(gated(ref.to_jax(tokens_in, jnp.float64), ref.to_jax(context, jnp.float64)),
-                              expected) <= 1e-12
+        actual = gated(ref.to_jax(tokens_in, jnp.float64), ref.to_jax(context, jnp.float64))
+        assert ref.relative_error(actual, expected) <= 1e-12

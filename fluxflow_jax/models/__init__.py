@@ -12,7 +12,8 @@ from fluxflow_jax.models.layers import Buffer
 from fluxflow_jax.models.text_encoder import BertTextEncoder
 
 __all__ = [
-    "BertTextEncoder", "Buffer", "COMPONENTS", "FluxFlowModels", "ContextAttentionMixer", "Encoded", "FluxCompressor",
+    "BertTextEncoder", "Buffer", "COMPONENTS", "FluxFlowModels", "ContextAttentionMixer", "Encoded",
+    "FluxCompressor",
     "FluxExpander", "FluxFlowConfig", "FluxFlowProcessor", "GatedContextInjection",
     "PatchDiscriminator", "SPADE", "SpectralState", "TrainableBezier", "bezier",
     "bezier_activation",

@@ -69,6 +69,7 @@ class ContextAttentionMixer(nnx.Module):
         y = self.norm_in(x)
         cls = jnp.broadcast_to(self.cls[...].astype(y.dtype), (y.shape[0], 1, y.shape[-1]))
         y = jnp.concatenate([cls, y], axis=1)
-        mixed = layers.multi_head_attention(self.q_proj(y), self.k_proj(y), self.v_proj(y), self.heads)
+        mixed = layers.multi_head_attention(self.q_proj(y), self.k_proj(y), self.v_proj(y),
+                                            self.heads)
         out = self.norm_out(self.out_proj(mixed))
         return out[:, 0], out[:, 1:]
