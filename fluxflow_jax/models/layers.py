@@ -58,7 +58,7 @@ class ConvTranspose(nnx.Module):
     the phases are interleaved afterwards. The textbook form (a convolution over the input
     with s-1 zeros inserted between pixels) multiplies zeros in 1 - 1/s**2 of its products,
     and XLA:CPU runs such input-dilated convolutions through a slow generic loop: on the
-    expander's 16x16 upsampling this form is 7x faster forward and backward on CPU.
+    expander's 16x16 upsampling the phase form is 7x faster forward and backward on CPU.
 
     The kernel is stored as flax's ``transpose_kernel=True`` layout [kh, kw, out, in] (the
     PyTorch weight [in, out, kh, kw] permuted), drawn before the bias with PyTorch's fan-in
@@ -77,7 +77,8 @@ class ConvTranspose(nnx.Module):
         self.bias = nnx.Param(bias_init(rngs.params(), (out_channels,)))
 
     def _phase(self, r: int) -> tuple[slice, tuple[int, int]]:
-        """(taps of phase r in reversed order, its input padding (low, high))."""
+        """(the kernel taps output phase r uses, applied reversed; its input padding
+        (low, high), which keeps the phase's output the input's size)."""
         s, first = self.stride, (r + self.padding) % self.stride
         taps = len(range(first, self.kernel.shape[0], s))
         low = taps - 1 - (r + self.padding) // s
