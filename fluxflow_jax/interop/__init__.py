@@ -7,6 +7,5 @@ from fluxflow_jax.interop.state import CheckpointError, export_tensors, import_t
 from fluxflow_jax.models.bundle import FluxFlowModels
 
 __all__ = ["COMPONENT_TABLES", "CheckpointError", "FluxFlowModels", "component_from_tensors",
-           "export_tensors",
-           "import_tensors", "infer_config", "load_fluxflow", "save_fluxflow",
+           "export_tensors", "import_tensors", "infer_config", "load_fluxflow", "save_fluxflow",
            "save_step_files"]

@@ -13,8 +13,7 @@ from fluxflow_jax.models.text_encoder import BertTextEncoder
 
 __all__ = [
     "BertTextEncoder", "Buffer", "COMPONENTS", "FluxFlowModels", "ContextAttentionMixer", "Encoded",
-    "FluxCompressor",
-    "FluxExpander", "FluxFlowConfig", "FluxFlowProcessor", "GatedContextInjection",
-    "PatchDiscriminator", "SPADE", "SpectralState", "TrainableBezier", "bezier",
-    "bezier_activation",
+    "FluxCompressor", "FluxExpander", "FluxFlowConfig", "FluxFlowProcessor",
+    "GatedContextInjection", "PatchDiscriminator", "SPADE", "SpectralState", "TrainableBezier",
+    "bezier", "bezier_activation",
 ]

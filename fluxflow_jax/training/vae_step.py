@@ -32,9 +32,8 @@ from fluxflow_jax.training.routing import fork
 from fluxflow_jax.training.state import BALANCED_LOSSES, Networks, TrainState
 
 VAE_METRICS = ("loss_recon", "loss_l1", "loss_mse", "loss_kl", "kl_beta", "loss_lpips", "loss_gen",
-               "loss_disc",
-               "r1_penalty", "weight_recon", "weight_kl", "weight_gan", "grad_norm_vae",
-               "grad_norm_disc", "lr_vae", "lr_disc")
+               "loss_disc", "r1_penalty", "weight_recon", "weight_kl", "weight_gan",
+               "grad_norm_vae", "grad_norm_disc", "lr_vae", "lr_disc")
 
 
 @dataclass(frozen=True)
