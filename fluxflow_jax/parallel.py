@@ -4,18 +4,29 @@ A train step is jitted with the batch split along its first axis over ``data`` a
 state (parameters, optimizer moments, EMA) replicated; XLA then inserts the gradient
 all-reduce itself, so the step's code is the single-device code. This is what ``pmap`` gave,
 expressed the way current JAX builds ``pmap`` itself.
+
+With sharded parameters (FSDP/ZeRO-3 style) each device holds only a 1/N slice of every
+large state leaf, split over the same ``data`` axis: XLA all-gathers a weight where the
+step uses it and reduce-scatters its gradient, so the state's memory per device shrinks N
+times for the price of those collectives. The step's code is still the single-device code.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+# Leaves smaller than this stay whole on every device when parameters are sharded: biases
+# and norms cost more in collectives than they save in memory.
+MIN_SHARDED_ELEMENTS = 4096
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -31,6 +42,34 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """Arrays held whole on every device."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def sharded_spec(shape: Sequence[int], devices: int,
+                 min_elements: int = MIN_SHARDED_ELEMENTS) -> PartitionSpec:
+    """How a state leaf of ``shape`` is split over ``devices``: along its largest axis that
+    ``devices`` divides; whole (replicated) when it is small or no axis divides."""
+    if math.prod(shape) < min_elements:
+        return PartitionSpec()
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % devices == 0:
+            return PartitionSpec(*(DATA_AXIS if a == axis else None for a in range(len(shape))))
+    return PartitionSpec()
+
+
+def sharded_state(tree: Any, mesh: Mesh, min_elements: int = MIN_SHARDED_ELEMENTS) -> Any:
+    """A ``NamedSharding`` per leaf of ``tree`` (arrays or shape structs) by ``sharded_spec``."""
+    devices = mesh.devices.size
+    return jax.tree.map(
+        lambda leaf: NamedSharding(mesh, sharded_spec(leaf.shape, devices, min_elements)), tree)
+
+
+def whole_copy(array: jax.Array) -> jax.Array:
+    """A copy of ``array`` held whole on each of its devices, gathered if it was sharded:
+    what host code (saving, sampling) reads, on any number of hosts."""
+    sharding = array.sharding
+    if sharding.is_fully_replicated or not isinstance(sharding, NamedSharding):
+        return jnp.copy(array)
+    return jax.device_put(array, NamedSharding(sharding.mesh, PartitionSpec()))
 
 
 def check_batch_divides(batch_size: int, mesh: Mesh) -> None:

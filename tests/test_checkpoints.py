@@ -71,6 +71,30 @@ def test_a_checkpoint_restores_onto_another_device_count(setup, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, host(restored), host(state))
 
 
+def test_a_sharded_state_restores_whole_and_back(setup, tmp_path):
+    """Parameters split over 8 devices (shard_params) restore onto 1 device, and a
+    single-device checkpoint restores into the split layout."""
+    models, _ = setup
+    sharded = TrainStep(models, STAGE, mesh=data_mesh(), shard_params=True)
+    fresh = sharded.init_state(models)
+    state = fresh.replace(params=jax.tree.map(lambda x: x * 2 + 1, fresh.params))
+    split = [leaf for leaf in jax.tree.leaves(state) if not leaf.sharding.is_fully_replicated]
+    assert split and all(leaf.addressable_shards[0].data.size * 8 == leaf.size
+                         for leaf in split)
+    one = TrainStep(models, STAGE)
+    with RunCheckpoints(tmp_path / "sharded") as checkpoints:
+        checkpoints.save(1, state, {})
+        restored, _ = checkpoints.restore(one.init_state(models))
+    assert all(len(leaf.devices()) == 1 for leaf in jax.tree.leaves(restored))
+    jax.tree.map(np.testing.assert_array_equal, host(restored), host(state))
+    with RunCheckpoints(tmp_path / "whole") as checkpoints:
+        checkpoints.save(1, restored, {})
+        back, _ = checkpoints.restore(sharded.init_state(models))
+    assert [leaf.sharding for leaf in jax.tree.leaves(back)] == \
+        [leaf.sharding for leaf in jax.tree.leaves(state)]
+    jax.tree.map(np.testing.assert_array_equal, host(back), host(state))
+
+
 def test_unfit_or_missing_checkpoints_are_named(setup, tmp_path):
     models, step = setup
     with RunCheckpoints(tmp_path / "empty") as empty, \

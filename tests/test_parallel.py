@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from fluxflow_jax.models.bundle import FluxFlowModels
-from fluxflow_jax.parallel import data_mesh
+from fluxflow_jax.parallel import data_mesh, sharded_spec
 from fluxflow_jax.pipeline import run as run_module
 from fluxflow_jax.pipeline.config import load_config
 from fluxflow_jax.pipeline.run import Run
@@ -61,11 +62,21 @@ def test_a_batch_that_does_not_split_is_named():
         step(step.init_state(models), {"images": IMAGES[:6]}, jax.random.key(0))
 
 
+def test_sharded_leaves_split_their_largest_divisible_axis():
+    assert sharded_spec((30522, 64), 8) == PartitionSpec(None, "data")
+    assert sharded_spec((3, 3, 64, 128), 8) == PartitionSpec(None, None, None, "data")
+    assert sharded_spec((64, 64), 8, min_elements=4096) == PartitionSpec("data", None)
+    assert sharded_spec((63, 65), 8) == PartitionSpec()  # no axis divides
+    assert sharded_spec((4096,), 8, min_elements=8192) == PartitionSpec()  # too small
+    assert sharded_spec((), 8) == PartitionSpec()
+
+
 def test_an_eight_device_run_resumes_on_one_device(tmp_path, monkeypatch):
-    """An 8-device run's checkpoint after its 2nd batch continues on 1 device: the same 4
-    logged batches and final weights as the uninterrupted 8-device run, whose flow steps
-    (text dropout included) the 1-device steps thus equal. Its log lines carry the compile
-    time, the speed and (with a known device peak) the MFU."""
+    """An 8-device run with sharded parameters (its checkpoint after the 2nd batch
+    continues on 1 device): the same 4 logged batches and final weights as the
+    uninterrupted 8-device run, whose flow steps (text dropout included) the 1-device
+    steps thus equal. Its log lines carry the compile time, the speed and (with a known
+    device peak) the MFU."""
     # SGD: Adam-like updates would turn the float noise of exactly-zero gradients (a
     # key bias under softmax) into full-size steps of either sign.
     steps = [{"name": "flow", "n_epochs": 1, "max_steps": 4, "train_diff": True,
@@ -73,7 +84,7 @@ def test_an_eight_device_run_resumes_on_one_device(tmp_path, monkeypatch):
               "optimizers": {"flow": SGD, "text_encoder": SGD},
               "schedulers": {"flow": CONSTANT, "text_encoder": CONSTANT}}]
     whole = write_config(tmp_path, steps, name="whole", data={**DATA, "demo_samples": 32},
-                         training={"batch_size": 8, "devices": 8},
+                         training={"batch_size": 8, "devices": 8, "shard_params": True},
                          output={"checkpoint_save_interval": 2})
     lines: list[str] = []
     monkeypatch.setattr(run_module, "peak_flops", lambda device, precision: 1e12)

@@ -49,8 +49,8 @@ def one_step(models, name, **options):
 
 def conv_and_dot_types(step, models, name) -> list[tuple[str, str, str]]:
     """(op, operand types, result type) of every convolution and matmul the step lowers to."""
-    text = step.compiled.lower(step.init_state(models[name]), CASES[name][2],
-                               jax.random.key(0), None).as_text()
+    text = step.lower(step.init_state(models[name]), CASES[name][2],
+                      jax.random.key(0)).as_text()
     return re.findall(r"stablehlo\.(convolution|dot_general).*: \((.*)\) -> (tensor<[^>]*>)",
                       text)
 

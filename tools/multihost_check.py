@@ -1,6 +1,7 @@
 """A real multi-process run on one machine, checked against a single process.
 
     python tools/multihost_check.py [--processes 2] [--devices-per-process 2] [--steps 3]
+                                    [--shard-params]
 
 Starts ``--processes`` CPU processes joined by ``jax.distributed`` (``fluxflow-jax train
 --coordinator_address localhost:PORT --num_processes N --process_id I``, collectives over
@@ -8,6 +9,8 @@ gloo), each with ``--devices-per-process`` virtual devices, training a tiny flow
 the demo data; then one process with all the devices on the same config. The logged
 per-batch losses must agree (the global batch and its split do not depend on the number
 of processes) and only process 0 may have written files. Exit status 0 when they do.
+``--shard-params`` splits the multi-process run's parameters over all devices of all
+processes (checkpoints and the final export then gather across hosts).
 Too slow for the unit tests (three runs compile the step), quick enough by hand (~2 min).
 """
 
@@ -70,6 +73,8 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--devices-per-process", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--shard-params", action="store_true",
+                        help="shard the multi-process run's parameters (FSDP style)")
     args = parser.parse_args()
     total = args.processes * args.devices_per_process
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +83,8 @@ def main() -> int:
         multi = write_config(directory, "multi", total, args.steps)
         runs = [train(multi, args.devices_per_process,
                       ["--coordinator_address", f"localhost:{port}", "--num_processes",
-                       str(args.processes), "--process_id", str(i)])
+                       str(args.processes), "--process_id", str(i)]
+                      + (["--shard_params"] if args.shard_params else []))
                 for i in range(args.processes)]
         outputs = [run.communicate()[0] for run in runs]
         if any(run.returncode for run in runs):

@@ -271,6 +271,7 @@ class TrainingConfig:
     max_steps: int | None = None  # every step ends after this many batches
     seed: int = 0  # model initialisation and training randomness
     devices: int | None = None  # data-parallel devices; None: all
+    shard_params: bool = False  # split parameters, moments and EMA over them (FSDP style)
     lpips_weights: str | None = None  # None: the default path (fluxflow-jax lpips-weights)
     # Multi-host (jax.distributed): on, auto-detecting the cluster (SLURM, Open MPI, TPU pods,
     # Kubernetes) unless the coordinator and this process are given.
@@ -296,13 +297,14 @@ TRAINING_CHECKS: dict[str, Check] = {
     "use_fp16": check_bool, "precision": optional(one_of(("fp32", "bf16"))),
     "remat": check_bool, "initial_clipping_norm": optional(_POSITIVE),
     "max_steps": _OPTIONAL_POSITIVE_INT, "seed": integer_at_least(0),
-    "devices": _OPTIONAL_POSITIVE_INT, "lpips_weights": optional(check_str),
+    "devices": _OPTIONAL_POSITIVE_INT, "shard_params": check_bool,
+    "lpips_weights": optional(check_str),
     "distributed": check_bool, "coordinator_address": optional(check_str),
     "num_processes": _OPTIONAL_POSITIVE_INT, "process_id": optional(integer_at_least(0)),
     "optim_sched_config": optional(check_str)}
 # Run-wide keys the reference also parses (and ignores) in a step.
 RUN_ONLY_KEYS = ("batch_size", "workers", "use_fp16", "training_steps", "seed", "devices",
-                 "precision", "remat")
+                 "precision", "remat", "shard_params")
 # Step keys of a standard-mode run; name, description and transitions belong to pipelines.
 STANDARD_STEP_KEYS = tuple(k for k in STEP_CHECKS if k not in TRAINING_CHECKS
                            and k not in ("name", "description"))

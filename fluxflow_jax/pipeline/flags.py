@@ -56,6 +56,7 @@ FLAGS: tuple[tuple[str, str, str, Any], ...] = (
     ("max_steps", "training", "max_steps", int),
     ("seed", "training", "seed", int),
     ("devices", "training", "devices", int),
+    ("shard_params", "training", "shard_params", "flag"),
     ("distributed", "training", "distributed", "flag"),
     ("coordinator_address", "training", "coordinator_address", str),
     ("num_processes", "training", "num_processes", int),

@@ -104,7 +104,9 @@ def describe(config: RunConfig, plan: Plan) -> str:
              "Parameters: " + ", ".join(f"{name} {count:,}" for name, count in counts.items())
              + f"; total {sum(counts.values()):,}",
              f"Arithmetic: {config.training.compute_precision}"
-             + (", blocks rematerialised" if config.training.remat else ""),
+             + (", blocks rematerialised" if config.training.remat else "")
+             + (", parameters sharded over the devices" if config.training.shard_params
+                else ""),
              f"Output: {config.output.output_path}"]
     for stage in stages:
         groups = stage.config.group_components()

@@ -182,6 +182,7 @@ class Run:
 
     def _train_step(self, stage: Stage) -> TrainStep:
         return TrainStep(self.models, stage.config, lpips=self.lpips, mesh=self.mesh,
+                         shard_params=self.config.training.shard_params,
                          precision=self.precision, remat=self.config.training.remat)
 
     # -- one stage ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from fluxflow_jax import parallel
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.training.balancing import LossHistory, new_history
 from fluxflow_jax.training.precision import cast_parameters
@@ -107,9 +108,10 @@ def write_to_models(state: TrainState, models: FluxFlowModels, *,
                     ema: bool = False) -> FluxFlowModels:
     """Put a state's weights into ``models`` (copies: the state may be donated later), e.g.
     to save, export or sample from them. With ``ema``, components that have an average get
-    it instead of their current weights."""
+    it instead of their current weights. Sharded weights are gathered: the modules hold
+    each weight whole on every device."""
     for name, module in models.present().items():
         params = state.ema.get(name, state.params[name]) if ema else state.params[name]
-        nnx.update(module, jax.tree.map(jnp.copy, params),
-                   jax.tree.map(jnp.copy, state.buffers[name]))
+        nnx.update(module, jax.tree.map(parallel.whole_copy, params),
+                   jax.tree.map(parallel.whole_copy, state.buffers[name]))
     return models

@@ -143,12 +143,13 @@ class TrainStep:
     ``step(state, batch, key)`` donates ``state``: use the returned one. ``batch`` holds
     ``images`` [B, H, W, C] in [-1, 1] and, for the flow part, ``input_ids`` and
     ``attention_mask`` [B, L]. With a ``mesh`` (``fluxflow_jax.parallel.data_mesh()``) the
-    step is data parallel: B is the global batch, split over the devices.
+    step is data parallel: B is the global batch, split over the devices, and the state is
+    replicated, or with ``shard_params`` split over them too (``parallel.sharded_state``).
     """
 
     def __init__(self, models: FluxFlowModels, stage: StageConfig, *,
                  lpips: LPIPS | None = None, mesh: Mesh | None = None,
-                 precision: str = "fp32", remat: bool = False):
+                 shard_params: bool = False, precision: str = "fp32", remat: bool = False):
         problems = stage.problems()
         if precision not in PRECISIONS:
             problems.append(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
@@ -170,17 +171,36 @@ class TrainStep:
                                  else False)
         self._lpips = nnx.split(lpips) if needs_lpips else None
         self.mesh = mesh
+        self.shard_params = shard_params and mesh is not None
         self.compilations: list[Compilation] = []
         self._executables: dict[tuple, tuple[jax.stages.Compiled, Compilation]] = {}
-        if mesh is None:
-            self._compiled = jax.jit(self._step, donate_argnums=0)
-        else:  # data parallel: batch split over the devices, everything else replicated
-            whole, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-            if self._lpips:
-                self._lpips = (self._lpips[0], jax.device_put(self._lpips[1], whole))
-            self._compiled = jax.jit(self._step, donate_argnums=0,
-                                     in_shardings=(whole, split, whole, whole),
-                                     out_shardings=(whole, whole))
+        self._jitted: jax.stages.Wrapped | None = None  # made for the first state seen
+        if mesh is not None and self._lpips:
+            self._lpips = (self._lpips[0],
+                           jax.device_put(self._lpips[1], parallel.replicated(mesh)))
+
+    def state_placement(self, state: Any) -> Any:
+        """Where a state of this step lives: on the default device; over the mesh, whole on
+        each device or (``shard_params``) split by ``parallel.sharded_state``."""
+        if self.mesh is None:
+            return jax.devices()[0]
+        if self.shard_params:
+            return parallel.sharded_state(state, self.mesh)
+        return parallel.replicated(self.mesh)
+
+    def _jit_for(self, state: Any) -> jax.stages.Wrapped:
+        """The jitted step (state donated). Over a mesh the batch is split, the state placed
+        by ``state_placement``, which for sharded parameters needs the state's structure."""
+        if self._jitted is None:
+            if self.mesh is None:
+                self._jitted = jax.jit(self._step, donate_argnums=0)
+            else:
+                whole, placed = parallel.replicated(self.mesh), self.state_placement(state)
+                self._jitted = jax.jit(
+                    self._step, donate_argnums=0,
+                    in_shardings=(placed, parallel.batch_sharding(self.mesh), whole, whole),
+                    out_shardings=(placed, whole))
+        return self._jitted
 
     def init_state(self, models: FluxFlowModels, *, previous: TrainState | None = None,
                    carried_averages: tuple[str, ...] = ()) -> TrainState:
@@ -204,8 +224,7 @@ class TrainStep:
                                           for name, group in self.groups.items()})
         # Committed to its devices, as a restored checkpoint is: the step then compiles once
         # for both (jit keys its cache on committedness).
-        placement = jax.devices()[0] if self.mesh is None else parallel.replicated(self.mesh)
-        return jax.device_put(jax.tree.map(jnp.copy, state), placement)
+        return jax.device_put(jax.tree.map(jnp.copy, state), self.state_placement(state))
 
     def __call__(self, state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -224,8 +243,7 @@ class TrainStep:
         if self.mesh is not None:
             parallel.check_batch_divides(batch["images"].shape[0], self.mesh)
         start = time.perf_counter()
-        executable = self._compiled.lower(state, batch, key,
-                                          self._lpips[1] if self._lpips else None).compile()
+        executable = self.lower(state, batch, key).compile()
         compilation = Compilation(shapes=_shapes(batch), seconds=time.perf_counter() - start,
                                   flops=flops_per_device(executable),
                                   temp_bytes=temporary_bytes(executable))
@@ -237,10 +255,12 @@ class TrainStep:
         """The compilation that serves batches shaped like ``batch`` (compiled already)."""
         return self._executables[_shapes(batch)][1]
 
-    @property
-    def compiled(self):
-        """The underlying ``jax.jit`` function (for lowering and cost analysis)."""
-        return self._compiled
+    def lower(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array
+              ) -> jax.stages.Lowered:
+        """The step lowered for these arguments (arrays or ``jax.ShapeDtypeStruct``s), e.g.
+        to read its StableHLO."""
+        return self._jit_for(state).lower(state, dict(batch), key,
+                                          self._lpips[1] if self._lpips else None)
 
     def _step(self, state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
               lpips_state) -> tuple[TrainState, dict[str, jax.Array]]:
