@@ -22,7 +22,7 @@ from fluxflow_jax.checks import field_problems, in_interval, optional
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.training import diffusion, losses
 from fluxflow_jax.training.groups import OptimizerGroup
-from fluxflow_jax.training.state import Networks, TrainState
+from fluxflow_jax.training.state import Networks, TrainState, Update
 
 FLOW_METRICS = ("flow_loss", "diff_loss", "align_loss", "grad_norm_flow", "grad_norm_text",
                 "lr_flow", "lr_text", "pred_mean", "pred_std")
@@ -60,8 +60,8 @@ class FlowOptions:
 
 def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, OptimizerGroup],
                 state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array,
-                use_alignment: bool) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
-    """(candidate state, metrics, finite) after one flow (and text encoder) update."""
+                use_alignment: bool) -> Update:
+    """One flow (and text encoder) update of ``state``."""
     k_latent, k_time, k_noise, k_dropout, k_cfg = jax.random.split(key, 5)
     trained = {name: groups[name] for name in ("flow", "text_encoder") if name in groups}
     images = batch["images"]
@@ -102,13 +102,19 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
     metrics.update(flow_loss=total, diff_loss=diff, align_loss=align_value,
                    pred_mean=jnp.mean(prediction), pred_std=jnp.std(prediction, ddof=1))
     finite = jnp.isfinite(total)
-    params, opt_states, ema = state.params, dict(state.opt_states), state.ema
     for name, group in trained.items():
         suffix = "text" if name == "text_encoder" else name
         norm = optax.tree.norm(grads[name])
         finite &= jnp.isfinite(norm)
         metrics[f"grad_norm_{suffix}"] = norm
-        metrics[f"lr_{suffix}"] = group.learning_rate(opt_states[name])
-        params, opt_states[name] = group.apply(grads[name], opt_states[name], params, total)
-        ema = group.update_ema(ema, params)
-    return state.replace(params=params, opt_states=opt_states, ema=ema), metrics, finite
+        metrics[f"lr_{suffix}"] = group.learning_rate(state.opt_states[name])
+
+    def commit() -> TrainState:
+        params, opt_states, ema = state.params, dict(state.opt_states), state.ema
+        for name, group in trained.items():
+            params, opt_states[name] = group.apply(grads[name], opt_states[name], params,
+                                                   total)
+            ema = group.update_ema(ema, params)
+        return state.replace(params=params, opt_states=opt_states, ema=ema)
+
+    return Update(metrics, finite, commit)

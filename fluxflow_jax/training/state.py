@@ -9,9 +9,9 @@ in ``Networks``: static graph definitions that turn state back into callable mod
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,21 @@ class TrainState:
     opt_states: dict[str, Any]  # optimizer group -> optax state
     ema: dict[str, nnx.State]  # component -> averaged parameters (trained components)
     loss_history: LossHistory  # recent values of BALANCED_LOSSES
+
+
+class Update(NamedTuple):
+    """One part of a train step (the VAE-GAN or the flow update), computed from a state.
+
+    ``commit()`` returns that state with the part's optimizer steps, averages and histories
+    made. The step commits only when every part was ``finite``, inside a ``lax.cond``: the
+    old state then passes through untouched, and the updates read the parameters and
+    moments they overwrite in place (no select over every leaf, which made XLA copy each
+    donated leaf first).
+    """
+
+    metrics: dict[str, jax.Array]
+    finite: jax.Array
+    commit: Callable[[], "TrainState"]
 
 
 def split_models(models: FluxFlowModels) -> tuple[dict[str, nnx.State], dict[str, nnx.State]]:

@@ -133,10 +133,6 @@ def _build_groups(stage: StageConfig) -> dict[str, OptimizerGroup]:
         for name, components in stage.group_components().items()}
 
 
-def _select(keep_new: jax.Array, new, old):
-    return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
-
-
 class TrainStep:
     """The jitted step of one stage; ``init_state(models)`` builds the state it takes.
 
@@ -267,20 +263,21 @@ class TrainStep:
         _check_batch(batch, self.stage, self.config)
         lpips = nnx.merge(self._lpips[0], lpips_state) if self._lpips else None
         vae_key, flow_key = jax.random.split(key)
-        candidate, metrics, finite = state, {}, jnp.array(True)
+        parts = []
         if self.stage.vae is not None:
-            candidate, vae_metrics, ok = vae_gan_update(
-                self.stage.vae, self.networks, self.groups, candidate, batch["images"],
-                vae_key, lpips)
-            metrics.update(vae_metrics)
-            finite &= ok
+            parts.append(lambda s: vae_gan_update(self.stage.vae, self.networks, self.groups,
+                                                  s, batch["images"], vae_key, lpips))
         if self.stage.flow is not None:
-            candidate, flow_metrics, ok = flow_update(
-                self.stage.flow, self.networks, self.groups, candidate, batch, flow_key,
-                self.alignment_active)
-            metrics.update(flow_metrics)
-            finite &= ok
-        new_state = _select(finite, candidate, state).replace(
+            parts.append(lambda s: flow_update(self.stage.flow, self.networks, self.groups, s,
+                                               batch, flow_key, self.alignment_active))
+        metrics, finite, current = {}, jnp.array(True), state
+        for number, part in enumerate(parts):
+            update = part(current)
+            metrics.update(update.metrics)
+            finite &= update.finite
+            if number < len(parts) - 1:  # the next part trains on this one's result
+                current = update.commit()
+        new_state = jax.lax.cond(finite, update.commit, lambda: state).replace(
             step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32))
         metrics["skipped"] = (~finite).astype(jnp.float32)
         return new_state, {k: v.astype(jnp.float32) for k, v in metrics.items()}

@@ -29,7 +29,7 @@ from fluxflow_jax.training.balancing import adaptive_weights, push
 from fluxflow_jax.training.groups import OptimizerGroup, Params
 from fluxflow_jax.training.lpips import LPIPS
 from fluxflow_jax.training.routing import fork
-from fluxflow_jax.training.state import BALANCED_LOSSES, Networks, TrainState
+from fluxflow_jax.training.state import BALANCED_LOSSES, Networks, TrainState, Update
 
 VAE_METRICS = ("loss_recon", "loss_l1", "loss_mse", "loss_kl", "kl_beta", "loss_lpips", "loss_gen",
                "loss_disc", "r1_penalty", "weight_recon", "weight_kl", "weight_gan",
@@ -151,9 +151,9 @@ def generator_terms(options: VAEOptions, outputs: dict[str, jax.Array], images: 
 
 def vae_gan_update(options: VAEOptions, nets: Networks, groups: Mapping[str, OptimizerGroup],
                    state: TrainState, images: jax.Array, key: jax.Array,
-                   lpips: LPIPS | None) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
-    """(candidate state, metrics, finite): the state after one D and one VAE update, and
-    whether every loss and gradient was finite (the caller keeps the old state if not)."""
+                   lpips: LPIPS | None) -> Update:
+    """One D and one VAE update of ``state``. The generator's GAN term reads the updated
+    discriminator, so that update is made here; the commit keeps it."""
     batch_number = state.step + 1  # the reference's global step (1 for the first batch)
     k_latent, k_real, k_fake = jax.random.split(key, 3)
     vae, disc = groups.get("vae"), groups.get("discriminator")
@@ -196,18 +196,23 @@ def vae_gan_update(options: VAEOptions, nets: Networks, groups: Mapping[str, Opt
                    loss_kl=terms["kl"], kl_beta=beta,
                    loss_lpips=terms["lpips"], loss_gen=terms["gan"], weight_recon=weights[0],
                    weight_kl=weights[1], weight_gan=weights[2])
-    ema = state.ema
     if vae is not None:
         (grads,) = pullback(cotangents)
         grad_norm = optax.tree.norm(grads)
         finite &= jnp.isfinite(grad_norm)
         metrics.update(grad_norm_vae=grad_norm, lr_vae=vae.learning_rate(opt_states["vae"]))
         plateau_metric = terms["recon"] if options.train_reconstruction else total
-        params, opt_states["vae"] = vae.apply(grads, opt_states["vae"], params, plateau_metric)
-        ema = vae.update_ema(ema, params)
-    new_state = state.replace(params=params, buffers=buffers, opt_states=opt_states, ema=ema,
-                              loss_history=history)
-    return new_state, metrics, finite
+
+    def commit() -> TrainState:
+        new_params, new_opt_states, ema = params, dict(opt_states), state.ema
+        if vae is not None:
+            new_params, new_opt_states["vae"] = vae.apply(grads, opt_states["vae"], params,
+                                                          plateau_metric)
+            ema = vae.update_ema(ema, new_params)
+        return state.replace(params=new_params, buffers=buffers, opt_states=new_opt_states,
+                             ema=ema, loss_history=history)
+
+    return Update(metrics, finite, commit)
 
 
 def _discriminator_update(options: VAEOptions, nets: Networks, disc: OptimizerGroup,
