@@ -145,6 +145,37 @@ def test_matches_torch_float64(lpips_files, model):
     np.testing.assert_allclose(actual, expected, rtol=1e-10)
 
 
+def test_input_gradient_matches_torch_float64(lpips_files, model):
+    """The gradient a train step takes through LPIPS: the convs' stored input-gradient
+    kernels and the reshaped max pools against torch autograd (odd sizes again)."""
+    tensors = safetensors.numpy.load_file(str(lpips_files["weights"]))
+    reference = _TorchLPIPS(tensors).double()
+    x, y = (a.astype(np.float64) for a in _images((2, 34, 50, 3), seed=3))
+    pred = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+    reference(pred, torch.from_numpy(y.transpose(0, 3, 1, 2).copy())).sum().backward()
+    expected = pred.grad.numpy().transpose(0, 2, 3, 1)
+    graphdef, state = nnx.split(model)
+    loss = lambda p, t, weights: nnx.merge(graphdef, weights)(p, t).sum()
+    with jax.enable_x64(True):
+        actual = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(x), jnp.asarray(y), state))
+    assert float(np.abs(expected).max()) > 0
+    np.testing.assert_allclose(actual, expected, rtol=1e-8, atol=1e-12 * np.abs(expected).max())
+
+
+def test_max_pool_matches_reduce_window():
+    """Values (odd sizes floored) and, for untied inputs, gradients."""
+    x = jax.random.normal(jax.random.key(0), (2, 7, 9, 3))
+    window = lambda v: jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, (1, 2, 2, 1),
+                                             (1, 2, 2, 1), "VALID")
+    weights = jax.random.normal(jax.random.key(1), (2, 3, 4, 3))
+    for pool in (lp.max_pool2x2, window):
+        assert pool(x).shape == (2, 3, 4, 3)
+    np.testing.assert_array_equal(lp.max_pool2x2(x), window(x))
+    grads = [jax.grad(lambda v, f=f: jnp.sum(f(v) * weights))(x)
+             for f in (lp.max_pool2x2, window)]
+    np.testing.assert_array_equal(*grads)
+
+
 # ----------------------------------------------------------------------------- properties
 
 

