@@ -2,12 +2,18 @@
 
     python tools/bench.py [--configs tiny,reference] [--stages vae_gan,flow]
                           [--variants jax,torch,torch.compile] [--steps 20] [--warmup 3]
-                          [--compile-timeout 300] [--wait-idle 0] [--json out.json]
+                          [--rounds 1] [--compile-timeout 300] [--wait-idle 0]
+                          [--json out.json]
 
 For each (config, stage, variant) a fresh worker process builds the networks, runs
 ``--warmup`` steps (compilation included) and then times ``--steps`` steps one by one on the
-same float32 batch. The JAX side is ``fluxflow_jax.training.TrainStep``; the PyTorch side is
-the reference trainers' order of operations on the real ``fluxflow`` 0.8.1 v030 networks
+same float32 batch. With ``--rounds N`` the variants of a stage take turns N times, each
+time in a new process, and a row pools the steps of all its rounds: on a shared machine the
+speed of a whole process drifts (by ±20% on the 2-core development machine), and taking
+turns spreads that drift over every variant instead of charging it to one.
+
+The JAX side is ``fluxflow_jax.training.TrainStep``; the PyTorch side is the reference
+trainers' order of operations on the real ``fluxflow`` 0.8.1 v030 networks
 (``tools/torch_steps.py``), eager and under ``torch.compile`` (default mode).
 
 Reported per row: median and mean step time, images/s (batch / median), peak memory, the
@@ -305,6 +311,19 @@ def run_process(spec: dict, limit: float | None) -> dict:
     return result
 
 
+def pool_rounds(results: list[dict]) -> dict:
+    """One variant's rounds as one result: all step times, each round's median, the largest
+    memory and neighbours' load; the first error if any round failed."""
+    failed = [r for r in results if "error" in r]
+    if failed:
+        return failed[0]
+    pooled = {**results[0], "times": [t for r in results for t in r["times"]]}
+    pooled["round_medians"] = [statistics.median(r["times"]) for r in results]
+    for key in ("peak_rss_bytes", "rss_growth_bytes", "other_load_cores"):
+        pooled[key] = max(r[key] for r in results)
+    return pooled
+
+
 def summarise(spec: dict, result: dict, batch_size: int) -> dict:
     row = {**spec, "batch_size": batch_size}
     if "error" in result:
@@ -332,9 +351,14 @@ def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value / 2**20:.0f}"
 
 
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.4f}-{max(values):.4f}" if len(values) > 1 else "-"
+
+
 def print_table(rows: list[dict]) -> None:
     header = ("config", "stage", "variant", "median s", "mean s", "img/s", "warm-up s",
-              "RSS MiB (+growth)", "params", "GFLOP/step", "MFU", "JAX/this", "others' load")
+              "RSS MiB (+growth)", "params", "GFLOP/step", "MFU", "JAX/this", "others' load",
+              "round medians s")
     table = [header]
     for r in rows:
         if "error" in r:
@@ -351,7 +375,7 @@ def print_table(rows: list[dict]) -> None:
             f"{flops / 1e9:.2f}" if flops else "-",
             f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a",
             f"{r['jax_over_torch']:.2f}" if "jax_over_torch" in r else "-",
-            f"{r['other_load_cores']:.2f}"))
+            f"{r['other_load_cores']:.2f}", _spread(r.get("round_medians", []))))
     widths = [max(len(row[i]) for row in table if len(row) > i and len(row) == len(header))
               for i in range(len(header))]
     for row in table:
@@ -368,7 +392,8 @@ def print_table(rows: list[dict]) -> None:
     print("JAX/this: JAX median step time / this row's (below 1: JAX is faster). "
           "RSS: the worker's peak max RSS (growth over its post-import RSS). "
           "MFU: n/a without a known peak FLOP/s (CPUs). others' load: CPU cores other "
-          "processes kept busy meanwhile.")
+          "processes kept busy meanwhile. Round medians: the lowest and highest median of "
+          "one round (--rounds).")
     busy = [r for r in rows if r.get("other_load_cores", 0) > 0.25]
     if busy:
         print(f"WARNING: other processes used > 0.25 cores during {len(busy)} row(s); "
@@ -390,6 +415,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="times each variant runs (in turns, a new process each time)")
     parser.add_argument("--compile-timeout", type=float, default=300.0,
                         help="seconds torch.compile's warm-up may take before it counts "
                              "as failed")
@@ -405,21 +432,27 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
-    if args.steps < 1 or args.warmup < 1:
-        raise SystemExit("--steps and --warmup must be >= 1 (warm-up includes compilation)")
+    if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
+        raise SystemExit("--steps, --warmup and --rounds must be >= 1 (warm-up includes "
+                         "compilation)")
+    variants = parse_list(args.variants, VARIANTS, "variants")
     rows = []
     for config in parse_list(args.configs, list(CONFIGS), "configs"):
         for stage in parse_list(args.stages, STAGES, "stages"):
-            for variant in parse_list(args.variants, VARIANTS, "variants"):
-                spec = {"config": config, "stage": stage, "variant": variant,
-                        "steps": args.steps, "warmup": args.warmup,
-                        "precision": args.precision if variant == "jax" else "fp32",
-                        "remat": args.remat}
-                if args.wait_idle > 0:
-                    wait_for_quiet(args.wait_idle)
-                print(f"[{config} {stage} {variant}] ...", file=sys.stderr, flush=True)
-                result = run_worker(spec, args.compile_timeout)
-                rows.append(summarise(spec, result, CONFIGS[config].batch_size))
+            specs = [{"config": config, "stage": stage, "variant": variant,
+                      "steps": args.steps, "warmup": args.warmup,
+                      "precision": args.precision if variant == "jax" else "fp32",
+                      "remat": args.remat} for variant in variants]
+            results: list[list[dict]] = [[] for _ in specs]
+            for number in range(1, args.rounds + 1):
+                for spec, done in zip(specs, results, strict=True):
+                    if args.wait_idle > 0:
+                        wait_for_quiet(args.wait_idle)
+                    print(f"[{config} {stage} {spec['variant']}] round {number} ...",
+                          file=sys.stderr, flush=True)
+                    done.append(run_worker(spec, args.compile_timeout))
+            rows += [summarise(spec, pool_rounds(done), CONFIGS[config].batch_size)
+                     for spec, done in zip(specs, results, strict=True)]
     add_ratios(rows)
     print_table(rows)
     if args.json:
