@@ -3,6 +3,8 @@ mode. Runs use the tiny model on 8 demo images of 32 px (4 batches of 2 per epoc
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,15 +19,21 @@ from tiny import TINY
 
 # ----------------------------------------------------------------------------- stages
 
-def test_freezing_persists_and_max_steps_ends_each_step(tmp_path):
+def test_freezing_persists_and_max_steps_ends_each_step(tmp_path, monkeypatch):
     """vae trains the autoencoder; flow freezes it (freeze_vae) and trains the flow; flow2,
     which says nothing about freezing, inherits the frozen autoencoder. Every step stops
     after max_steps batches and exports its own files, which PyTorch loads strictly."""
     config = write_config(tmp_path, VAE_THEN_FLOW + [
         {"name": "flow2", "n_epochs": 1, "max_steps": 3, "train_diff": True}])
-    lines = []
+    lines, frozen = [], []
+    freeze = gc.freeze
+    monkeypatch.setattr(gc, "freeze", lambda: (freeze(), frozen.append(gc.get_freeze_count())))
     position = Run(load_config(config), echo=lines.append).run()
     out = tmp_path / "run"
+    # Each step's compilation put the live objects out of the collector's reach; the end
+    # of each step gave them back (a later step's garbage cycles are still collected).
+    assert len(frozen) == 3 and min(frozen) > 10_000, frozen
+    assert gc.get_freeze_count() == 0
 
     assert [len(records(out, s)) for s in ("vae", "flow", "flow2")] == [3, 3, 3]
     assert position.global_step == 9 and position.stages_completed == ["vae", "flow", "flow2"]

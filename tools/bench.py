@@ -6,8 +6,9 @@
                           [--json out.json]
 
 For each (config, stage, variant) a fresh worker process builds the networks, runs
-``--warmup`` steps (compilation included) and then times ``--steps`` steps one by one on the
-same float32 batch. With ``--rounds N`` the variants of a stage take turns N times, each
+``--warmup`` steps (compilation included), freezes the Python heap as the training loop does
+(``gc.freeze``, both frameworks) and then times ``--steps`` steps one by one on the same
+float32 batch. With ``--rounds N`` the variants of a stage take turns N times, each
 time in a new process, and a row pools the steps of all its rounds: on a shared machine the
 speed of a whole process drifts (by ±20% on the 2-core development machine), and taking
 turns spreads that drift over every variant instead of charging it to one.
@@ -32,6 +33,7 @@ a CPU: minutes per step).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import queue
@@ -216,6 +218,10 @@ def worker(spec: dict) -> None:
     for n in range(1, spec["warmup"] + 1):
         run(n)
     emit("WARM", {"seconds": time.perf_counter() - start})
+    # As the training loop does after compiling (pipeline.run.freeze_heap): the objects
+    # built so far out of the cyclic collector's reach, for both frameworks.
+    gc.collect()
+    gc.freeze()
     times = []
     for n in range(spec["warmup"] + 1, spec["warmup"] + spec["steps"] + 1):
         start = time.perf_counter()
