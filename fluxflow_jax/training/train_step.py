@@ -263,21 +263,17 @@ class TrainStep:
         _check_batch(batch, self.stage, self.config)
         lpips = nnx.merge(self._lpips[0], lpips_state) if self._lpips else None
         vae_key, flow_key = jax.random.split(key)
-        parts = []
+        updates = []
         if self.stage.vae is not None:
-            parts.append(lambda s: vae_gan_update(self.stage.vae, self.networks, self.groups,
-                                                  s, batch["images"], vae_key, lpips))
+            updates.append(vae_gan_update(self.stage.vae, self.networks, self.groups, state,
+                                          batch["images"], vae_key, lpips))
         if self.stage.flow is not None:
-            parts.append(lambda s: flow_update(self.stage.flow, self.networks, self.groups, s,
-                                               batch, flow_key, self.alignment_active))
-        metrics, finite, current = {}, jnp.array(True), state
-        for number, part in enumerate(parts):
-            update = part(current)
-            metrics.update(update.metrics)
-            finite &= update.finite
-            if number < len(parts) - 1:  # the next part trains on this one's result
-                current = update.commit()
-        new_state = jax.lax.cond(finite, update.commit, lambda: state).replace(
+            trained = updates[-1].commit() if updates else state  # after the VAE-GAN update
+            updates.append(flow_update(self.stage.flow, self.networks, self.groups, trained,
+                                       batch, flow_key, self.alignment_active))
+        metrics = {name: value for update in updates for name, value in update.metrics.items()}
+        finite = jnp.all(jnp.stack([update.finite for update in updates]))
+        new_state = jax.lax.cond(finite, updates[-1].commit, lambda: state).replace(
             step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32))
         metrics["skipped"] = (~finite).astype(jnp.float32)
         return new_state, {k: v.astype(jnp.float32) for k, v in metrics.items()}
