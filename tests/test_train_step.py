@@ -11,7 +11,7 @@ from flax import nnx
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.training.flow_step import FlowOptions
 from fluxflow_jax.training.lpips import LPIPS
-from fluxflow_jax.training.state import Networks, split_models
+from fluxflow_jax.training.state import Networks, PackedState, split_models
 from fluxflow_jax.training.train_step import (StageConfig, StageConfigError, TrainStep,
                                               metric_names)
 from fluxflow_jax.training.vae_step import VAEOptions, generator_outputs, generator_terms
@@ -266,6 +266,22 @@ def test_nan_batch_leaves_the_flow_state_bitwise_unchanged(flow_run):
     new_state = host_copy(new_state)
     assert int(new_state.skipped) == 1
     assert_same(new_state.replace(step=0, skipped=0), flow_run.final.replace(step=0, skipped=0))
+
+
+def test_packed_state_steps_as_the_tree_does_and_must_match_its_structure(flow_run):
+    """The loop's fast path (flat leaves in and out) runs the same program: bitwise equal."""
+    def committed():
+        return jax.device_put(jax.tree.map(np.copy, flow_run.final), jax.devices()[0])
+
+    tree, packed = committed(), PackedState.pack(committed())
+    for k in range(2):
+        tree, _ = flow_run.step(tree, TEXT_BATCH, jax.random.key(k))
+        packed, _ = flow_run.step(packed, TEXT_BATCH, jax.random.key(k))
+    assert isinstance(packed, PackedState) and len(flow_run.step.compilations) == 1
+    assert_same(host_copy(packed.unpack()), host_copy(tree))
+    other = PackedState.pack(committed().replace(ema={}))
+    with pytest.raises(ValueError, match="structure"):
+        flow_run.step(other, TEXT_BATCH, jax.random.key(0))
 
 
 def test_vae_and_flow_in_one_stage_with_a_frozen_text_encoder(models):

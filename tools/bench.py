@@ -105,6 +105,7 @@ def jax_runner(bench: BenchConfig, stage_name: str, precision: str, remat: bool
     from fluxflow_jax.models import FluxFlowModels
     from fluxflow_jax.training import LPIPS, FlowOptions, StageConfig, TrainStep, VAEOptions
     from fluxflow_jax.training.performance import peak_flops
+    from fluxflow_jax.training.state import PackedState
 
     adamw = {"type": "AdamW", "lr": LEARNING_RATE, "weight_decay": 0.01}
     models = FluxFlowModels.create(bench.model, nnx.Rngs(0))
@@ -125,7 +126,7 @@ def jax_runner(bench: BenchConfig, stage_name: str, precision: str, remat: bool
     wanted = ("images",) + (("input_ids", "attention_mask") if stage_name == "flow" else ())
     batch = {k: jax.device_put(v) for k, v in host_batch(bench).items() if k in wanted}
     keys = [jax.random.key(n) for n in range(1, 10_000)]
-    holder = {"state": state}
+    holder = {"state": PackedState.pack(state)}  # as the training loop keeps it
 
     def run(n: int) -> None:
         holder["state"], metrics = step(holder["state"], batch, keys[n - 1])

@@ -45,7 +45,7 @@ from fluxflow_jax.pipeline.setup import (check_text_inputs, initial_models, load
 from fluxflow_jax.pipeline.speed import Speed, SpeedMeter
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.training.performance import peak_flops
-from fluxflow_jax.training.state import TrainState, write_to_models
+from fluxflow_jax.training.state import PackedState, TrainState, write_to_models
 from fluxflow_jax.training.train_step import TrainStep
 
 log = logging.getLogger(__name__)
@@ -221,10 +221,11 @@ class Run:
         metrics_log = MetricsLog(self.output, stage.name,
                                  position.global_step if resuming else None) \
             if self.writer else None
+        packed = PackedState.pack(state)
         try:
             while True:
-                state, done, reason = self._run_epoch(stage, step, state, position,
-                                                      metrics_log)
+                packed, done, reason = self._run_epoch(stage, step, packed, position,
+                                                       metrics_log)
                 if done:
                     break
         finally:
@@ -232,11 +233,11 @@ class Run:
             if metrics_log:
                 metrics_log.close()
         self.echo(f"Step '{stage.label}' finished: {reason}")
-        return state
+        return packed.unpack()
 
-    def _run_epoch(self, stage: Stage, step: TrainStep, state: TrainState,
+    def _run_epoch(self, stage: Stage, step: TrainStep, state: PackedState,
                    position: Position, metrics_log: MetricsLog | None
-                   ) -> tuple[TrainState, bool, str]:
+                   ) -> tuple[PackedState, bool, str]:
         """Run (the rest of) one epoch; (state, whether the stage is done, why)."""
         window = RunningAverage(averaging_window(self.config.output.log_interval))
         window.restore(position.averages)
@@ -281,10 +282,11 @@ class Run:
                 sampling = bool(self.samples) and (done or epoch_end or
                                                    self._samples_due(position))
                 if done or interval or epoch_end or sampling:
-                    jax.block_until_ready(state)  # the batches so far count as training
+                    jax.block_until_ready(state.leaves)  # the batches so far count as trained
                     with speed.excluded():
-                        self._write(stage, state, position, loader_state, window, done=done,
-                                    epoch_end=epoch_end, save=interval or epoch_end or done,
+                        self._write(stage, state.unpack(), position, loader_state, window,
+                                    done=done, epoch_end=epoch_end,
+                                    save=interval or epoch_end or done,
                                     sample_at=shown_at if sampling else None)
                 if epoch_end or done:
                     break
@@ -330,9 +332,9 @@ class Run:
         return position.stage_batches % interval == 0 and \
             (position.stage_batches // interval) % self.config.output.samples_per_checkpoint == 0
 
-    def _train_batch(self, step: TrainStep, stage: Stage, state: TrainState,
+    def _train_batch(self, step: TrainStep, stage: Stage, state: PackedState,
                      device_inputs: list, position: Position, pending: list,
-                     speed: SpeedMeter) -> TrainState:
+                     speed: SpeedMeter) -> PackedState:
         key = jax.random.fold_in(self.base_key, position.global_step)
         flops: float | None = 0.0
         for repeat in range(self.config.training.training_steps):

@@ -2,9 +2,9 @@
 
 from fluxflow_jax.training.flow_step import FlowOptions
 from fluxflow_jax.training.lpips import LPIPS
-from fluxflow_jax.training.state import TrainState
+from fluxflow_jax.training.state import PackedState, TrainState
 from fluxflow_jax.training.train_step import StageConfig, StageConfigError, TrainStep
 from fluxflow_jax.training.vae_step import VAEOptions
 
-__all__ = ["LPIPS", "FlowOptions", "StageConfig", "StageConfigError", "TrainState",
-           "TrainStep", "VAEOptions"]
+__all__ = ["LPIPS", "FlowOptions", "PackedState", "StageConfig", "StageConfigError",
+           "TrainState", "TrainStep", "VAEOptions"]

@@ -52,6 +52,29 @@ class Update(NamedTuple):
     commit: Callable[[], "TrainState"]
 
 
+@dataclass(frozen=True)
+class PackedState:
+    """A ``TrainState`` as its flat list of arrays: what the compiled step takes and returns.
+
+    The training loop keeps its state packed between steps. Passed as a tree, the state's
+    ~500 arrays are flattened out of nnx Variables before every call and rebuilt into new
+    Variables after it, ~9 ms of host time per step while the device waits (a sixth of the
+    tiny flow step on a CPU). ``unpack`` builds the tree only where it is read: checkpoints,
+    exports and samples. It shares the arrays, so it is stale once the next step donates them.
+    """
+
+    leaves: list[jax.Array]
+    treedef: Any  # the TrainState's jax.tree structure
+
+    @classmethod
+    def pack(cls, state: "TrainState") -> "PackedState":
+        leaves, treedef = jax.tree.flatten(state)
+        return cls(leaves, treedef)
+
+    def unpack(self) -> "TrainState":
+        return jax.tree.unflatten(self.treedef, self.leaves)
+
+
 def split_models(models: FluxFlowModels) -> tuple[dict[str, nnx.State], dict[str, nnx.State]]:
     """(params, buffers) of every present component, as copies: a step donates its state,
     and the modules must stay usable afterwards."""

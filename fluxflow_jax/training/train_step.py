@@ -31,7 +31,7 @@ from fluxflow_jax.training.optimizers import default_optimizer_config, optimizer
 from fluxflow_jax.training.performance import flops_per_device, temporary_bytes
 from fluxflow_jax.training.precision import PRECISIONS, compute_dtype
 from fluxflow_jax.training.schedules import default_scheduler_config, scheduler_config_problems
-from fluxflow_jax.training.state import Networks, TrainState, new_train_state
+from fluxflow_jax.training.state import Networks, PackedState, TrainState, new_train_state
 from fluxflow_jax.training.vae_step import (VAE_METRICS, VAEOptions, unused_expander_leaf,
                                             vae_gan_update)
 
@@ -136,7 +136,8 @@ def _build_groups(stage: StageConfig) -> dict[str, OptimizerGroup]:
 class TrainStep:
     """The jitted step of one stage; ``init_state(models)`` builds the state it takes.
 
-    ``step(state, batch, key)`` donates ``state``: use the returned one. ``batch`` holds
+    ``step(state, batch, key)`` donates ``state``: use the returned one. A ``PackedState``
+    comes back packed, the fast path for a loop of steps (see ``PackedState``). ``batch`` holds
     ``images`` [B, H, W, C] in [-1, 1] and, for the flow part, ``input_ids`` and
     ``attention_mask`` [B, L]. With a ``mesh`` (``fluxflow_jax.parallel.data_mesh()``) the
     step is data parallel: B is the global batch, split over the devices, and the state is
@@ -171,6 +172,7 @@ class TrainStep:
         self.compilations: list[Compilation] = []
         self._executables: dict[tuple, tuple[jax.stages.Compiled, Compilation]] = {}
         self._jitted: jax.stages.Wrapped | None = None  # made for the first state seen
+        self._treedef: Any = None  # that state's structure
         if mesh is not None and self._lpips:
             self._lpips = (self._lpips[0],
                            jax.device_put(self._lpips[1], parallel.replicated(mesh)))
@@ -185,15 +187,20 @@ class TrainStep:
         return parallel.replicated(self.mesh)
 
     def _jit_for(self, state: Any) -> jax.stages.Wrapped:
-        """The jitted step (state donated). Over a mesh the batch is split, the state placed
-        by ``state_placement``, which for sharded parameters needs the state's structure."""
+        """The jitted step over the state's flat leaves (donated), made for the first state
+        seen. Over a mesh the batch is split and the state placed by ``state_placement``,
+        which for sharded parameters needs the state's structure."""
         if self._jitted is None:
+            self._treedef = jax.tree.structure(state)
             if self.mesh is None:
-                self._jitted = jax.jit(self._step, donate_argnums=0)
+                self._jitted = jax.jit(self._flat_step, donate_argnums=0)
             else:
-                whole, placed = parallel.replicated(self.mesh), self.state_placement(state)
+                whole = parallel.replicated(self.mesh)
+                placed = self.state_placement(state)
+                if self.shard_params:
+                    placed = jax.tree.leaves(placed)
                 self._jitted = jax.jit(
-                    self._step, donate_argnums=0,
+                    self._flat_step, donate_argnums=0,
                     in_shardings=(placed, parallel.batch_sharding(self.mesh), whole, whole),
                     out_shardings=(placed, whole))
         return self._jitted
@@ -222,12 +229,21 @@ class TrainStep:
         # for both (jit keys its cache on committedness).
         return jax.device_put(jax.tree.map(jnp.copy, state), self.state_placement(state))
 
-    def __call__(self, state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
-                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    def __call__(self, state: TrainState | PackedState, batch: Mapping[str, jax.Array],
+                 key: jax.Array) -> tuple[TrainState | PackedState, dict[str, jax.Array]]:
+        """One step; the new state comes back in the form given (``PackedState``: the fast
+        path a training loop takes)."""
+        packed = state if isinstance(state, PackedState) else PackedState.pack(state)
         batch = dict(batch)
         known = self._executables.get(_shapes(batch))
-        executable = known[0] if known else self.compile(state, batch, key)
-        return executable(state, batch, key, self._lpips[1] if self._lpips else None)
+        executable = known[0] if known else self.compile(packed.unpack(), batch, key)
+        if packed.treedef is not self._treedef and packed.treedef != self._treedef:
+            raise ValueError("the state's structure is not the one this step was compiled "
+                             "for; build it with this step's init_state()")
+        leaves, metrics = executable(packed.leaves, batch, key,
+                                     self._lpips[1] if self._lpips else None)
+        new = PackedState(leaves, self._treedef)
+        return (new if isinstance(state, PackedState) else new.unpack()), metrics
 
     def compile(self, state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
                 ) -> jax.stages.Compiled:
@@ -255,8 +271,14 @@ class TrainStep:
               ) -> jax.stages.Lowered:
         """The step lowered for these arguments (arrays or ``jax.ShapeDtypeStruct``s), e.g.
         to read its StableHLO."""
-        return self._jit_for(state).lower(state, dict(batch), key,
+        return self._jit_for(state).lower(jax.tree.leaves(state), dict(batch), key,
                                           self._lpips[1] if self._lpips else None)
+
+    def _flat_step(self, leaves: list[jax.Array], batch: dict[str, jax.Array],
+                   key: jax.Array, lpips_state) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+        state, metrics = self._step(jax.tree.unflatten(self._treedef, leaves), batch, key,
+                                    lpips_state)
+        return jax.tree.leaves(state), metrics
 
     def _step(self, state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
               lpips_state) -> tuple[TrainState, dict[str, jax.Array]]:
