@@ -284,6 +284,26 @@ def test_packed_state_steps_as_the_tree_does_and_must_match_its_structure(flow_r
         flow_run.step(other, TEXT_BATCH, jax.random.key(0))
 
 
+def test_a_handed_over_state_copies_only_the_arrays_two_leaves_share(models):
+    """After a flow stage, the VAE-GAN stage starts its encoder average from the encoder's
+    weights: the average gets its own buffers (a step donates every leaf, and one buffer
+    cannot be donated twice), while the handed-over weights are not copied."""
+    def buffer(array):
+        return array.unsafe_buffer_pointer()
+
+    previous = TrainStep(models, FLOW).init_state(models)
+    step = TrainStep(models, VAE_GAN)
+    state = step.init_state(models, previous=previous)
+    averages, weights = (jax.tree.leaves(tree["compressor"]) for tree in (state.ema,
+                                                                          state.params))
+    assert all(buffer(a) != buffer(w) and np.array_equal(a, w)
+               for a, w in zip(averages, weights))
+    assert list(map(buffer, jax.tree.leaves(state.params))) == \
+        list(map(buffer, jax.tree.leaves(previous.params)))
+    state, metrics = step(state, {"images": IMAGES}, jax.random.key(0))
+    assert float(metrics["skipped"]) == 0 and int(state.step) == 1
+
+
 def test_vae_and_flow_in_one_stage_with_a_frozen_text_encoder(models):
     """Both updates on each batch (the flow reads the freshly updated encoder). The text
     encoder is frozen: not differentiated, unchanged. Every caption is dropped for

@@ -227,7 +227,7 @@ class TrainStep:
                                           for name, group in self.groups.items()})
         # Committed to its devices, as a restored checkpoint is: the step then compiles once
         # for both (jit keys its cache on committedness).
-        return jax.device_put(jax.tree.map(jnp.copy, state), self.state_placement(state))
+        return jax.device_put(_unaliased(state), self.state_placement(state))
 
     def __call__(self, state: TrainState | PackedState, batch: Mapping[str, jax.Array],
                  key: jax.Array) -> tuple[TrainState | PackedState, dict[str, jax.Array]]:
@@ -311,6 +311,22 @@ class Compilation:
     seconds: float
     flops: float | None
     temp_bytes: int | None
+
+
+def _unaliased(state: TrainState) -> TrainState:
+    """The state with a copy of each array that another leaf already holds: a step donates
+    every leaf, and one buffer cannot be donated twice (a handed-over average starts as the
+    parameters themselves). Copying only those, not the whole state, keeps the peak memory
+    of building a state at one state's worth (1.7 GB less for the reference flow stage)."""
+    seen: set[int] = set()
+
+    def own(leaf: Any) -> jax.Array:
+        if isinstance(leaf, jax.Array) and id(leaf) not in seen:
+            seen.add(id(leaf))
+            return leaf
+        return jnp.copy(leaf)
+
+    return jax.tree.map(own, state)
 
 
 def _shapes(batch: Mapping[str, Any]) -> tuple:
