@@ -8,22 +8,25 @@
 For each (config, stage, variant) a fresh worker process builds the networks, runs
 ``--warmup`` steps (compilation included), freezes the Python heap as the training loop does
 (``gc.freeze``, both frameworks) and then times ``--steps`` steps one by one on the same
-float32 batch. With ``--rounds N`` the variants of a stage take turns N times, each
-time in a new process, and a row pools the steps of all its rounds: on a shared machine the
+batch, in float32 or with ``--precision bf16`` in both frameworks' mixed precision (JAX's
+``precision: bf16``, PyTorch's bfloat16 autocast; float32 weights and optimizer states).
+With ``--rounds N`` the variants of a stage take turns N times, each time in a new process,
+and a row pools the steps of all its rounds: on a shared machine the
 speed of a whole process drifts (by ±20% on the 2-core development machine), and taking
 turns spreads that drift over every variant instead of charging it to one.
 
 The JAX side is ``fluxflow_jax.training.TrainStep``; the PyTorch side is the reference
 trainers' order of operations on the real ``fluxflow`` 0.8.1 v030 networks
-(``tools/torch_steps.py``), eager and under ``torch.compile`` (default mode).
+(``tools/torch_steps.py``), eager and under ``torch.compile`` (default mode), on the GPU
+when PyTorch sees one (a CUDA build of torch), else on the CPU.
 
 Reported per row: median and mean step time, images/s (batch / median), peak memory, the
 parameter count each side trains (a check that both run the same networks), and for JAX the
 XLA cost-analysis FLOPs per step and the MFU when the device's peak FLOP/s is known (not for
 CPUs). Memory: each worker is its own process, so its peak resident set size (``getrusage``
 max RSS) is that variant's alone; the table shows its growth over the worker's RSS after
-imports (weights, optimizer state, activations, compiled code). A JAX accelerator adds its
-allocator's peak (``memory_stats()``).
+imports (weights, optimizer state, activations, compiled code). On a GPU each side adds
+its allocator's peak: JAX's ``memory_stats()``, PyTorch's ``max_memory_allocated()``.
 
 Configs: "tiny" (64 px, batch 4, small widths, a 1-layer 64-wide DistilBERT) and
 "reference" (256 px, batch 1, the reference's default widths and full text encoder; slow on
@@ -150,33 +153,47 @@ def jax_runner(bench: BenchConfig, stage_name: str, precision: str, remat: bool
 # ---------------------------------------------------------------------- PyTorch variants
 
 
-def torch_runner(bench: BenchConfig, stage_name: str, compiled: bool
+def torch_runner(bench: BenchConfig, stage_name: str, compiled: bool, precision: str
                  ) -> tuple[Callable[[int], None], dict]:
-    """(run step n, info): the reference step on the fluxflow networks, eager or compiled."""
+    """(run step n, info): the reference step on the fluxflow networks, eager or compiled,
+    on the GPU when PyTorch sees one (else the CPU), with bf16 as autocast."""
     import torch
     import torch_steps  # on the path since import_framework
 
     from fluxflow_jax.training import FlowOptions, VAEOptions
 
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    placement = {"device": device, "bf16": precision == "bf16"}
     data = host_batch(bench)
-    images = torch.from_numpy(data["images"].transpose(0, 3, 1, 2).copy())
+    images = torch.from_numpy(data["images"].transpose(0, 3, 1, 2).copy()).to(device)
     if stage_name == "vae_gan":
         step = torch_steps.VAEGANStep(bench.model, VAEOptions(use_lpips=True, r1_interval=16),
-                                      LEARNING_RATE, TOTAL_STEPS, compiled)
+                                      LEARNING_RATE, TOTAL_STEPS, compiled, **placement)
 
-        def run(n: int) -> None:
+        def call(n: int) -> None:
             step(images, n)
     else:
         step = torch_steps.FlowStep(bench.model, FlowOptions(), FLOW_LR, LEARNING_RATE,
-                                    TOTAL_STEPS, compiled)
-        ids = torch.from_numpy(data["input_ids"]).long()
-        mask = torch.from_numpy(data["attention_mask"]).long()
+                                    TOTAL_STEPS, compiled, **placement)
+        ids = torch.from_numpy(data["input_ids"]).long().to(device)
+        mask = torch.from_numpy(data["attention_mask"]).long().to(device)
 
-        def run(n: int) -> None:
+        def call(n: int) -> None:
             step(images, ids, mask)
 
+    def run(n: int) -> None:
+        call(n)
+        if cuda:
+            torch.cuda.synchronize()  # the step's queued kernels count as its time
+
     def finish(info: dict) -> None:
-        info["device"] = f"cpu: torch {torch.__version__}, {torch.get_num_threads()} threads"
+        if cuda:
+            info["device"] = f"cuda: {torch.cuda.get_device_name()}, torch {torch.__version__}"
+            info["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+        else:
+            info["device"] = (f"cpu: torch {torch.__version__}, {torch.get_num_threads()} "
+                              "threads")
 
     note = getattr(step, "COMPILE_NOTE", None) if compiled else None
     return run, {"params": step.parameter_count(), "finish": finish,
@@ -214,7 +231,8 @@ def worker(spec: dict) -> None:
     if spec["variant"] == "jax":
         run, info = jax_runner(bench, spec["stage"], spec["precision"], spec["remat"])
     else:
-        run, info = torch_runner(bench, spec["stage"], spec["variant"] == "torch.compile")
+        run, info = torch_runner(bench, spec["stage"], spec["variant"] == "torch.compile",
+                                 spec["precision"])
     start = time.perf_counter()
     for n in range(1, spec["warmup"] + 1):
         run(n)
@@ -431,7 +449,8 @@ def main() -> None:
                         help="before each worker, wait up to this long for other processes "
                              "to leave the CPUs idle (shared machines)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="the JAX step's arithmetic (PyTorch rows stay float32)")
+                        help="the steps' arithmetic (bf16: JAX's precision: bf16, "
+                             "PyTorch's bfloat16 autocast)")
     parser.add_argument("--remat", action="store_true",
                         help="rematerialise the JAX step's blocks (memory for compute)")
     parser.add_argument("--json", type=Path, help="write every row (all step times) here")
@@ -448,7 +467,7 @@ def main() -> None:
         for stage in parse_list(args.stages, STAGES, "stages"):
             specs = [{"config": config, "stage": stage, "variant": variant,
                       "steps": args.steps, "warmup": args.warmup,
-                      "precision": args.precision if variant == "jax" else "fp32",
+                      "precision": args.precision,
                       "remat": args.remat} for variant in variants]
             results: list[list[dict]] = [[] for _ in specs]
             for number in range(1, args.rounds + 1):

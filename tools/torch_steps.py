@@ -15,6 +15,10 @@ tuned PyTorch rewrite, because that is what fluxflow-jax replaces:
   v-loss, backward, clip of the flow processor's gradients, Lion and AdamW steps, EMA and
   scheduler steps.
 
+Each step runs on the given ``device`` (CUDA when the bench finds one), and with ``bf16``
+its forward passes run under ``torch.autocast(dtype=torch.bfloat16)``: PyTorch's mixed
+precision, float32 weights and optimizer states, as fluxflow-jax's ``precision: bf16``.
+
 Option values (loss weights, R1 interval, EMA decays) are read from fluxflow-jax's own
 ``VAEOptions`` / ``FlowOptions`` so both sides run with the same settings. Where 0.2.1 and
 0.8.1 differ, the 0.8.1 behaviour fluxflow-jax follows is used: instance noise is really
@@ -23,6 +27,7 @@ added, the flow processor gets t/999 as a float, adaptive weights are clamped to
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections import deque
@@ -93,6 +98,7 @@ class TorchLPIPS(nn.Module):
         feats_target = self._taps((target - self.shift) / self.scale)
         total = pred.new_zeros(pred.shape[0])
         for tap, (fp, ft) in enumerate(zip(feats_pred, feats_target, strict=True)):
+            fp, ft = fp.float(), ft.float()  # normalised differences in float32
             fp = fp / (fp.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             ft = ft / (ft.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             total = total + ((fp - ft) ** 2 * getattr(self, f"lin{tap}")).sum(1).mean((1, 2))
@@ -146,7 +152,7 @@ def value(t: torch.Tensor) -> float:
 
 
 def per_sample(logits: torch.Tensor) -> torch.Tensor:
-    return logits.flatten(1).mean(1)
+    return logits.float().flatten(1).mean(1)
 
 
 def grad_norm(params: list[nn.Parameter]) -> float:
@@ -189,6 +195,15 @@ def parameter_count(modules: list[nn.Module]) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
+def mixed_precision(device: torch.device, bf16: bool
+                    ) -> Callable[[], contextlib.AbstractContextManager]:
+    """The context the forward passes run in (backward passes run outside it, as PyTorch
+    recommends): bfloat16 autocast, or nothing."""
+    if bf16:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 class VAEGANStep:
     """The reference VAE-GAN batch: discriminator step, then generator step.
 
@@ -202,13 +217,15 @@ class VAEGANStep:
                     "inplace operation'); its R1 pass (double backward) would need eager anyway")
 
     def __init__(self, config: FluxFlowConfig, options: VAEOptions, lr: float,
-                 total_steps: int, compiled: bool, seed: int = 0):
+                 total_steps: int, compiled: bool, seed: int = 0, *,
+                 device: torch.device = torch.device("cpu"), bf16: bool = False):
         torch.manual_seed(seed)
         self.options = options
-        self.compressor = ref.compressor(config).train()
-        self.expander = ref.expander(config).train()
-        self.discriminator = ref.discriminator(config, seed).train()
-        self.lpips = TorchLPIPS(seed)
+        self.autocast = mixed_precision(device, bf16)
+        self.compressor = ref.compressor(config).train().to(device)
+        self.expander = ref.expander(config).train().to(device)
+        self.discriminator = ref.discriminator(config, seed).train().to(device)
+        self.lpips = TorchLPIPS(seed).to(device)
         self.encode = maybe_compile(self.compressor, compiled)
         self.decode = maybe_compile(self.expander, compiled)
         self.discriminate = self.discriminator  # eager: COMPILE_NOTE
@@ -239,24 +256,25 @@ class VAEGANStep:
 
     def _discriminator_step(self, real: torch.Tensor, step: int) -> float:
         o = self.options
-        with torch.no_grad():  # the fakes: encoder + decoder forward number one
+        with torch.no_grad(), self.autocast():  # the fakes: encoder + decoder forward one
             packed = self.encode(real)
-            fake = self.decode(packed, use_context=o.train_spade)
+            fake = self.decode(packed, use_context=o.train_spade).float()
             context = packed[:, :-1].mean(1)
         self.opt_disc.zero_grad(set_to_none=True)
         sigma = o.instance_noise_std * o.instance_noise_decay ** step
         noisy_real = real + sigma * torch.randn_like(real)
         noisy_fake = fake + sigma * torch.randn_like(fake)
         r1 = real.new_zeros(())
-        if step % o.r1_interval == 0:
-            noisy_real.requires_grad_(True)
-            _, real_logits = self.discriminate(noisy_real, context)
-            (grads,) = torch.autograd.grad(per_sample(real_logits).sum(), noisy_real,
-                                           create_graph=True)
-            r1 = grads.pow(2).flatten(1).sum(1).mean()
-        else:
-            _, real_logits = self.discriminate(noisy_real, context)
-        _, fake_logits = self.discriminate(noisy_fake, context)
+        with self.autocast():
+            if step % o.r1_interval == 0:
+                noisy_real.requires_grad_(True)
+                _, real_logits = self.discriminate(noisy_real, context)
+                (grads,) = torch.autograd.grad(per_sample(real_logits).sum(), noisy_real,
+                                               create_graph=True)
+                r1 = grads.float().pow(2).flatten(1).sum(1).mean()
+            else:
+                _, real_logits = self.discriminate(noisy_real, context)
+            _, fake_logits = self.discriminate(noisy_fake, context)
         hinge = (F.relu(1 - per_sample(real_logits)).mean()
                  + F.relu(1 + per_sample(fake_logits)).mean())
         loss = hinge + 0.5 * o.r1_gamma * r1
@@ -267,19 +285,21 @@ class VAEGANStep:
     def _generator_step(self, real: torch.Tensor, step: int) -> Metrics:
         o = self.options
         self.opt_vae.zero_grad(set_to_none=True)
-        packed, mu, logvar = self.encode(real, training=True)  # encoder forward number two
-        recon_images = self.decode(packed, use_context=o.train_spade)  # decoder number two
+        with self.autocast():
+            packed, mu, logvar = self.encode(real, training=True)  # encoder forward two
+            recon_images = self.decode(packed, use_context=o.train_spade).float()  # decoder 2
+            lpips = self.perceptual(recon_images, real).mean()
+            latent = packed.detach()  # the adversarial term: decoder forward number three
+            _, logits = self.discriminate(self.decode(latent, use_context=o.train_spade),
+                                          latent[:, :-1].mean(1))
+        mu, logvar = mu.float(), logvar.float()
         l1 = frequency_l1(recon_images, real, o.frequency_alpha)
         mse = F.mse_loss(recon_images, real)
-        lpips = self.perceptual(recon_images, real).mean()
         recon = l1 + o.mse_weight * mse + o.lambda_lpips * lpips
         kl = (-0.5 * (1 + logvar - mu**2 - logvar.exp())).clamp_min(o.kl_free_bits)
         kl = kl.flatten(1).sum(1).mean()
         progress = min(max(step / o.kl_warmup_steps, 0.0), 1.0) if o.kl_warmup_steps else 1.0
         beta = o.kl_beta * (1 - math.cos(math.pi * progress)) / 2
-        latent = packed.detach()  # the adversarial term: decoder forward number three
-        _, logits = self.discriminate(self.decode(latent, use_context=o.train_spade),
-                                      latent[:, :-1].mean(1))
         gen = o.lambda_adv * -per_sample(logits).mean()
         weights = self.history.push_and_weights([value(recon), value(kl), value(gen)])
         total = weights[0] * recon + weights[1] * beta * kl + weights[2] * gen
@@ -296,13 +316,15 @@ class FlowStep:
     """The reference flow batch: text encoder + flow processor trained, compressor frozen."""
 
     def __init__(self, config: FluxFlowConfig, options: FlowOptions, flow_lr: float,
-                 text_lr: float, total_steps: int, compiled: bool, seed: int = 0):
+                 text_lr: float, total_steps: int, compiled: bool, seed: int = 0, *,
+                 device: torch.device = torch.device("cpu"), bf16: bool = False):
         torch.manual_seed(seed)
         self.options = options
-        self.compressor = ref.compressor(config).eval()
+        self.autocast = mixed_precision(device, bf16)
+        self.compressor = ref.compressor(config).eval().to(device)
         self.compressor.requires_grad_(False)
-        self.flow = ref.flow_processor(config).train()
-        self.text_encoder = text_encoder(config, seed).train()
+        self.flow = ref.flow_processor(config).train().to(device)
+        self.text_encoder = text_encoder(config, seed).train().to(device)
         self.encode = maybe_compile(self.compressor, compiled)
         self.predict = maybe_compile(self.flow, compiled)
         self.embed = maybe_compile(self.text_encoder, compiled)
@@ -315,9 +337,9 @@ class FlowStep:
         self.schedulers = [cosine_schedule(self.opt_flow, total_steps, 0.1),
                            cosine_schedule(self.opt_text, total_steps, 0.001)]
         self.ema = EMA([self.flow, self.text_encoder], options.ema_decay or 0.0)
-        self.alpha_bar = torch.from_numpy(alphas_cumprod())
-        self.time_weights = torch.from_numpy(np.exp(timestep_log_weights()))
-        self.model_time = torch.from_numpy((np.arange(1000) / 999).astype(np.float32))
+        self.alpha_bar = torch.from_numpy(alphas_cumprod()).to(device)
+        self.time_weights = torch.from_numpy(np.exp(timestep_log_weights())).to(device)
+        self.model_time = torch.from_numpy((np.arange(1000) / 999).astype(np.float32)).to(device)
 
     def parameter_count(self) -> int:
         return parameter_count([self.flow, self.text_encoder])
@@ -326,16 +348,17 @@ class FlowStep:
                  attention_mask: torch.Tensor) -> Metrics:
         self.opt_flow.zero_grad(set_to_none=True)
         self.opt_text.zero_grad(set_to_none=True)
-        embeddings = self.embed(input_ids, attention_mask)
-        with torch.no_grad():
-            packed = self.encode(images)  # training=False still samples the latent
-        x0, hw = packed[:, :-1], packed[:, -1:]
-        t = torch.multinomial(self.time_weights, x0.shape[0], replacement=True)
-        noise = torch.randn_like(x0)
-        alpha = self.alpha_bar[t].sqrt().view(-1, 1, 1)
-        sigma = (1 - self.alpha_bar[t]).sqrt().view(-1, 1, 1)
-        noisy = torch.cat([alpha * x0 + sigma * noise, hw], 1)
-        prediction = self.predict(noisy, embeddings, self.model_time[t])[:, :-1]
+        with self.autocast():
+            embeddings = self.embed(input_ids, attention_mask)
+            with torch.no_grad():
+                packed = self.encode(images)  # training=False still samples the latent
+            x0, hw = packed[:, :-1].float(), packed[:, -1:].float()
+            t = torch.multinomial(self.time_weights, x0.shape[0], replacement=True)
+            noise = torch.randn_like(x0)
+            alpha = self.alpha_bar[t].sqrt().view(-1, 1, 1)
+            sigma = (1 - self.alpha_bar[t]).sqrt().view(-1, 1, 1)
+            noisy = torch.cat([alpha * x0 + sigma * noise, hw], 1)
+            prediction = self.predict(noisy, embeddings, self.model_time[t])[:, :-1].float()
         loss = F.mse_loss(prediction, alpha * noise - sigma * x0)
         if not torch.isfinite(loss):
             return {"skipped": 1.0}
