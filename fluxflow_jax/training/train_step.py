@@ -24,6 +24,7 @@ from fluxflow_jax.checks import integer_at_least
 from fluxflow_jax.models.bundle import COMPONENTS, FluxFlowModels
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.suggest import did_you_mean
+from fluxflow_jax.training.compiler import compiler_options
 from fluxflow_jax.training.flow_step import FLOW_METRICS, FlowOptions, flow_update
 from fluxflow_jax.training.groups import OptimizerGroup
 from fluxflow_jax.training.lpips import LPIPS
@@ -255,7 +256,10 @@ class TrainStep:
         if self.mesh is not None:
             parallel.check_batch_divides(batch["images"].shape[0], self.mesh)
         start = time.perf_counter()
-        executable = self.lower(state, batch, key).compile()
+        platform = (self.mesh.devices.flat[0] if self.mesh is not None
+                    else jax.devices()[0]).platform
+        executable = self.lower(state, batch, key).compile(
+            compiler_options=compiler_options(platform))
         compilation = Compilation(shapes=_shapes(batch), seconds=time.perf_counter() - start,
                                   flops=flops_per_device(executable),
                                   temp_bytes=temporary_bytes(executable))
@@ -266,6 +270,11 @@ class TrainStep:
     def cost(self, batch: Mapping[str, Any]) -> Compilation:
         """The compilation that serves batches shaped like ``batch`` (compiled already)."""
         return self._executables[_shapes(batch)][1]
+
+    def executable(self, batch: Mapping[str, Any]) -> jax.stages.Compiled:
+        """The program that serves batches shaped like ``batch`` (compiled already), e.g. to
+        read its optimised HLO (``as_text()``)."""
+        return self._executables[_shapes(batch)][0]
 
     def lower(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array
               ) -> jax.stages.Lowered:
