@@ -27,11 +27,11 @@ added, the flow processor gets t/999 as a float, adaptive weights are clamped to
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -195,13 +195,10 @@ def parameter_count(modules: list[nn.Module]) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
-def mixed_precision(device: torch.device, bf16: bool
-                    ) -> Callable[[], contextlib.AbstractContextManager]:
+def mixed_precision(device: torch.device, bf16: bool) -> Callable[[], torch.autocast]:
     """The context the forward passes run in (backward passes run outside it, as PyTorch
-    recommends): bfloat16 autocast, or nothing."""
-    if bf16:
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
+    recommends): bfloat16 autocast, disabled for float32."""
+    return partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 class VAEGANStep:

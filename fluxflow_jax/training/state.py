@@ -58,8 +58,8 @@ class PackedState:
 
     The training loop keeps its state packed between steps. Passed as a tree, the state's
     ~500 arrays are flattened out of nnx Variables before every call and rebuilt into new
-    Variables after it, ~9 ms of host time per step while the device waits (a sixth of the
-    tiny flow step on a CPU). ``unpack`` builds the tree only where it is read: checkpoints,
+    Variables after it, 5-8 ms of host time per step while the device waits (a tenth or more
+    of the tiny flow step on a CPU). ``unpack`` builds the tree only where it is read: checkpoints,
     exports and samples. It shares the arrays, so it is stale once the next step donates them.
     """
 
