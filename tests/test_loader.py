@@ -80,8 +80,55 @@ def test_restore_refuses_other_data_settings(tokenizer):
     state = DataLoader(demo(8), tokenizer,
                        LoaderConfig(batch_size=4, image_size=32, seed=1)).state()
     other = DataLoader(demo(8), tokenizer, LoaderConfig(batch_size=2, image_size=32, seed=2))
-    with pytest.raises(DataConfigError, match="seed was 1, is 2; batch_size was 4, is 2"):
+    with pytest.raises(DataConfigError, match="seed was 1, is 2; global_batch_size was 4, is 2"):
         other.restore(state)
+
+
+def test_a_state_any_host_wrote_resumes_on_any_host_count(tokenizer):
+    """A checkpoint records process 0's state, which every process restores: random-access
+    data then continues with the same global batches on 2 hosts as on 1, and back."""
+    def host(index, count):
+        return DataLoader(demo(), tokenizer, LoaderConfig(
+            batch_size=4 // count, image_size=32, shard_index=index, shard_count=count))
+
+    whole = list(host(0, 1).epoch(0))
+    one = host(0, 1)
+    state = list(itertools.islice(one.epoch(0), 3))[-1].loader_state
+    halves = [host(i, 2) for i in (0, 1)]
+    for half in halves:
+        half.restore(state)
+    rest = list(zip(*(half.epoch(0) for half in halves), strict=True))
+    assert [a.keys + b.keys for a, b in rest] == [b.keys for b in whole[3:]]
+
+    first_half = host(0, 2)
+    state = list(itertools.islice(first_half.epoch(0), 4))[-1].loader_state
+    again = host(0, 1)
+    again.restore(state)
+    assert keys(again.epoch(0)) == keys(whole[4:])
+
+
+def test_a_stream_resumes_on_its_own_host_count_only(tokenizer):
+    def host(index, count):
+        return DataLoader(ListStream(demo(32)), tokenizer, LoaderConfig(
+            batch_size=4 // count, image_size=32, shard_index=index, shard_count=count))
+
+    first = host(0, 2)
+    state = list(itertools.islice(first.epoch(0), 2))[-1].loader_state
+    second, uninterrupted = host(1, 2), list(host(1, 2).epoch(0))
+    second.restore(state)
+    assert keys(second.epoch(0)) == keys(uninterrupted[2:])
+    with pytest.raises(DataConfigError, match="hosts was 2, is 1"):
+        host(0, 1).restore(state)
+
+
+def test_a_state_in_the_earlier_per_host_layout_still_restores(tokenizer):
+    config = LoaderConfig(batch_size=2, image_size=32, shard_index=1, shard_count=2)
+    uninterrupted = keys(DataLoader(demo(), tokenizer, config).epoch(0))
+    loader = DataLoader(demo(), tokenizer, config)
+    loader.restore({"seed": 42, "batch_size": 2, "image_size": 32, "fixed_size": False,
+                    "shard_index": 0, "shard_count": 2, "samples": 40, "epoch": 0,
+                    "position": 3})
+    assert keys(loader.epoch(0)) == uninterrupted[3 * 2:]
 
 
 def test_resume_through_device_prefetch_uses_the_trained_batch_state(tokenizer):

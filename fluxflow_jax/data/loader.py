@@ -154,12 +154,19 @@ class DataLoader:
     # -- position -------------------------------------------------------------------
 
     def _fingerprint(self) -> dict[str, Any]:
-        """What a position means: the same position under other settings is other data."""
-        return {"seed": self.config.seed, "batch_size": self.config.batch_size,
-                "image_size": self.config.image_size, "fixed_size": self.config.fixed_size,
-                "shard_index": self.config.shard_index, "shard_count": self.config.shard_count,
-                "samples": (self.source.samples_per_epoch if self._streaming
-                            else len(self.source))}
+        """What a position means: the same position under other settings is other data.
+
+        It is the same on every host, so any process can restore the state process 0
+        checkpointed. Random-access epochs are planned as global batches whatever the
+        number of hosts, so a run may resume on another host count; a stream is split by
+        host, so its host count is part of what a position means.
+        """
+        meaning = {"seed": self.config.seed,
+                   "global_batch_size": self.config.batch_size * self.config.shard_count,
+                   "image_size": self.config.image_size, "fixed_size": self.config.fixed_size,
+                   "samples": (self.source.samples_per_epoch if self._streaming
+                               else len(self.source))}
+        return {**meaning, "hosts": self.config.shard_count} if self._streaming else meaning
 
     def position_state(self, epoch: int, position: int = 0) -> dict[str, Any]:
         """The state of the loader at batch ``position`` of epoch ``epoch``."""
@@ -173,6 +180,7 @@ class DataLoader:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` was taken; the data settings must be the same."""
+        state = _in_current_layout(state)
         differing = [f"{key} was {state.get(key)!r}, is {value!r}"
                      for key, value in self._fingerprint().items() if state.get(key) != value]
         if differing:
@@ -350,6 +358,16 @@ class DataLoader:
                        for level in range(len(versions[0])))
         return Batch(scales, ids.astype(np.int32), mask.astype(bool), tuple(captions),
                      tuple(sample.key for sample in good), {})
+
+
+def _in_current_layout(state: dict[str, Any]) -> dict[str, Any]:
+    """A loader state as this version writes it. Earlier versions recorded the host's own
+    batch size and shard (``batch_size``, ``shard_index``, ``shard_count``), which tied
+    the state to one host."""
+    if "global_batch_size" in state or "batch_size" not in state:
+        return state
+    hosts = state.get("shard_count", 1)
+    return {**state, "global_batch_size": state["batch_size"] * hosts, "hosts": hosts}
 
 
 def _cut_into_batches(groups: dict[Size, list[int]], batch_size: int,
