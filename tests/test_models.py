@@ -573,3 +573,29 @@ def test_config_reports_every_problem_at_once():
                                                (32, [5, 12, 18, 25, 32])])
 def test_compressor_channels_round_like_torch(vae_dim, channels):
     assert FluxFlowConfig(vae_dim=vae_dim).compressor_channels == channels
+
+
+@pytest.mark.parametrize("keys", [1, 37])
+def test_attention_is_softmax_attention_value_and_gradient(keys):
+    """The late-normalised float64 attention equals softmax(q k^T / sqrt(dh)) v written out,
+    in value and gradient, with logits large enough to overflow an unshifted exp."""
+    from fluxflow_jax.models.layers import attention
+
+    def written_out(q, k, v):
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(8.0)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        q = jnp.asarray(rng.standard_normal((2, 29, 3, 8)) * 30.0)
+        k, v = (jnp.asarray(rng.standard_normal((2, keys, 3, 8)) * 30.0) for _ in range(2))
+
+        def probe(form):
+            return jax.grad(lambda *qkv: jnp.sum(jnp.sin(form(*qkv))), (0, 1, 2))(q, k, v)
+
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(8.0)
+        assert q.dtype == jnp.float64 and float(jnp.abs(logits).max()) > 800  # exp overflows
+        np.testing.assert_allclose(attention(q, k, v), written_out(q, k, v), rtol=1e-10,
+                                   atol=1e-10)
+        for ours, reference in zip(probe(attention), probe(written_out), strict=True):
+            np.testing.assert_allclose(ours, reference, rtol=1e-8, atol=1e-8)

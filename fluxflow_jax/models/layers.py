@@ -138,16 +138,27 @@ def split_heads(x: jax.Array, heads: int) -> jax.Array:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """softmax(q k^T / sqrt(dh)) v over [B, S, heads, dh] inputs; no mask, no dropout.
 
-    float32 goes through ``jax.nn.dot_product_attention``: on XLA:CPU its forward pass (the
-    frozen encoder in flow training, sampling) is twice as fast as the written-out form's,
-    its gradient as fast. Other dtypes keep the written-out form: its float32 logits would end
-    float64 parity with PyTorch, and in bfloat16 would move the attention gradients'
-    matmuls to float32.
+    In float32 and float64 the softmax is normalised after the product with the values:
+    exp(scores - max) v / sum(exp(scores - max)), the scale applied to q, the max held
+    constant for the gradient (softmax does not depend on it). That makes two passes fewer
+    over the [B, heads, S, S] scores, the memory-bound part. On XLA:CPU, against
+    ``jax.nn.dot_product_attention`` (``tools/attention_speed.py``): forward 1.8x and
+    gradient 3.5x as fast for the tiny encoder's 256 tokens x 8 heads of width 2, 1.4x and
+    1.1x for 1024 tokens x 8 heads of width 64. Narrower dtypes keep softmax then product,
+    with the softmax in float32 (``softmax``), so the value matmuls stay in the narrow
+    dtype. A single key (the flow's cross-attention to its one text token) has weight 1
+    whatever the query, so its value is the output, and the query gets no gradient, as in
+    PyTorch.
     """
-    if q.dtype == jnp.float32:
-        return jax.nn.dot_product_attention(q, k, v)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
-    return jnp.einsum("bhqk,bkhd->bqhd", softmax(scores), v)
+    if k.shape[1] == 1:
+        return jnp.broadcast_to(v, (*q.shape[:-1], v.shape[-1]))
+    if q.dtype not in (jnp.float32, jnp.float64):
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+        return jnp.einsum("bhqk,bkhd->bqhd", softmax(scores), v)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k)
+    weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+    weighted = jnp.einsum("bhqk,bkhd->bhqd", weights, v)
+    return jnp.einsum("bhqd->bqhd", weighted / weights.sum(axis=-1, keepdims=True))
 
 
 def softmax(scores: jax.Array) -> jax.Array:
