@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from fluxflow_jax.training.groups import OptimizerGroup
+from fluxflow_jax.training.groups import OptimizerGroup, clip_by_measured_norm, global_norm
 from fluxflow_jax.training.routing import fork
 from fluxflow_jax.training.schedules import make_schedule
 
@@ -94,6 +94,36 @@ def test_clipping_bounds_the_group_update():
     new, _ = group.apply(grads, group.init(params), params, jnp.zeros([]))
     delta = jax.tree.map(lambda n, o: n - o, new["a"], params["a"])
     assert float(optax.tree.norm(delta)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_global_norm_is_the_l2_norm_of_all_leaves():
+    """Block sums (sizes around and far above the block of 16, bf16 leaves widened) give the
+    norm optax computes, in float32."""
+    rng = np.random.default_rng(0)
+    tree = {"embedding": jnp.asarray(rng.normal(size=(30522, 64)), jnp.float32),
+            "odd": [jnp.asarray(rng.normal(size=(17,)), jnp.float32), jnp.float32(3.0)],
+            "narrow": jnp.asarray(rng.normal(size=(5, 33)), jnp.bfloat16)}
+    wide = jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+    expected = np.sqrt(sum(np.sum(x * x) for x in jax.tree.leaves(wide)))
+    for norm in (global_norm(tree), jax.jit(global_norm)(tree)):
+        assert norm.dtype == jnp.float32
+        assert float(norm) == pytest.approx(expected, rel=1e-6)
+    assert float(global_norm({})) == 0.0
+
+
+@pytest.mark.parametrize("scale", [0.1, 10.0])
+def test_clip_by_measured_norm_is_optax_clip_by_global_norm(scale):
+    """Same updates as optax's, whether the norm is passed in or measured, and the same
+    (empty) state, so optimizer states saved before keep restoring."""
+    grads = jax.tree.map(lambda x: x * scale, random_like(tiny_params(), 1))
+    ours, theirs = clip_by_measured_norm(1.0), optax.clip_by_global_norm(1.0)
+    assert ours.init(grads) == theirs.init(grads)
+    expected, _ = theirs.update(grads, theirs.init(grads))
+    for extra in ({}, {"grad_norm": global_norm(grads)}):
+        clipped, state = ours.update(grads, ours.init(grads), **extra)
+        assert state == theirs.init(grads)
+        for a, b in zip(jax.tree.leaves(clipped), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def test_ema_averages_trainable_leaves_only():

@@ -15,13 +15,12 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from fluxflow_jax.checks import field_problems, in_interval, optional
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.training import diffusion, losses
-from fluxflow_jax.training.groups import OptimizerGroup
+from fluxflow_jax.training.groups import OptimizerGroup, global_norm
 from fluxflow_jax.training.state import Networks, TrainState, Update
 
 FLOW_METRICS = ("flow_loss", "diff_loss", "align_loss", "grad_norm_flow", "grad_norm_text",
@@ -102,18 +101,18 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
     metrics.update(flow_loss=total, diff_loss=diff, align_loss=align_value,
                    pred_mean=jnp.mean(prediction), pred_std=jnp.std(prediction, ddof=1))
     finite = jnp.isfinite(total)
+    norms = {name: global_norm(grads[name]) for name in trained}
     for name, group in trained.items():
         suffix = "text" if name == "text_encoder" else name
-        norm = optax.tree.norm(grads[name])
-        finite &= jnp.isfinite(norm)
-        metrics[f"grad_norm_{suffix}"] = norm
+        finite &= jnp.isfinite(norms[name])
+        metrics[f"grad_norm_{suffix}"] = norms[name]
         metrics[f"lr_{suffix}"] = group.learning_rate(state.opt_states[name])
 
     def commit() -> TrainState:
         params, opt_states, ema = state.params, dict(state.opt_states), state.ema
         for name, group in trained.items():
             params, opt_states[name] = group.apply(grads[name], opt_states[name], params,
-                                                   total)
+                                                   total, norms[name])
             ema = group.update_ema(ema, params)
         return state.replace(params=params, opt_states=opt_states, ema=ema)
 

@@ -43,6 +43,43 @@ def _field_of(tree: Any, state_type: type, name: str, default: Any = None) -> An
         filtering=lambda path, _: getattr(path[-1], "tuple_name", None) == state_type.__name__)
 
 
+def global_norm(tree: Any) -> jax.Array:
+    """The float32 L2 norm of all of ``tree``'s leaves together (``optax.tree.norm``).
+
+    Each leaf's squares are summed in blocks of 16, then the block sums in blocks of 16, and
+    so on: XLA:CPU compiles one sum over many entries to a tree of reduce-windows that is
+    slow, 0.99 ms for the text encoder's 30522x64 embedding gradient against 0.36 ms in
+    blocks, and it is as accurate (pairwise-like) as that tree.
+    """
+    return jnp.sqrt(sum((_sum_in_blocks(jnp.square(leaf.astype(jnp.float32)).ravel())
+                         for leaf in jax.tree.leaves(tree)), jnp.zeros([], jnp.float32)))
+
+
+def _sum_in_blocks(x: jax.Array, block: int = 16) -> jax.Array:
+    while x.size > block:
+        x = jnp.pad(x, (0, -x.size % block)).reshape(-1, block).sum(axis=1)
+    return x.sum()
+
+
+def clip_by_measured_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """``optax.clip_by_global_norm`` (same state, same arithmetic) that takes the norm as
+    the ``grad_norm`` extra argument when the caller has it.
+
+    Train steps measure each group's gradient norm for the NaN guard and the log anyway; a
+    second pass over the gradients costs most on the text encoder's 30522-row embedding.
+    """
+
+    def update(updates, state, params=None, *, grad_norm=None, **extra):
+        del params, extra
+        norm = global_norm(updates) if grad_norm is None else grad_norm
+        keep = norm < max_norm
+        return jax.tree.map(
+            lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm),
+            updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 @dataclass(frozen=True, eq=False)
 class OptimizerGroup:
     name: str
@@ -63,7 +100,7 @@ class OptimizerGroup:
         """
         base_lr = float(optimizer.get("lr", 1e-4))
         schedule = make_schedule(scheduler, base_lr, total_steps)
-        chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm is not None else []
+        chain = [clip_by_measured_norm(clip_norm)] if clip_norm is not None else []
         chain.append(make_optimizer(optimizer, schedule))
         if resolve_scheduler_config(scheduler, total_steps)["type"] == "ReduceLROnPlateau":
             chain.append(reduce_on_plateau(scheduler, base_lr))
@@ -101,14 +138,17 @@ class OptimizerGroup:
         return self.transform.init({c: params[c] for c in self.components})
 
     def apply(self, grads: Params, opt_state: optax.OptState, params: Params,
-              metric: jax.Array) -> tuple[Params, optax.OptState]:
+              metric: jax.Array, grad_norm: jax.Array | None = None
+              ) -> tuple[Params, optax.OptState]:
         """One update from the trainable leaves' gradients; ``metric`` feeds a plateau
-        scheduler (ignored by the others)."""
+        scheduler (ignored by the others), ``grad_norm`` is the gradients' global norm when
+        the step has already measured it (the clipping then reuses it)."""
         own = {c: params[c] for c in self.components}
         zeros = {c: jax.tree.map(jnp.zeros_like, self._partition(c, params[c])[0])
                  for c in self.components}
         full_grads = {c: nnx.merge_state(zeros[c], grads[c]) for c in self.components}
-        updates, opt_state = self.transform.update(full_grads, opt_state, own, value=metric)
+        updates, opt_state = self.transform.update(full_grads, opt_state, own, value=metric,
+                                                   grad_norm=grad_norm)
         steps = self.trainable(updates)
         new = {c: jax.tree.map(lambda p, u: (p + u).astype(p.dtype), t, steps[c])
                for c, t in self.trainable(own).items()}

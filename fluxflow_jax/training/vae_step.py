@@ -19,14 +19,13 @@ from typing import Any, Callable, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from fluxflow_jax.checks import (check_bool, field_problems, in_interval, integer_at_least,
                                  one_of, optional)
 from fluxflow_jax.training import losses
 from fluxflow_jax.training.balancing import adaptive_weights, push
-from fluxflow_jax.training.groups import OptimizerGroup, Params
+from fluxflow_jax.training.groups import OptimizerGroup, Params, global_norm
 from fluxflow_jax.training.lpips import LPIPS
 from fluxflow_jax.training.routing import fork
 from fluxflow_jax.training.state import BALANCED_LOSSES, Networks, TrainState, Update
@@ -198,7 +197,7 @@ def vae_gan_update(options: VAEOptions, nets: Networks, groups: Mapping[str, Opt
                    weight_kl=weights[1], weight_gan=weights[2])
     if vae is not None:
         (grads,) = pullback(cotangents)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = global_norm(grads)
         finite &= jnp.isfinite(grad_norm)
         metrics.update(grad_norm_vae=grad_norm, lr_vae=vae.learning_rate(opt_states["vae"]))
         plateau_metric = terms["recon"] if options.train_reconstruction else total
@@ -207,7 +206,7 @@ def vae_gan_update(options: VAEOptions, nets: Networks, groups: Mapping[str, Opt
         new_params, new_opt_states, ema = params, dict(opt_states), state.ema
         if vae is not None:
             new_params, new_opt_states["vae"] = vae.apply(grads, opt_states["vae"], params,
-                                                          plateau_metric)
+                                                          plateau_metric, grad_norm)
             ema = vae.update_ema(ema, new_params)
         return state.replace(params=new_params, buffers=buffers, opt_states=new_opt_states,
                              ema=ema, loss_history=history)
@@ -247,10 +246,11 @@ def _discriminator_update(options: VAEOptions, nets: Networks, disc: OptimizerGr
 
     (loss, r1), grads = jax.value_and_grad(objective, has_aux=True)(disc.trainable(state.params))
     opt_states = dict(state.opt_states)
-    metrics = {"loss_disc": loss, "r1_penalty": r1, "grad_norm_disc": optax.tree.norm(grads),
+    grad_norm = global_norm(grads)
+    metrics = {"loss_disc": loss, "r1_penalty": r1, "grad_norm_disc": grad_norm,
                "lr_disc": disc.learning_rate(opt_states["discriminator"])}
     params, opt_states["discriminator"] = disc.apply(grads, opt_states["discriminator"],
-                                                     state.params, loss)
+                                                     state.params, loss, grad_norm)
     return metrics, params, opt_states, after_fake
 
 
