@@ -575,7 +575,22 @@ def test_compressor_channels_round_like_torch(vae_dim, channels):
     assert FluxFlowConfig(vae_dim=vae_dim).compressor_channels == channels
 
 
-@pytest.mark.parametrize("keys", [1, 37])
+@pytest.mark.parametrize("length", [1, 32, 33, 75, 256, 301])
+def test_folded_last_axis_reductions_equal_numpys(length):
+    """Folding in halves (odd lengths carry their last entry) gives numpy's max exactly and
+    its sum to rounding, for lengths below, at and above the fold width."""
+    from fluxflow_jax.models.layers import reduce_last_axis
+
+    x = np.random.default_rng(length).standard_normal((3, 5, length)).astype(np.float32)
+    x[1, 2, length // 3] = 9.0  # a max away from the ends
+    np.testing.assert_array_equal(reduce_last_axis(jnp.asarray(x), jnp.maximum, jnp.max),
+                                  x.max(axis=-1, keepdims=True))
+    np.testing.assert_allclose(reduce_last_axis(jnp.asarray(x), jnp.add, jnp.sum),
+                               x.astype(np.float64).sum(axis=-1, keepdims=True), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("keys", [1, 37, 300])
 def test_attention_is_softmax_attention_value_and_gradient(keys):
     """The late-normalised float64 attention equals softmax(q k^T / sqrt(dh)) v written out,
     in value and gradient, with logits large enough to overflow an unshifted exp."""
