@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import fluxflow_jax
+from fluxflow_jax.huge_pages import restart_with_huge_pages
 
 USAGE_ERROR = 2
 
@@ -312,6 +313,8 @@ def _add_train_commands(commands) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["train"]:
+        restart_with_huge_pages()  # before any work: the step's allocations need it
     from fluxflow_jax.data import DataConfigError
     from fluxflow_jax.data.tokenizer import TokenizerError
     from fluxflow_jax.interop import CheckpointError
