@@ -3,7 +3,7 @@
     python tools/bench.py [--configs tiny,reference] [--stages vae_gan,flow]
                           [--variants jax,torch,torch.compile] [--steps 20] [--warmup 3]
                           [--rounds 1] [--compile-timeout 300] [--wait-idle 0]
-                          [--json out.json]
+                          [--huge-pages on|off] [--json out.json]
 
 For each (config, stage, variant) a fresh worker process builds the networks, runs
 ``--warmup`` steps (compilation included), freezes the Python heap as the training loop does
@@ -13,7 +13,10 @@ batch, in float32 or with ``--precision bf16`` in both frameworks' mixed precisi
 With ``--rounds N`` the variants of a stage take turns N times, each time in a new process,
 and a row pools the steps of all its rounds: on a shared machine the
 speed of a whole process drifts (by ±20% on the 2-core development machine), and taking
-turns spreads that drift over every variant instead of charging it to one.
+turns spreads that drift over every variant instead of charging it to one. Every worker, of
+either framework, runs with glibc's large blocks in transparent huge pages, as
+``fluxflow-jax train`` runs (``fluxflow_jax.huge_pages``); ``--huge-pages off`` gives every
+worker glibc's defaults instead.
 
 The JAX side is ``fluxflow_jax.training.TrainStep``; the PyTorch side is the reference
 trainers' order of operations on the real ``fluxflow`` 0.8.1 v030 networks
@@ -55,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from fluxflow_jax.huge_pages import TUNABLE, environment_with_huge_pages
 from fluxflow_jax.models import FluxFlowConfig
 
 STAGES = ("vae_gan", "flow")
@@ -242,14 +246,17 @@ def worker(spec: dict) -> None:
     gc.collect()
     gc.freeze()
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for n in range(spec["warmup"] + 1, spec["warmup"] + spec["steps"] + 1):
         start = time.perf_counter()
         run(n)
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak = usage.ru_maxrss * 1024  # KiB on Linux
     info.pop("finish")(info)
     emit("RESULT", {**info, "times": times, "peak_rss_bytes": peak,
-                    "rss_growth_bytes": peak - baseline})
+                    "rss_growth_bytes": peak - baseline,
+                    "page_faults_per_step": (usage.ru_minflt - faults) / len(times)})
 
 
 # ------------------------------------------------------------------------ the parent
@@ -286,6 +293,17 @@ def _reader(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
+def worker_environment(huge_pages: bool) -> dict[str, str]:
+    """The environment every worker, of either framework, runs in, so both sides get the
+    same allocator: with huge pages, glibc's large blocks in transparent huge pages as
+    ``fluxflow-jax train`` runs (``fluxflow_jax.huge_pages``); without, glibc's defaults."""
+    if huge_pages:
+        return environment_with_huge_pages(os.environ) or dict(os.environ)
+    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":")
+                if t and not t.startswith(f"{TUNABLE}=")]
+    return {**os.environ, "GLIBC_TUNABLES": ":".join(tunables)}
+
+
 def run_worker(spec: dict, compile_timeout: float | None) -> dict:
     """The worker's result, or {"error": why}. A torch.compile worker still warming up
     after ``compile_timeout`` seconds is stopped (its whole process group: inductor may
@@ -306,7 +324,8 @@ def run_process(spec: dict, limit: float | None) -> dict:
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)],
                                 stdout=subprocess.PIPE, stderr=log, text=True,
-                                start_new_session=True)
+                                start_new_session=True,
+                                env=worker_environment(spec["huge_pages"]))
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
         deadline = time.monotonic() + limit if limit else None
@@ -344,7 +363,8 @@ def pool_rounds(results: list[dict]) -> dict:
         return failed[0]
     pooled = {**results[0], "times": [t for r in results for t in r["times"]]}
     pooled["round_medians"] = [statistics.median(r["times"]) for r in results]
-    for key in ("peak_rss_bytes", "rss_growth_bytes", "other_load_cores"):
+    for key in ("peak_rss_bytes", "rss_growth_bytes", "other_load_cores",
+                "page_faults_per_step"):
         pooled[key] = max(r[key] for r in results)
     return pooled
 
@@ -382,8 +402,8 @@ def _spread(values: list[float]) -> str:
 
 def print_table(rows: list[dict]) -> None:
     header = ("config", "stage", "variant", "median s", "mean s", "img/s", "warm-up s",
-              "RSS MiB (+growth)", "params", "GFLOP/step", "MFU", "JAX/this", "others' load",
-              "round medians s")
+              "RSS MiB (+growth)", "faults/step", "params", "GFLOP/step", "MFU", "JAX/this",
+              "others' load", "round medians s")
     table = [header]
     for r in rows:
         if "error" in r:
@@ -396,7 +416,8 @@ def print_table(rows: list[dict]) -> None:
         table.append((
             r["config"], r["stage"], r["variant"], f"{r['step_seconds_median']:.4f}",
             f"{r['step_seconds_mean']:.4f}", f"{r['images_per_second']:.2f}",
-            f"{r['warmup_seconds']:.1f}", memory, f"{r['params']:,}",
+            f"{r['warmup_seconds']:.1f}", memory, f"{r['page_faults_per_step']:.0f}",
+            f"{r['params']:,}",
             f"{flops / 1e9:.2f}" if flops else "-",
             f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a",
             f"{r['jax_over_torch']:.2f}" if "jax_over_torch" in r else "-",
@@ -416,6 +437,7 @@ def print_table(rows: list[dict]) -> None:
     print("devices: " + "; ".join(devices))
     print("JAX/this: JAX median step time / this row's (below 1: JAX is faster). "
           "RSS: the worker's peak max RSS (growth over its post-import RSS). "
+          "faults/step: minor page faults per timed step (fresh pages the step touched). "
           "MFU: n/a without a known peak FLOP/s (CPUs). others' load: CPU cores other "
           "processes kept busy meanwhile. Round medians: the lowest and highest median of "
           "one round (--rounds).")
@@ -453,6 +475,10 @@ def main() -> None:
                              "PyTorch's bfloat16 autocast)")
     parser.add_argument("--remat", action="store_true",
                         help="rematerialise the JAX step's blocks (memory for compute)")
+    parser.add_argument("--huge-pages", choices=("on", "off"), default="on",
+                        help="on: every worker (both frameworks) runs with glibc's "
+                             "glibc.malloc.hugetlb=1, as fluxflow-jax train does; off: "
+                             "glibc's default allocator settings for every worker")
     parser.add_argument("--json", type=Path, help="write every row (all step times) here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -467,8 +493,8 @@ def main() -> None:
         for stage in parse_list(args.stages, STAGES, "stages"):
             specs = [{"config": config, "stage": stage, "variant": variant,
                       "steps": args.steps, "warmup": args.warmup,
-                      "precision": args.precision,
-                      "remat": args.remat} for variant in variants]
+                      "precision": args.precision, "remat": args.remat,
+                      "huge_pages": args.huge_pages == "on"} for variant in variants]
             results: list[list[dict]] = [[] for _ in specs]
             for number in range(1, args.rounds + 1):
                 for spec, done in zip(specs, results, strict=True):
