@@ -97,8 +97,8 @@ def test_clipping_bounds_the_group_update():
 
 
 def test_global_norm_is_the_l2_norm_of_all_leaves():
-    """Block sums (sizes around and far above the block of 16, bf16 leaves widened) give the
-    norm optax computes, in float32."""
+    """Block sums (the embedding-sized leaf, on CPU) and plain sums (the small leaves, bf16
+    ones widened) together give the norm of all leaves, in float32."""
     rng = np.random.default_rng(0)
     tree = {"embedding": jnp.asarray(rng.normal(size=(30522, 64)), jnp.float32),
             "odd": [jnp.asarray(rng.normal(size=(17,)), jnp.float32), jnp.float32(3.0)],
