@@ -43,6 +43,9 @@ def _field_of(tree: Any, state_type: type, name: str, default: Any = None) -> An
         filtering=lambda path, _: getattr(path[-1], "tuple_name", None) == state_type.__name__)
 
 
+_BLOCKED_FROM = 2**16  # leaves this large are summed in blocks on CPU (global_norm)
+
+
 def global_norm(tree: Any) -> jax.Array:
     """The float32 L2 norm of all of ``tree``'s leaves together (``optax.tree.norm``).
 
@@ -61,9 +64,6 @@ def global_norm(tree: Any) -> jax.Array:
 
     return jnp.sqrt(sum((sum_of_squares(leaf) for leaf in jax.tree.leaves(tree)),
                         jnp.zeros([], jnp.float32)))
-
-
-_BLOCKED_FROM = 2**16
 
 
 def _sum_in_blocks(x: jax.Array, block: int = 16) -> jax.Array:
