@@ -3,7 +3,7 @@
     python tools/bench.py [--configs tiny,reference] [--stages vae_gan,flow]
                           [--variants jax,torch,torch.compile] [--steps 20] [--warmup 3]
                           [--rounds 1] [--compile-timeout 300] [--wait-idle 0]
-                          [--huge-pages on|off] [--json out.json]
+                          [--batch-size N] [--huge-pages on|off] [--json out.json]
 
 For each (config, stage, variant) a fresh worker process builds the networks, runs
 ``--warmup`` steps (compilation included), freezes the Python heap as the training loop does
@@ -31,14 +31,20 @@ max RSS) is that variant's alone; the table shows its growth over the worker's R
 imports (weights, optimizer state, activations, compiled code). On a GPU each side adds
 its allocator's peak: JAX's ``memory_stats()``, PyTorch's ``max_memory_allocated()``.
 
-Configs: "tiny" (64 px, batch 4, small widths, a 1-layer 64-wide DistilBERT) and
+Configs: "tiny" (64 px, batch 4, small widths, a 1-layer 64-wide DistilBERT),
 "reference" (256 px, batch 1, the reference's default widths and full text encoder; slow on
-a CPU: PyTorch's VAE-GAN step took about an hour on the 2-core development machine).
+a CPU: PyTorch's VAE-GAN step took about an hour on the 2-core development machine) and
+"flow512" (the reference with a 512-wide flow processor, the width the MFU target names).
+``--batch-size`` replaces every config's batch (batch 1 leaves a GPU mostly idle).
+
+The table goes to stdout; ``--json`` is rewritten after each stage, so a run stopped by a
+time limit keeps the rows it finished (SIGTERM also stops the worker in progress).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -83,6 +89,7 @@ CONFIGS = {
         text_vocab_size=30522, text_dim=64, text_heads=2, text_layers=1, text_hidden_dim=128,
         text_max_positions=128), image_size=64, batch_size=4),
     "reference": BenchConfig(FluxFlowConfig(), image_size=256, batch_size=1),
+    "flow512": BenchConfig(FluxFlowConfig(flow_dim=512), image_size=256, batch_size=1),
 }
 
 
@@ -229,7 +236,7 @@ def import_framework(variant: str) -> None:
 def worker(spec: dict) -> None:
     """Build one variant, warm it up, time it, and report (in this process, so the peak
     RSS is this variant's alone)."""
-    bench = CONFIGS[spec["config"]]
+    bench = dataclasses.replace(CONFIGS[spec["config"]], batch_size=spec["batch_size"])
     import_framework(spec["variant"])
     baseline = current_rss_bytes()
     if spec["variant"] == "jax":
@@ -326,32 +333,40 @@ def run_process(spec: dict, limit: float | None) -> dict:
                                 stdout=subprocess.PIPE, stderr=log, text=True,
                                 start_new_session=True,
                                 env=worker_environment(spec["huge_pages"]))
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
-        deadline = time.monotonic() + limit if limit else None
-        result: dict = {}
-        while True:
-            try:
-                line = lines.get(timeout=None if deadline is None
-                                 else max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
+        try:
+            return read_worker(proc, log, spec, limit)
+        finally:  # also on SIGTERM (main's SystemExit): the worker has its own session
+            if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                return {"error": f"torch.compile warm-up ({spec['warmup']} steps) took over "
-                                 f"{limit:.0f} s; stopped"}
-            if line is None:
-                break
-            kind, _, payload = line.partition(" ")
-            if kind == "WARM":
-                deadline = None
-                result["warmup_seconds"] = json.loads(payload)["seconds"]
-            elif kind == "RESULT":
-                result.update(json.loads(payload))
-        proc.wait()
-        if proc.returncode != 0 or "times" not in result:
-            log.seek(0)
-            tail = [line for line in log.read().splitlines() if line.strip()][-3:]
-            return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-600:]}
+
+
+def read_worker(proc: subprocess.Popen, log: Any, spec: dict, limit: float | None) -> dict:
+    """The result the worker reports, or {"error": why} (``run_process``)."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+    deadline = time.monotonic() + limit if limit else None
+    result: dict = {}
+    while True:
+        try:
+            line = lines.get(timeout=None if deadline is None
+                             else max(deadline - time.monotonic(), 0.01))
+        except queue.Empty:
+            return {"error": f"torch.compile warm-up ({spec['warmup']} steps) took over "
+                             f"{limit:.0f} s; stopped"}
+        if line is None:
+            break
+        kind, _, payload = line.partition(" ")
+        if kind == "WARM":
+            deadline = None
+            result["warmup_seconds"] = json.loads(payload)["seconds"]
+        elif kind == "RESULT":
+            result.update(json.loads(payload))
+    proc.wait()
+    if proc.returncode != 0 or "times" not in result:
+        log.seek(0)
+        tail = [line for line in log.read().splitlines() if line.strip()][-3:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-600:]}
     return result
 
 
@@ -369,8 +384,8 @@ def pool_rounds(results: list[dict]) -> dict:
     return pooled
 
 
-def summarise(spec: dict, result: dict, batch_size: int) -> dict:
-    row = {**spec, "batch_size": batch_size}
+def summarise(spec: dict, result: dict) -> dict:
+    row, batch_size = dict(spec), spec["batch_size"]
     if "error" in result:
         return {**row, **result}
     median = statistics.median(result["times"])
@@ -473,6 +488,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="the steps' arithmetic (bf16: JAX's precision: bf16, "
                              "PyTorch's bfloat16 autocast)")
+    parser.add_argument("--batch-size", type=int,
+                        help="images per step for every config (default: each config's own)")
     parser.add_argument("--remat", action="store_true",
                         help="rematerialise the JAX step's blocks (memory for compute)")
     parser.add_argument("--huge-pages", choices=("on", "off"), default="on",
@@ -484,9 +501,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
-    if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
-        raise SystemExit("--steps, --warmup and --rounds must be >= 1 (warm-up includes "
-                         "compilation)")
+    if min(args.steps, args.warmup, args.rounds, args.batch_size or 1) < 1:
+        raise SystemExit("--steps, --warmup, --rounds and --batch-size must be >= 1 "
+                         "(warm-up includes compilation)")
+    # A time limit's SIGTERM unwinds through run_process, which stops the running worker.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     variants = parse_list(args.variants, VARIANTS, "variants")
     rows = []
     for config in parse_list(args.configs, list(CONFIGS), "configs"):
@@ -494,6 +513,7 @@ def main() -> None:
             specs = [{"config": config, "stage": stage, "variant": variant,
                       "steps": args.steps, "warmup": args.warmup,
                       "precision": args.precision, "remat": args.remat,
+                      "batch_size": args.batch_size or CONFIGS[config].batch_size,
                       "huge_pages": args.huge_pages == "on"} for variant in variants]
             results: list[list[dict]] = [[] for _ in specs]
             for number in range(1, args.rounds + 1):
@@ -503,12 +523,13 @@ def main() -> None:
                     print(f"[{config} {stage} {spec['variant']}] round {number} ...",
                           file=sys.stderr, flush=True)
                     done.append(run_worker(spec, args.compile_timeout))
-            rows += [summarise(spec, pool_rounds(done), CONFIGS[config].batch_size)
+            rows += [summarise(spec, pool_rounds(done))
                      for spec, done in zip(specs, results, strict=True)]
-    add_ratios(rows)
+            add_ratios(rows)
+            if args.json:  # after each stage, so a stopped run keeps what it finished
+                args.json.write_text(json.dumps(rows, indent=1))
     print_table(rows)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
         print(f"wrote {args.json}")
 
 
