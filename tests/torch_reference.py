@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import copy
 import importlib
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import torch
 from fluxflow.models.encoders import BertTextEncoder
 from fluxflow.models.pipeline import FluxPipeline
+from fluxflow.models.versioning import load_versioned_checkpoint
 from torch import nn
 from torch.nn.utils import spectral_norm
 from transformers import DistilBertConfig, DistilBertModel
@@ -134,6 +136,15 @@ def pipeline(cfg: FluxFlowConfig, seed: int) -> FluxPipeline:
     torch.manual_seed(seed)
     pipe = FluxPipeline(compressor(cfg), flow_processor(cfg), expander(cfg))
     return perturb(pipe, seed)
+
+
+def load_export(path: Path, version: str) -> FluxPipeline:
+    """The call a PyTorch user makes to load a fluxflow-jax export of ``version``: the
+    versioned loader builds v030 classes only (it refuses a "0.6.0" label), the legacy
+    ``from_pretrained`` on the weights file builds v060 ones."""
+    if version == "0.3.0":
+        return load_versioned_checkpoint(path, "cpu")
+    return FluxPipeline.from_pretrained(str(Path(path) / "flxflow_final.safetensors"), "cpu")
 
 
 def text_encoder(cfg: FluxFlowConfig, seed: int) -> BertTextEncoder:
