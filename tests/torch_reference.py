@@ -114,22 +114,23 @@ def torch_classes(cfg: FluxFlowConfig):
 
 
 def compressor(cfg: FluxFlowConfig) -> nn.Module:
-    return torch_classes(cfg).FluxCompressor(in_channels=cfg.in_channels, d_model=cfg.vae_dim,
-                          downscales=cfg.downscales, max_hw=cfg.max_hw,
-                          attn_layers=cfg.vae_attn_layers, attn_heads=cfg.vae_attn_heads,
-                          attn_ff_mult=cfg.vae_ff_mult, use_gradient_checkpointing=False)
+    return torch_classes(cfg).FluxCompressor(
+        in_channels=cfg.in_channels, d_model=cfg.vae_dim, downscales=cfg.downscales,
+        max_hw=cfg.max_hw, attn_layers=cfg.vae_attn_layers, attn_heads=cfg.vae_attn_heads,
+        attn_ff_mult=cfg.vae_ff_mult, use_gradient_checkpointing=False)
 
 
 def flow_processor(cfg: FluxFlowConfig) -> nn.Module:
-    return torch_classes(cfg).FluxFlowProcessor(d_model=cfg.flow_dim, vae_dim=cfg.vae_dim,
-                             embedding_size=cfg.text_embed_dim, n_head=cfg.flow_attn_heads,
-                             n_layers=cfg.flow_transformer_layers, max_hw=cfg.max_hw,
-                             ctx_tokens=cfg.ctx_tokens)
+    return torch_classes(cfg).FluxFlowProcessor(
+        d_model=cfg.flow_dim, vae_dim=cfg.vae_dim, embedding_size=cfg.text_embed_dim,
+        n_head=cfg.flow_attn_heads, n_layers=cfg.flow_transformer_layers, max_hw=cfg.max_hw,
+        ctx_tokens=cfg.ctx_tokens)
 
 
 def expander(cfg: FluxFlowConfig) -> nn.Module:
-    return torch_classes(cfg).FluxExpander(d_model=cfg.vae_dim, upscales=cfg.upscales, max_hw=cfg.max_hw,
-                        ctx_tokens=cfg.ctx_tokens, use_gradient_checkpointing=False)
+    return torch_classes(cfg).FluxExpander(
+        d_model=cfg.vae_dim, upscales=cfg.upscales, max_hw=cfg.max_hw,
+        ctx_tokens=cfg.ctx_tokens, use_gradient_checkpointing=False)
 
 
 def pipeline(cfg: FluxFlowConfig, seed: int) -> FluxPipeline:
