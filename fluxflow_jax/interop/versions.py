@@ -17,7 +17,7 @@ from fluxflow_jax.interop.state import CheckpointError
 from fluxflow_jax.models.config import (ARCHITECTURES, DEFAULT_VERSION,
                                         NOT_IMPLEMENTED_VERSIONS)
 
-KNOWN_VERSIONS = ("0.3.0", "0.6.0", "0.7.0", "0.8.0")
+KNOWN_VERSIONS = tuple(sorted((*ARCHITECTURES, *NOT_IMPLEMENTED_VERSIONS)))
 
 
 def label_version(label: object) -> str | None:
@@ -61,7 +61,7 @@ def detect_version(groups: Mapping[str, Mapping[str, object]], label: object,
     open; the default version when neither tells."""
     evidence = _key_evidence(groups)
     candidates = set(KNOWN_VERSIONS)
-    for shown, versions in evidence:
+    for _, versions in evidence:
         if not candidates & versions:
             described = "; ".join(f"{what} ({', '.join(sorted(v))})" for what, v in evidence)
             raise CheckpointError(f"{source} mixes architecture versions: {described}")
