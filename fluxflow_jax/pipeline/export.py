@@ -11,6 +11,7 @@ end too: steps export their averages as ``..._step_<name>_ema.safetensors``).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +38,23 @@ def _set_from(module: nnx.Module, values: dict[str, np.ndarray], what: str) -> N
     nnx.update(module, jax.tree_util.tree_unflatten(treedef, leaves))
 
 
-def _latest_weights(run_dir: Path, models: FluxFlowModels, ema: bool) -> FluxFlowModels:
-    """``models`` (the run's architecture) set to the newest run checkpoint's weights."""
+def _latest_weights(run_dir: Path, models: FluxFlowModels, ema: bool,
+                    echo: Callable[[str], None]) -> FluxFlowModels:
+    """``models`` (the run's architecture) set to the newest intact run checkpoint's
+    weights (``echo`` says which, when newer ones are damaged)."""
     checkpoints = run_dir / "checkpoints"
     if not checkpoints.is_dir():
         if ema:
             raise CheckpointError(f"{run_dir} has no run checkpoints, so no averages to "
                                   "export; drop --ema")
         return models
-    with RunCheckpoints(checkpoints) as manager:
+    with RunCheckpoints(checkpoints, read_only=True) as manager:
         if manager.latest() is None:
             raise CheckpointError(f"{checkpoints} holds no complete checkpoint")
-        arrays = manager.restore_arrays()
+        step, arrays, damaged = manager.newest_intact(
+            manager.restore_arrays, fix="export a finished step's weights with --step NAME")
+        if damaged:
+            echo(manager.fallback_line(step, damaged))
     averaged = arrays.get("ema", {})
     if ema and not averaged:
         raise CheckpointError(f"the latest checkpoint of {run_dir} keeps no averages (its "
@@ -81,14 +87,14 @@ def _step_weights(run_dir: Path, step: str, ema: bool) -> FluxFlowModels:
     return models
 
 
-def run_models(run_dir: str | os.PathLike, *, ema: bool = False,
-               step: str | None = None) -> FluxFlowModels:
-    """The weights of a training run: its newest checkpoint's, or step ``step``'s final ones;
-    with ``ema``, the averaged weights where there are some."""
+def run_models(run_dir: str | os.PathLike, *, ema: bool = False, step: str | None = None,
+               echo: Callable[[str], None] = print) -> FluxFlowModels:
+    """The weights of a training run: its newest intact checkpoint's, or step ``step``'s
+    final ones; with ``ema``, the averaged weights where there are some."""
     run_dir = Path(run_dir)
     if step is not None:
         return _step_weights(run_dir, step, ema)
-    return _latest_weights(run_dir, load_fluxflow(run_dir), ema)
+    return _latest_weights(run_dir, load_fluxflow(run_dir), ema, echo)
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ema: bool = False,

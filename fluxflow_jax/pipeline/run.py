@@ -167,21 +167,16 @@ class Run:
             self.checkpoints.close()
 
     def _start(self) -> tuple[Position, TrainState | None]:
-        latest = self.checkpoints.latest()
-        if latest is None:
+        """The position and state of the newest intact checkpoint (damaged newer ones are
+        named in one line and set aside), or a fresh start."""
+        if self.checkpoints.latest() is None:
             return Position(), None
-        record = self.checkpoints.record(latest)
-        names = [s.name for s in self.stages]
-        if record.get("format") != RECORD_FORMAT or record.get("stages") != names:
-            raise ConfigError([
-                f"{self.output} holds checkpoints of another run (stages "
-                f"{record.get('stages')}, this config has {names}); resume with the config "
-                "the run started with, or pass --no_resume / choose another output_path"])
-        position = Position(**record["position"])
-        stage = self.stages[position.state_stage]
-        step = self._train_step(stage)
-        like = step.init_state(self.models, carried_averages=stage.ema_components)
-        state, _ = self.checkpoints.restore(like, latest)
+        latest, (position, state, record), damaged = self.checkpoints.newest_intact(
+            self._restore, fix="pass --no_resume to train afresh (deleting them)")
+        if damaged:
+            self.echo(self.checkpoints.fallback_line(latest, damaged))
+            for err in damaged if self.writer else ():
+                self.checkpoints.set_aside(err.step)
         self.loader.restore(record["loader"])
         if position.stage >= len(self.stages):
             self.echo(f"The run in {self.output} is complete (checkpoint {latest}); pass "
@@ -192,6 +187,22 @@ class Run:
                       f"{position.epoch + 1}, batch {position.batch}, global step "
                       f"{position.global_step}")
         return position, state
+
+    def _restore(self, step: int) -> tuple[Position, TrainState, dict[str, Any]]:
+        """Checkpoint ``step``'s position, state and record, checked against this run."""
+        record = self.checkpoints.record(step)
+        names = [s.name for s in self.stages]
+        if record.get("format") != RECORD_FORMAT or record.get("stages") != names:
+            raise ConfigError([
+                f"{self.output} holds checkpoints of another run (stages "
+                f"{record.get('stages')}, this config has {names}); resume with the config "
+                "the run started with, or pass --no_resume / choose another output_path"])
+        position = Position(**record["position"])
+        stage = self.stages[position.state_stage]
+        like = self._train_step(stage).init_state(self.models,
+                                                  carried_averages=stage.ema_components)
+        state, _ = self.checkpoints.restore(like, step)
+        return position, state, record
 
     def _train_step(self, stage: Stage) -> TrainStep:
         return TrainStep(self.models, stage.config, lpips=self.lpips, mesh=self.mesh,
