@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -188,6 +189,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     """Train (pipeline or standard mode), resuming from the output's checkpoints."""
+    from fluxflow_jax.pipeline.interrupts import Interrupted, exit_code
     from fluxflow_jax.pipeline.run import Run
 
     config = _load_run_config(args)
@@ -198,10 +200,13 @@ def _train(args: argparse.Namespace) -> int:
         _join_processes(training)
     try:
         Run(config, resume=not args.no_resume).run()
-    except KeyboardInterrupt:
+    except Interrupted as stop:  # SIGTERM / SIGINT during training: saved, then stopped
+        print(stop, file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before training started
         print(f"interrupted; run the same command again to resume from the last checkpoint "
               f"in {config.output.output_path}", file=sys.stderr)
-        return 130
+        return exit_code(signal.SIGINT)
     return 0
 
 

@@ -16,6 +16,7 @@ loadable by PyTorch ``fluxflow``, before the checkpoint that records the stage a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -38,6 +39,7 @@ from fluxflow_jax.pipeline.checkpoints import RunCheckpoints
 from fluxflow_jax.pipeline.config import ConfigError, RunConfig
 from fluxflow_jax.pipeline.console import (ProgressBar, RunningAverage, averaging_window,
                                            compile_line, format_duration, progress_line)
+from fluxflow_jax.pipeline.interrupts import Interrupted, StopSignals
 from fluxflow_jax.pipeline.metrics_log import MetricsLog
 from fluxflow_jax.pipeline.samples import Samples
 from fluxflow_jax.pipeline.setup import (check_text_inputs, initial_models, load_lpips,
@@ -142,6 +144,9 @@ class Run:
         self.precision = config.training.compute_precision
         self.peak_flops = peak_flops(jax.devices()[0], self.precision)
         self.checkpoints: RunCheckpoints | None = None  # opened by run()
+        # SIGTERM / SIGINT stop the run at the next batch end (one process only: the
+        # processes of a multi-host run would have to agree on the batch).
+        self.stop = StopSignals()
 
     # -- the run ----------------------------------------------------------------------
 
@@ -156,15 +161,16 @@ class Run:
         if jax.process_count() > 1:  # no process opens the checkpoints before that
             multihost_utils.sync_global_devices("fluxflow_jax: checkpoints ready")
         self.checkpoints = RunCheckpoints(checkpoint_dir, self.config.output.keep_last)
-        try:
-            position, state = self._start()
-            for stage in self.stages[position.stage:]:
-                state = self._run_stage(stage, position, state)
-            self.echo("PIPELINE TRAINING COMPLETE" if self.config.is_pipeline
-                      else "TRAINING COMPLETE")
-            return position
-        finally:
-            self.checkpoints.close()
+        with self.stop if jax.process_count() == 1 else contextlib.nullcontext():
+            try:
+                position, state = self._start()
+                for stage in self.stages[position.stage:]:
+                    state = self._run_stage(stage, position, state)
+                self.echo("PIPELINE TRAINING COMPLETE" if self.config.is_pipeline
+                          else "TRAINING COMPLETE")
+                return position
+            finally:
+                self.checkpoints.close()  # a stop signal waits for the writes to end
 
     def _start(self) -> tuple[Position, TrainState | None]:
         """The position and state of the newest intact checkpoint (damaged newer ones are
@@ -274,7 +280,8 @@ class Run:
                 logged = (position.batch - 1) % self.config.output.log_interval == 0
                 interval = position.stage_batches % \
                     self.config.output.checkpoint_save_interval == 0
-                if logged or epoch_end or capped or interval:
+                stopping = self.stop.received is not None
+                if logged or epoch_end or capped or interval or stopping:
                     self._collect(pending, stage, position, window)
                 if logged:
                     bar.clear()
@@ -292,13 +299,16 @@ class Run:
                     loader_state = self.loader.position_state(position.data_epoch)
                 sampling = bool(self.samples) and (done or epoch_end or
                                                    self._samples_due(position))
-                if done or interval or epoch_end or sampling:
+                if done or interval or epoch_end or sampling or stopping:
                     jax.block_until_ready(state.leaves)  # the batches so far count as trained
                     with speed.excluded():
                         self._write(stage, state.unpack(), position, loader_state, window,
                                     done=done, epoch_end=epoch_end,
-                                    save=interval or epoch_end or done,
+                                    save=interval or epoch_end or done or stopping,
                                     sample_at=shown_at if sampling else None)
+                if stopping:
+                    raise Interrupted(self.stop.received, position.global_step,
+                                      self.checkpoints.directory)
                 if epoch_end or done:
                     break
         finally:
