@@ -325,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fluxflow_jax.interop import CheckpointError
     from fluxflow_jax.pipeline.checkpoints import RunCheckpointError
     from fluxflow_jax.pipeline.config import ConfigError
+    from fluxflow_jax.pipeline.memory import DoesNotFit
     from fluxflow_jax.pipeline.yaml_file import YamlFileError
     from fluxflow_jax.sampling.prompts import PromptError
 
@@ -332,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (CheckpointError, TokenizerError, PromptError, _Usage, ConfigError, YamlFileError,
-            RunCheckpointError, DataConfigError) as err:
+            RunCheckpointError, DataConfigError, DoesNotFit) as err:
         print(f"fluxflow-jax {args.command}: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading

@@ -40,6 +40,7 @@ from fluxflow_jax.pipeline.config import ConfigError, RunConfig
 from fluxflow_jax.pipeline.console import (ProgressBar, RunningAverage, averaging_window,
                                            compile_line, format_duration, progress_line)
 from fluxflow_jax.pipeline.interrupts import Interrupted, StopSignals
+from fluxflow_jax.pipeline.memory import TRAIN_LEVERS, check_fits
 from fluxflow_jax.pipeline.metrics_log import MetricsLog
 from fluxflow_jax.pipeline.samples import Samples
 from fluxflow_jax.pipeline.setup import (check_text_inputs, initial_models, load_lpips,
@@ -361,18 +362,34 @@ class Run:
         for repeat in range(self.config.training.training_steps):
             for scale, inputs in enumerate(device_inputs):
                 call_key = jax.random.fold_in(key, repeat * len(device_inputs) + scale)
-                compiled = len(step.compilations)
+                if not step.compiled_for(inputs):
+                    self._compile(step, stage, state, inputs, call_key, speed)
                 state, metrics = step(state, inputs, call_key)
-                for compilation in step.compilations[compiled:]:
-                    speed.exclude(compilation.seconds)
-                    self.echo(compile_line(stage.label, compilation))
-                if len(step.compilations) > compiled:
-                    freeze_heap()
                 pending.append(metrics)
                 cost = step.cost(inputs).flops
                 flops = None if cost is None or flops is None else flops + cost
         speed.batch(self.config.training.batch_size, flops)
         return state
+
+    def _compile(self, step: TrainStep, stage: Stage, state: PackedState, inputs: dict,
+                 key: jax.Array, speed: SpeedMeter) -> None:
+        """Compile the step for ``inputs``' shapes and check that it fits in memory before
+        its first run."""
+        step.compile(state.unpack(), inputs, key)
+        compilation = step.compilations[-1]
+        speed.exclude(compilation.seconds)
+        self.echo(compile_line(stage.label, compilation))
+        model, training = self.models.config, self.config.training
+        shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}"
+                           for name, shape, _ in compilation.shapes if name == "images")
+        check_fits(compilation.memory,
+                   list(self.mesh.devices.flat) if self.mesh else jax.devices()[:1],
+                   f"the train step of '{stage.label}' (batch_size {training.batch_size}, "
+                   f"{shapes}, img_size {self.config.data.img_size}, vae_dim "
+                   f"{model.vae_dim}, flow_dim {model.flow_dim}, text_dim {model.text_dim}, "
+                   f"precision {self.precision}, remat {str(training.remat).lower()}, "
+                   f"shard_params {str(training.shard_params).lower()})", TRAIN_LEVERS)
+        freeze_heap()
 
     def _collect(self, pending: list, stage: Stage, position: Position,
                  window: RunningAverage) -> None:
