@@ -7,6 +7,7 @@ with status 2; they never print a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import signal
@@ -18,6 +19,8 @@ import fluxflow_jax
 from fluxflow_jax.huge_pages import restart_with_huge_pages
 
 USAGE_ERROR = 2
+FORCE_HELP = ("write into OUT_DIR even if it holds files fluxflow-jax did not write "
+              "(its checkpoint files are replaced or removed, the others kept)")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -166,7 +169,8 @@ def _export(args: argparse.Namespace) -> int:
     """A training run's weights as a PyTorch-loadable checkpoint directory."""
     from fluxflow_jax.pipeline.export import export_run
 
-    out = export_run(args.run_dir, args.out_dir, ema=args.ema, step=args.step)
+    out = export_run(args.run_dir, args.out_dir, ema=args.ema, step=args.step,
+                     force=args.force)
     print(f"wrote {out}")
     return 0
 
@@ -174,7 +178,9 @@ def _export(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     """A fluxflow checkpoint (PyTorch's included), checked and rewritten for fluxflow-jax."""
     from fluxflow_jax.interop import load_fluxflow, save_fluxflow
+    from fluxflow_jax.pipeline.export import check_output_dir
 
+    check_output_dir(args.out_dir, force=args.force)
     models = load_fluxflow(args.checkpoint)
     out = save_fluxflow(args.out_dir, models, training_info={
         "imported_from": str(Path(args.checkpoint).absolute())})
@@ -308,12 +314,14 @@ def _add_train_commands(commands) -> None:
                         help="the averaged weights where the run keeps averages")
     export.add_argument("--step", metavar="NAME",
                         help="the weights pipeline step NAME ended with (default: the latest)")
+    export.add_argument("--force", action="store_true", help=FORCE_HELP)
     export.set_defaults(run=_export)
     imports = commands.add_parser(
         "import", help="check a fluxflow checkpoint (e.g. from PyTorch) and rewrite it")
     imports.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
                          help="directory or .safetensors file")
     imports.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    imports.add_argument("--force", action="store_true", help=FORCE_HELP)
     imports.set_defaults(run=_import)
 
 
@@ -339,6 +347,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:  # the system refused: a full disk, a read-only or forbidden path
+        print(f"fluxflow-jax {args.command}: error: {_system_problem(err)}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _system_problem(err: OSError) -> str:
+    """An operating system error in one line: the path, the reason and the fix."""
+    where = f"{err.filename}: " if err.filename else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = ("free space or choose another output path, then run it again (the files "
+               "written before are unchanged)")
+    else:
+        fix = "check the path and its permissions"
+    return f"{where}{err.strerror or err}; {fix}"
 
 
 if __name__ == "__main__":
