@@ -93,6 +93,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from fluxflow_jax.data.tokenizer import Tokenizer
     from fluxflow_jax.interop import load_fluxflow
+    from fluxflow_jax.pipeline.memory import GENERATE_LEVERS, check_fits
     from fluxflow_jax.sampling import generate, latent_grid, to_uint8
     from fluxflow_jax.sampling.prompts import read_prompts
 
@@ -120,6 +121,8 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise _Usage(f"--size {width}x{height}: {err}") from None
     empty = tokenizer.encode([""], max_length) if args.null == "empty" else (None, None)
+    asked = (f"generating {args.batch_size} image(s) of {width}x{height} px per batch "
+             f"({args.steps} solver steps)")
     args.output_path.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start:start + args.batch_size]
@@ -131,7 +134,8 @@ def _generate(args: argparse.Namespace) -> int:
                           num_steps=args.steps, guidance=args.guidance, null=args.null,
                           empty_ids=None if empty[0] is None else jnp.asarray(empty[0]),
                           empty_mask=None if empty[1] is None else jnp.asarray(empty[1]),
-                          sampler=args.sampler)
+                          sampler=args.sampler, memory_check=lambda use: check_fits(
+                              use, jax.devices()[:1], asked, GENERATE_LEVERS))
         for prompt, pixels in zip(chunk, to_uint8(images[:len(chunk)]), strict=True):
             path = args.output_path / f"{prompt.stem}.{args.format}"
             Image.fromarray(pixels).save(path)
@@ -189,8 +193,31 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    """Print a config's plan, or every problem in it."""
-    return _print_plan(_load_run_config(args))
+    """Print a config's plan, or every problem in it; with ``--memory`` each step's memory
+    estimate too."""
+    config = _load_run_config(args)
+    status = _print_plan(config)
+    return _print_memory(config) if status == 0 and args.memory else status
+
+
+def _print_memory(config) -> int:
+    """Compile every step for the first batch and print whether it fits (exit 0) or what to
+    change (exit 2)."""
+    from fluxflow_jax.pipeline.console import compile_line
+    from fluxflow_jax.pipeline.memory import DoesNotFit, fit_summary
+    from fluxflow_jax.pipeline.run import Run
+
+    run = Run(config)
+    status = 0
+    for stage, compilation in run.compile_stages():
+        print(compile_line(stage.label, compilation))
+        try:
+            run.check_memory(stage, compilation)
+            print(f"  fits: {fit_summary(compilation.memory, run.devices)}")
+        except DoesNotFit as err:
+            print(f"✗ {err}", file=sys.stderr)
+            status = USAGE_ERROR
+    return status
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -305,6 +332,9 @@ def _add_train_commands(commands) -> None:
     train.set_defaults(run=_train)
     validate = commands.add_parser("validate", help="check a config and print its plan")
     validate.add_argument("config", type=Path, metavar="CONFIG")
+    validate.add_argument("--memory", action="store_true",
+                          help="also compile each step and check that it fits in memory "
+                               "(as long as training takes to start)")
     validate.set_defaults(run=_validate)
     export = commands.add_parser(
         "export", help="a training run's weights as a PyTorch fluxflow checkpoint")

@@ -71,3 +71,20 @@ def test_cpu_devices_share_the_host_memory(monkeypatch, free, fits):
         with pytest.raises(DoesNotFit, match="needs 2,020 MiB .* but only 2,019 MiB is "
                                              "available host memory"):
             check_fits(USE, devices, "the step", "less")
+
+
+def test_validate_memory_prints_each_steps_estimate(tmp_path, capsys, monkeypatch):
+    config = str(write_config(tmp_path, VAE_THEN_FLOW))
+    assert cli.main(["validate", config, "--memory"]) == 0
+    out = capsys.readouterr().out
+    for step in ("vae", "flow"):
+        assert f"Compiled step {step} for " in out
+    assert out.count("MiB activations\n  fits: needs ") == 2
+    assert out.count(" MiB available host memory\n") == 2
+
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: MIB)
+    assert cli.main(["validate", config, "--memory"]) == 2
+    err = capsys.readouterr().err
+    assert "✗ the train step of 'vae' (batch_size 2" in err
+    assert "✗ the train step of 'flow' (batch_size 2" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()

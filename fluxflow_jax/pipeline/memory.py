@@ -23,6 +23,8 @@ TRAIN_LEVERS = ("lower training.batch_size or data.img_size, set training.precis
                 "or training.remat: true, or spread the state over more devices "
                 "(training.devices with training.shard_params: true)")
 
+GENERATE_LEVERS = "choose a smaller --size or --batch_size, or a device with more memory"
+
 
 class DoesNotFit(Exception):
     """A program that needs more memory than its devices have; the message says what was
@@ -55,6 +57,15 @@ def capacity(use: MemoryUse, devices: Sequence[jax.Device]) -> tuple[int, int, s
     if not limit:
         return None
     return use.total, int(limit), f"{devices[0].device_kind} memory per device"
+
+
+def fit_summary(use: MemoryUse | None, devices: Sequence[jax.Device]) -> str:
+    """How much of the memory a program fitting on ``devices`` takes, in words."""
+    known = None if use is None else capacity(use, devices)
+    if known is None:
+        return "its memory use or the devices' memory is unknown here"
+    needed, available, where = known
+    return f"needs {needed / MIB:,.0f} MiB of {available / MIB:,.0f} MiB {where}"
 
 
 def check_fits(use: MemoryUse | None, devices: Sequence[jax.Device], what: str,

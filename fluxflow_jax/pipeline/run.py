@@ -49,7 +49,7 @@ from fluxflow_jax.pipeline.speed import Speed, SpeedMeter
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.training.performance import peak_flops
 from fluxflow_jax.training.state import PackedState, TrainState, write_to_models
-from fluxflow_jax.training.train_step import TrainStep
+from fluxflow_jax.training.train_step import Compilation, TrainStep
 
 log = logging.getLogger(__name__)
 RECORD_FORMAT = 1
@@ -142,6 +142,7 @@ class Run:
         self.resume = resume
         self.base_key = jax.random.PRNGKey(config.training.seed)
         self.sharding = parallel.batch_sharding(self.mesh) if self.mesh else None
+        self.devices = list(self.mesh.devices.flat) if self.mesh else jax.devices()[:1]
         self.precision = config.training.compute_precision
         self.peak_flops = peak_flops(jax.devices()[0], self.precision)
         self.checkpoints: RunCheckpoints | None = None  # opened by run()
@@ -379,17 +380,38 @@ class Run:
         compilation = step.compilations[-1]
         speed.exclude(compilation.seconds)
         self.echo(compile_line(stage.label, compilation))
+        self.check_memory(stage, compilation)
+        freeze_heap()
+
+    def check_memory(self, stage: Stage, compilation: Compilation) -> None:
+        """Raise ``DoesNotFit`` if ``stage``'s compiled step cannot fit on the devices."""
         model, training = self.models.config, self.config.training
         shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}"
                            for name, shape, _ in compilation.shapes if name == "images")
-        check_fits(compilation.memory,
-                   list(self.mesh.devices.flat) if self.mesh else jax.devices()[:1],
+        check_fits(compilation.memory, self.devices,
                    f"the train step of '{stage.label}' (batch_size {training.batch_size}, "
                    f"{shapes}, img_size {self.config.data.img_size}, vae_dim "
                    f"{model.vae_dim}, flow_dim {model.flow_dim}, text_dim {model.text_dim}, "
                    f"precision {self.precision}, remat {str(training.remat).lower()}, "
                    f"shard_params {str(training.shard_params).lower()})", TRAIN_LEVERS)
-        freeze_heap()
+
+    def compile_stages(self) -> list[tuple[Stage, Compilation]]:
+        """Each stage's step compiled for the first batch, from an abstract state (nothing
+        allocated): the memory estimates ``validate --memory`` prints."""
+        batches = self.loader.epoch(0)
+        try:
+            inputs = next(batches).step_inputs()
+        finally:
+            batches.close()
+            self.loader.seek(0)
+        compiled = []
+        for stage in self.stages:
+            step = self._train_step(stage)
+            like = jax.eval_shape(lambda step=step, stage=stage: step.init_state(
+                self.models, carried_averages=stage.ema_components))
+            step.compile(like, inputs, self.base_key)
+            compiled.append((stage, step.compilations[-1]))
+        return compiled
 
     def _collect(self, pending: list, stage: Stage, position: Position,
                  window: RunningAverage) -> None:
