@@ -1,6 +1,7 @@
 """Damaged run checkpoints (truncated, emptied or partly deleted files): resuming and
 exporting use the newest intact one and say so in one line; with none intact, one message
-naming the directory and the fix, exit status 2."""
+naming the directory and the fix, exit status 2. A checkpoint the disk has no room for stops
+the run the same way, the earlier ones intact."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import orbax.checkpoint as ocp
 import pytest
 
 from fluxflow_jax import cli
@@ -91,3 +93,32 @@ def test_no_intact_checkpoint_names_the_directory_and_the_fix(finished, tmp_path
            "damaged (" in err
     assert fix in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_stops_training_with_the_earlier_checkpoints_intact(finished, tmp_path,
+                                                                       capsys, monkeypatch):
+    """Orbax fails checkpoint 2 the way TensorStore reports a full disk: one message, exit 2,
+    checkpoint 1 intact; with space again, the run resumes and trains as the finished one."""
+    config = write_config(tmp_path, VAE_THEN_FLOW, output=OUTPUT)
+    save = ocp.CheckpointManager.save
+
+    def disk_full_from_2(manager, step, *args, **kwargs):
+        if step >= 2:
+            raise ValueError('RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database: '
+                             'No space left on device')
+        return save(manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full_from_2)
+    assert cli.main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert f"error: could not write a checkpoint in {checkpoints} (RESOURCE_EXHAUSTED: " \
+           "Error writing" in err
+    assert "the checkpoints before it are intact: free space" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["1"]
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    assert cli.main(["train", "--config", str(config)]) == 0
+    assert "Resuming from checkpoint 1" in capsys.readouterr().out
+    assert_same_losses(tmp_path / "run", finished)

@@ -14,6 +14,7 @@ step may donate them) and written to disk in the background.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -40,6 +41,45 @@ class DamagedCheckpoint(RunCheckpointError):
     def __init__(self, step: int, reason: str):
         super().__init__(f"checkpoint {step} is damaged ({reason})")
         self.step, self.reason = step, reason
+
+
+class CheckpointWriteError(RunCheckpointError):
+    """A checkpoint the system would not let us write (a full disk, a quota, permissions);
+    the checkpoints written before it are intact."""
+
+
+# How TensorStore (under orbax) words the system's refusals to write.
+_SYSTEM_REFUSALS = ("RESOURCE_EXHAUSTED", "No space left", "Disk quota", "Read-only file system",
+                    "Permission denied", "PERMISSION_DENIED")
+
+
+class _ReportedWriteErrors(logging.Filter):
+    """Drops what orbax's writer threads and their asyncio tasks log, tracebacks included,
+    about a write the system refused: the save's caller gets the same error and reports it
+    once, as ``CheckpointWriteError``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return not any(refusal in text for refusal in _SYSTEM_REFUSALS)
+
+
+for _logger in ("absl", "asyncio"):
+    logging.getLogger(_logger).addFilter(_ReportedWriteErrors())
+
+
+@contextlib.contextmanager
+def _writing(directory: Path) -> Iterator[None]:
+    """A save's or wait's failure to write as ``CheckpointWriteError``."""
+    try:
+        yield
+    except Exception as err:  # orbax re-raises its threads' errors, TensorStore's included
+        reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        if not (isinstance(err, OSError) or any(s in reason for s in _SYSTEM_REFUSALS)):
+            raise
+        raise CheckpointWriteError(
+            f"could not write a checkpoint in {directory} ({reason}); the checkpoints before "
+            "it are intact: free space (or fix the permissions) and run the same command "
+            "again to resume") from None
 
 
 @contextlib.contextmanager
@@ -97,8 +137,9 @@ class RunCheckpoints:
 
     def save(self, step: int, state: TrainState, record: Mapping[str, Any]) -> None:
         """Checkpoint ``state`` and ``record`` (JSON-serialisable) as number ``step``."""
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(dict(record))))
+        with _writing(self.directory):
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(dict(record))))
 
     def latest(self) -> int | None:
         """The newest complete checkpoint's number, or None."""
@@ -197,11 +238,20 @@ class RunCheckpoints:
 
     def close(self) -> None:
         """Wait for pending saves to be on disk, then release the writer threads."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            with _writing(self.directory):
+                self._manager.wait_until_finished()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> "RunCheckpoints":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc_info: Any) -> None:
+        """Close; a failed write is raised unless an error is on its way already (which
+        it would hide: a full disk fails the weight files too)."""
+        try:
+            self.close()
+        except CheckpointWriteError:
+            if kind is None:
+                raise

@@ -7,7 +7,10 @@ whether a checkpoint is due (every ``checkpoint_save_interval`` batches, at epoc
 at stage ends) and saves the state with a record of where the run is: the next batch to
 run, the data loader's position, the transition history and console averages. A resumed run
 continues from that record exactly: the same batches, the same random keys (folded from
-the seed and the global step), the same updates.
+the seed and the global step), the same updates. SIGTERM and SIGINT make the current batch
+the last, with a checkpoint (``interrupts``); a damaged newest checkpoint gives way to the
+newest intact one. Each step shape is compiled before its first batch and refused if it
+cannot fit in memory (``memory``).
 
 Stage ends write the stage's weights (``flxflow_step_<name>_final.safetensors`` and its
 text encoder and discriminator) and the latest ``flxflow_final.safetensors`` layout, both
@@ -163,16 +166,15 @@ class Run:
         if jax.process_count() > 1:  # no process opens the checkpoints before that
             multihost_utils.sync_global_devices("fluxflow_jax: checkpoints ready")
         self.checkpoints = RunCheckpoints(checkpoint_dir, self.config.output.keep_last)
-        with self.stop if jax.process_count() == 1 else contextlib.nullcontext():
-            try:
-                position, state = self._start()
-                for stage in self.stages[position.stage:]:
-                    state = self._run_stage(stage, position, state)
-                self.echo("PIPELINE TRAINING COMPLETE" if self.config.is_pipeline
-                          else "TRAINING COMPLETE")
-                return position
-            finally:
-                self.checkpoints.close()  # a stop signal waits for the writes to end
+        # Closing waits for the checkpoint writes (a stop signal waits with it).
+        with self.stop if jax.process_count() == 1 else contextlib.nullcontext(), \
+                self.checkpoints:
+            position, state = self._start()
+            for stage in self.stages[position.stage:]:
+                state = self._run_stage(stage, position, state)
+            self.echo("PIPELINE TRAINING COMPLETE" if self.config.is_pipeline
+                      else "TRAINING COMPLETE")
+            return position
 
     def _start(self) -> tuple[Position, TrainState | None]:
         """The position and state of the newest intact checkpoint (damaged newer ones are
