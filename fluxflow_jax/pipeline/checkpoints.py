@@ -6,8 +6,8 @@ histories, counters). Orbax writes a checkpoint under a temporary name and renam
 complete, so a run killed mid-save keeps its previous checkpoints intact; a writer removes
 such leftover temporary directories (``N.orbax-checkpoint-tmp-*``, orbax's own names) when
 it opens the directory. A complete checkpoint can still be damaged afterwards (a truncated
-copy, a full disk, a bad sector): ``newest_intact`` finds the newest one that reads. Saves are
-asynchronous: the arrays are copied off the devices before ``save`` returns (so the next
+copy, a full disk, a bad sector): ``newest_intact`` finds the newest one that reads. Saves
+are asynchronous: the arrays are copied off the devices before ``save`` returns (so the next
 step may donate them) and written to disk in the background.
 """
 
@@ -49,8 +49,8 @@ class CheckpointWriteError(RunCheckpointError):
 
 
 # How TensorStore (under orbax) words the system's refusals to write.
-_SYSTEM_REFUSALS = ("RESOURCE_EXHAUSTED", "No space left", "Disk quota", "Read-only file system",
-                    "Permission denied", "PERMISSION_DENIED")
+_SYSTEM_REFUSALS = ("RESOURCE_EXHAUSTED", "No space left", "Disk quota",
+                    "Read-only file system", "Permission denied", "PERMISSION_DENIED")
 
 
 class _ReportedWriteErrors(logging.Filter):
