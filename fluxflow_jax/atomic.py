@@ -26,6 +26,9 @@ def write_temp(path: Path, data: bytes, mode: int | None = None) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, _FILE_MODE if mode is None else mode)
+    except OSError as err:  # e.g. a full disk: named after the file meant, not the temp
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

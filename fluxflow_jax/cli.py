@@ -7,8 +7,10 @@ with status 2; they never print a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +19,8 @@ import fluxflow_jax
 from fluxflow_jax.huge_pages import restart_with_huge_pages
 
 USAGE_ERROR = 2
+FORCE_HELP = ("write into OUT_DIR even if it holds files fluxflow-jax did not write "
+              "(its checkpoint files are replaced or removed, the others kept)")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -89,6 +93,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from fluxflow_jax.data.tokenizer import Tokenizer
     from fluxflow_jax.interop import load_fluxflow
+    from fluxflow_jax.pipeline.memory import GENERATE_LEVERS, check_fits
     from fluxflow_jax.sampling import generate, latent_grid, to_uint8
     from fluxflow_jax.sampling.prompts import read_prompts
 
@@ -116,6 +121,8 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise _Usage(f"--size {width}x{height}: {err}") from None
     empty = tokenizer.encode([""], max_length) if args.null == "empty" else (None, None)
+    asked = (f"generating {args.batch_size} image(s) of {width}x{height} px per batch "
+             f"({args.steps} solver steps)")
     args.output_path.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start:start + args.batch_size]
@@ -127,7 +134,8 @@ def _generate(args: argparse.Namespace) -> int:
                           num_steps=args.steps, guidance=args.guidance, null=args.null,
                           empty_ids=None if empty[0] is None else jnp.asarray(empty[0]),
                           empty_mask=None if empty[1] is None else jnp.asarray(empty[1]),
-                          sampler=args.sampler)
+                          sampler=args.sampler, memory_check=lambda use: check_fits(
+                              use, jax.devices()[:1], asked, GENERATE_LEVERS))
         for prompt, pixels in zip(chunk, to_uint8(images[:len(chunk)]), strict=True):
             path = args.output_path / f"{prompt.stem}.{args.format}"
             Image.fromarray(pixels).save(path)
@@ -165,7 +173,8 @@ def _export(args: argparse.Namespace) -> int:
     """A training run's weights as a PyTorch-loadable checkpoint directory."""
     from fluxflow_jax.pipeline.export import export_run
 
-    out = export_run(args.run_dir, args.out_dir, ema=args.ema, step=args.step)
+    out = export_run(args.run_dir, args.out_dir, ema=args.ema, step=args.step,
+                     force=args.force)
     print(f"wrote {out}")
     return 0
 
@@ -173,7 +182,9 @@ def _export(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     """A fluxflow checkpoint (PyTorch's included), checked and rewritten for fluxflow-jax."""
     from fluxflow_jax.interop import load_fluxflow, save_fluxflow
+    from fluxflow_jax.pipeline.export import check_output_dir
 
+    check_output_dir(args.out_dir, force=args.force)
     models = load_fluxflow(args.checkpoint)
     out = save_fluxflow(args.out_dir, models, training_info={
         "imported_from": str(Path(args.checkpoint).absolute())})
@@ -182,12 +193,36 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    """Print a config's plan, or every problem in it."""
-    return _print_plan(_load_run_config(args))
+    """Print a config's plan, or every problem in it; with ``--memory`` each step's memory
+    estimate too."""
+    config = _load_run_config(args)
+    status = _print_plan(config)
+    return _print_memory(config) if status == 0 and args.memory else status
+
+
+def _print_memory(config) -> int:
+    """Compile every step for the first batch and print whether it fits (exit 0) or what to
+    change (exit 2)."""
+    from fluxflow_jax.pipeline.console import compile_line
+    from fluxflow_jax.pipeline.memory import DoesNotFit, fit_summary
+    from fluxflow_jax.pipeline.run import Run
+
+    run = Run(config)
+    status = 0
+    for stage, compilation in run.compile_stages():
+        print(compile_line(stage.label, compilation))
+        try:
+            run.check_memory(stage, compilation)
+            print(f"  fits: {fit_summary(compilation.memory, run.devices)}")
+        except DoesNotFit as err:
+            print(f"✗ {err}", file=sys.stderr)
+            status = USAGE_ERROR
+    return status
 
 
 def _train(args: argparse.Namespace) -> int:
     """Train (pipeline or standard mode), resuming from the output's checkpoints."""
+    from fluxflow_jax.pipeline.interrupts import Interrupted, exit_code
     from fluxflow_jax.pipeline.run import Run
 
     config = _load_run_config(args)
@@ -198,10 +233,13 @@ def _train(args: argparse.Namespace) -> int:
         _join_processes(training)
     try:
         Run(config, resume=not args.no_resume).run()
-    except KeyboardInterrupt:
+    except Interrupted as stop:  # SIGTERM / SIGINT during training: saved, then stopped
+        print(stop, file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before training started
         print(f"interrupted; run the same command again to resume from the last checkpoint "
               f"in {config.output.output_path}", file=sys.stderr)
-        return 130
+        return exit_code(signal.SIGINT)
     return 0
 
 
@@ -294,6 +332,9 @@ def _add_train_commands(commands) -> None:
     train.set_defaults(run=_train)
     validate = commands.add_parser("validate", help="check a config and print its plan")
     validate.add_argument("config", type=Path, metavar="CONFIG")
+    validate.add_argument("--memory", action="store_true",
+                          help="also compile each step and check that it fits in memory "
+                               "(as long as training takes to start)")
     validate.set_defaults(run=_validate)
     export = commands.add_parser(
         "export", help="a training run's weights as a PyTorch fluxflow checkpoint")
@@ -303,12 +344,14 @@ def _add_train_commands(commands) -> None:
                         help="the averaged weights where the run keeps averages")
     export.add_argument("--step", metavar="NAME",
                         help="the weights pipeline step NAME ended with (default: the latest)")
+    export.add_argument("--force", action="store_true", help=FORCE_HELP)
     export.set_defaults(run=_export)
     imports = commands.add_parser(
         "import", help="check a fluxflow checkpoint (e.g. from PyTorch) and rewrite it")
     imports.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
                          help="directory or .safetensors file")
     imports.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    imports.add_argument("--force", action="store_true", help=FORCE_HELP)
     imports.set_defaults(run=_import)
 
 
@@ -320,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fluxflow_jax.interop import CheckpointError
     from fluxflow_jax.pipeline.checkpoints import RunCheckpointError
     from fluxflow_jax.pipeline.config import ConfigError
+    from fluxflow_jax.pipeline.memory import DoesNotFit
     from fluxflow_jax.pipeline.yaml_file import YamlFileError
     from fluxflow_jax.sampling.prompts import PromptError
 
@@ -327,12 +371,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (CheckpointError, TokenizerError, PromptError, _Usage, ConfigError, YamlFileError,
-            RunCheckpointError, DataConfigError) as err:
+            RunCheckpointError, DataConfigError, DoesNotFit) as err:
         print(f"fluxflow-jax {args.command}: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:  # the system refused: a full disk, a read-only or forbidden path
+        print(f"fluxflow-jax {args.command}: error: {_system_problem(err)}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _system_problem(err: OSError) -> str:
+    """An operating system error in one line: the path, the reason and the fix."""
+    where = f"{err.filename}: " if err.filename else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = ("free space or choose another output path, then run it again (the files "
+               "written before are unchanged)")
+    else:
+        fix = "check the path and its permissions"
+    return f"{where}{err.strerror or err}; {fix}"
 
 
 if __name__ == "__main__":

@@ -47,6 +47,14 @@ def records(output: Path, step: str) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
+def assert_same_losses(output: Path, expected: Path, steps: tuple[str, ...] = ("vae", "flow")
+                       ) -> None:
+    """Both runs logged the same metrics at the same global steps, in each of ``steps``."""
+    for step in steps:
+        assert [(r["global_step"], r["metrics"]) for r in records(output, step)] == \
+            [(r["global_step"], r["metrics"]) for r in records(expected, step)], step
+
+
 def tensors(path: Path) -> dict[str, np.ndarray]:
     return safetensors.numpy.load_file(str(path))
 

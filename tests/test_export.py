@@ -3,7 +3,9 @@ averaged) as standalone checkpoints, and checkpoints from PyTorch made into run 
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 from pathlib import Path
 
 import jax
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fluxflow_jax import cli
+from fluxflow_jax import atomic, cli
 from fluxflow_jax.interop import load_fluxflow
 from fluxflow_jax.pipeline.config import load_config
 from fluxflow_jax.pipeline.run import Run
@@ -143,3 +145,59 @@ def test_a_pytorch_checkpoint_imports_and_fine_tunes(tmp_path):
     assert equal([np.asarray(x) for x in jax.tree.leaves(nnx.state(run.models.compressor,
                                                                    nnx.Param))],
                  params(tmp_path / "imported", "compressor"))
+
+
+def _write_command(command: str, run_dir: Path, out: Path) -> list[str]:
+    """``export`` or ``import`` of the run's weights into ``out``."""
+    return [command, str(run_dir), str(out)]
+
+
+@pytest.mark.parametrize("command", ["export", "import"])
+def test_a_folder_with_files_not_ours_is_refused_unless_forced(run_dir, tmp_path, capsys,
+                                                               command):
+    """An unrelated model.safetensors would be removed (it shadows flxflow_final): refused,
+    the file named; an earlier export may be replaced; --force writes, keeping other files."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the user's")
+    (out / "notes.txt").write_text("the user's")
+    assert cli.main(_write_command(command, run_dir, out)) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out} holds model.safetensors, notes.txt, which fluxflow-jax did not " \
+           "write; choose a new or empty directory, or pass --force" in err
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "notes.txt"]
+    assert (out / "model.safetensors").read_bytes() == b"the user's"
+
+    assert cli.main(_write_command(command, run_dir, out) + ["--force"]) == 0
+    assert (out / "notes.txt").read_text() == "the user's"
+    (out / "notes.txt").unlink()
+    assert cli.main(_write_command(command, run_dir, out)) == 0  # over its own files
+
+
+@pytest.mark.parametrize("command", ["export", "import"])
+def test_an_output_path_that_is_a_file_is_refused(run_dir, tmp_path, capsys, command):
+    out = tmp_path / "weights.safetensors"
+    out.write_bytes(b"the user's")
+    assert cli.main(_write_command(command, run_dir, out)) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out} is a file; OUT_DIR must be a directory" in err
+    assert out.read_bytes() == b"the user's"
+
+
+def test_a_full_disk_leaves_the_earlier_export_intact(run_dir, tmp_path, capsys,
+                                                      monkeypatch):
+    out = tmp_path / "out"
+    assert cli.main(["export", str(run_dir), str(out)]) == 0
+    before = digests(out)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    assert cli.main(["export", str(run_dir), str(out), "--ema"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out / 'flxflow_final.safetensors'}: No space left on device; free " \
+           "space or choose another output path" in err
+    assert "Traceback" not in err
+    assert digests(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "model_metadata.json"])

@@ -7,6 +7,7 @@ from PIL import Image
 
 from fluxflow_jax.cli import main
 from fluxflow_jax.interop import FluxFlowModels, save_fluxflow
+from fluxflow_jax.pipeline import memory
 from fluxflow_jax.sampling.prompts import PromptError, read_prompts, slug
 from tiny import TINY
 
@@ -74,3 +75,18 @@ def test_prompt_sources_and_names(tmp_path):
         read_prompts(["  "])
     with pytest.raises(PromptError, match="not a directory"):
         read_prompts(prompts_dir=tmp_path / "list.txt")
+
+
+def test_a_size_that_cannot_fit_is_refused_before_it_runs(checkpoint, tmp_path, capsys,
+                                                          monkeypatch):
+    """The compiled sampler's memory against the host's (here made tiny): one line naming
+    the size and what to change, exit 2, no image."""
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 0)
+    out = tmp_path / "out"
+    code = main(["generate", "--checkpoint", str(checkpoint), "--prompt", "x", "--size",
+                 "20x16", "--steps", "1", "--output_path", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "error: generating 1 image(s) of 20x16 px per batch (1 solver steps) needs " in err
+    assert "available host memory; to fit: choose a smaller --size or --batch_size" in err
+    assert not list(out.iterdir())

@@ -3,17 +3,22 @@
 The record holds what is not an array (pipeline position, data loader state, session);
 the state holds every array (parameters, optimizer and schedule states, EMA, loss
 histories, counters). Orbax writes a checkpoint under a temporary name and renames it when
-complete, so a run killed mid-save keeps its previous checkpoints intact. Saves are
-asynchronous: the arrays are copied off the devices before ``save`` returns (so the next
+complete, so a run killed mid-save keeps its previous checkpoints intact; a writer removes
+such leftover temporary directories (``N.orbax-checkpoint-tmp-*``, orbax's own names) when
+it opens the directory. A complete checkpoint can still be damaged afterwards (a truncated
+copy, a full disk, a bad sector): ``newest_intact`` finds the newest one that reads. Saves
+are asynchronous: the arrays are copied off the devices before ``save`` returns (so the next
 step may donate them) and written to disk in the background.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -22,8 +27,73 @@ import orbax.checkpoint as ocp
 from fluxflow_jax.training.state import TrainState
 
 
+T = TypeVar("T")
+DAMAGED_SUFFIX = ".damaged"  # a damaged checkpoint set aside: orbax lists it no more
+
+
 class RunCheckpointError(ValueError):
     """A checkpoint that cannot be restored into this run; the message says why."""
+
+
+class DamagedCheckpoint(RunCheckpointError):
+    """A checkpoint whose files cannot be read: truncated, corrupted or partly deleted."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"checkpoint {step} is damaged ({reason})")
+        self.step, self.reason = step, reason
+
+
+class CheckpointWriteError(RunCheckpointError):
+    """A checkpoint the system would not let us write (a full disk, a quota, permissions);
+    the checkpoints written before it are intact."""
+
+
+# How TensorStore (under orbax) words the system's refusals to write.
+_SYSTEM_REFUSALS = ("RESOURCE_EXHAUSTED", "No space left", "Disk quota",
+                    "Read-only file system", "Permission denied", "PERMISSION_DENIED")
+
+
+class _ReportedWriteErrors(logging.Filter):
+    """Drops what orbax's writer threads and their asyncio tasks log, tracebacks included,
+    about a write the system refused: the save's caller gets the same error and reports it
+    once, as ``CheckpointWriteError``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return not any(refusal in text for refusal in _SYSTEM_REFUSALS)
+
+
+for _logger in ("absl", "asyncio"):
+    logging.getLogger(_logger).addFilter(_ReportedWriteErrors())
+
+
+@contextlib.contextmanager
+def _writing(directory: Path) -> Iterator[None]:
+    """A save's or wait's failure to write as ``CheckpointWriteError``."""
+    try:
+        yield
+    except Exception as err:  # orbax re-raises its threads' errors, TensorStore's included
+        reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        if not (isinstance(err, OSError) or any(s in reason for s in _SYSTEM_REFUSALS)):
+            raise
+        raise CheckpointWriteError(
+            f"could not write a checkpoint in {directory} ({reason}); the checkpoints before "
+            "it are intact: free space (or fix the permissions) and run the same command "
+            "again to resume") from None
+
+
+@contextlib.contextmanager
+def _reading(step: int) -> Iterator[None]:
+    """Errors reading checkpoint ``step`` as ``DamagedCheckpoint``. Orbax and TensorStore
+    raise anything from JSON, key and OS errors to a bare ``Exception`` for bad files, so
+    every error but our own (a checkpoint that reads but does not fit) means damage."""
+    try:
+        yield
+    except RunCheckpointError:
+        raise
+    except Exception as err:  # see the docstring: no narrower class covers them
+        reason = str(err).split(". ")[0].splitlines()[0][:160] or type(err).__name__
+        raise DamagedCheckpoint(step, reason) from err
 
 
 def leaf_names(tree: Any) -> list[str]:
@@ -53,24 +123,60 @@ def _differences(stored: dict[str, tuple], wanted: dict[str, tuple]) -> list[str
 class RunCheckpoints:
     """The checkpoints of one run in ``directory``, the last ``keep_last`` kept."""
 
-    def __init__(self, directory: str | os.PathLike, keep_last: int = 3):
+    def __init__(self, directory: str | os.PathLike, keep_last: int = 3, *,
+                 read_only: bool = False):
         self.directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep_last, create=True,
-                                                 enable_async_checkpointing=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep_last, create=not read_only, read_only=read_only,
+                enable_async_checkpointing=True, cleanup_tmp_directories=not read_only),
             # Known up front, so a reopened run can read a checkpoint's metadata.
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "record": ocp.JsonCheckpointHandler()})
 
     def save(self, step: int, state: TrainState, record: Mapping[str, Any]) -> None:
         """Checkpoint ``state`` and ``record`` (JSON-serialisable) as number ``step``."""
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(dict(record))))
+        with _writing(self.directory):
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(dict(record))))
 
     def latest(self) -> int | None:
         """The newest complete checkpoint's number, or None."""
         return self._manager.latest_step()
+
+    def newest_intact(self, load: Callable[[int], T], fix: str
+                      ) -> tuple[int, T, list[DamagedCheckpoint]]:
+        """(step, ``load(step)``, the damaged newer ones) for the newest checkpoint that
+        ``load`` reads without ``DamagedCheckpoint``. With none intact, a
+        ``RunCheckpointError`` naming the directory and ``fix``."""
+        self._manager.wait_until_finished()
+        damaged = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                return step, load(step), damaged
+            except DamagedCheckpoint as err:
+                damaged.append(err)
+        found = "; ".join(str(err) for err in damaged) or "there are none"
+        raise RunCheckpointError(f"no intact checkpoint in {self.directory} ({found}); {fix}")
+
+    def fallback_line(self, step: int, damaged: list[DamagedCheckpoint]) -> str:
+        """The one line saying which checkpoint is used instead of the damaged newer ones."""
+        return (f"{'; '.join(str(err) for err in damaged)}: using checkpoint {step} of "
+                f"{self.directory}")
+
+    def set_aside(self, step: int) -> Path:
+        """Rename damaged checkpoint ``step`` out of the run's sequence (kept to inspect);
+        a resumed run saves a new checkpoint ``step`` later."""
+        path = self.directory / str(step)
+        aside = path.with_name(path.name + DAMAGED_SUFFIX)
+        count = 1
+        while aside.exists():
+            count += 1
+            aside = path.with_name(f"{path.name}{DAMAGED_SUFFIX}{count}")
+        path.rename(aside)
+        self._manager.reload()
+        return aside
 
     def record(self, step: int | None = None) -> dict[str, Any]:
         """Only the JSON record of checkpoint ``step`` (default: the latest), e.g. to learn
@@ -79,8 +185,9 @@ class RunCheckpoints:
         step = self.latest() if step is None else step
         if step is None:
             raise RunCheckpointError(f"no checkpoint in {self.directory}")
-        return self._manager.restore(step, args=ocp.args.Composite(
-            record=ocp.args.JsonRestore())).record
+        with _reading(step):
+            return self._manager.restore(step, args=ocp.args.Composite(
+                record=ocp.args.JsonRestore())).record
 
     def restore(self, like: TrainState, step: int | None = None
                 ) -> tuple[TrainState, dict[str, Any]]:
@@ -94,16 +201,25 @@ class RunCheckpoints:
         if step is None:
             raise RunCheckpointError(f"no checkpoint in {self.directory}")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        problems = _differences(_shapes(self._manager.item_metadata(step)["state"]),
-                                _shapes(target))
+        problems = _differences(_shapes(self._state_metadata(step)), _shapes(target))
         if problems:
             raise RunCheckpointError(
                 f"checkpoint {step} in {self.directory} does not fit this run (another model "
                 f"or stage configuration?): {'; '.join(problems[:5])}"
                 + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()))
+        with _reading(step):
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()))
         return restored.state, restored.record
+
+    def _state_metadata(self, step: int) -> Any:
+        """The stored state's structure, shapes and dtypes (without reading its arrays)."""
+        with _reading(step):
+            metadata = self._manager.item_metadata(step)["state"]
+            if not jax.tree.leaves(metadata):
+                raise DamagedCheckpoint(step, "its state metadata is missing")
+        return metadata
+
 
     def restore_arrays(self, step: int | None = None) -> dict[str, Any]:
         """Checkpoint ``step``'s state (default: the latest) as nested dicts of host arrays,
@@ -114,18 +230,28 @@ class RunCheckpoints:
             raise RunCheckpointError(f"no checkpoint in {self.directory}")
         host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
-                              self._manager.item_metadata(step)["state"])
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))
+                              self._state_metadata(step))
+        with _reading(step):
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target)))
         return jax.tree.map(np.asarray, restored.state)
 
     def close(self) -> None:
         """Wait for pending saves to be on disk, then release the writer threads."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            with _writing(self.directory):
+                self._manager.wait_until_finished()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> "RunCheckpoints":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc_info: Any) -> None:
+        """Close; a failed write is raised unless an error is on its way already (which
+        it would hide: a full disk fails the weight files too)."""
+        try:
+            self.close()
+        except CheckpointWriteError:
+            if kind is None:
+                raise

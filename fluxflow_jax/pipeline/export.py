@@ -6,11 +6,17 @@ text encoder and discriminator files), each finished step's weights
 reads the newest run checkpoint, so a run killed mid-step still exports where it was, and
 ``ema`` takes the exponential moving averages of the components that have one (at a step
 end too: steps export their averages as ``..._step_<name>_ema.safetensors``).
+
+Writing a checkpoint replaces the layout files in its directory, so ``check_output_dir``
+first makes sure the directory holds nothing an export did not write.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from fluxflow_jax.interop import CheckpointError, load_fluxflow, save_fluxflow
-from fluxflow_jax.interop.checkpoint import step_file_names
+from fluxflow_jax.interop.checkpoint import METADATA_FILE, step_file_names
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.pipeline.checkpoints import RunCheckpoints, leaf_names
 
@@ -37,18 +43,23 @@ def _set_from(module: nnx.Module, values: dict[str, np.ndarray], what: str) -> N
     nnx.update(module, jax.tree_util.tree_unflatten(treedef, leaves))
 
 
-def _latest_weights(run_dir: Path, models: FluxFlowModels, ema: bool) -> FluxFlowModels:
-    """``models`` (the run's architecture) set to the newest run checkpoint's weights."""
+def _latest_weights(run_dir: Path, models: FluxFlowModels, ema: bool,
+                    echo: Callable[[str], None]) -> FluxFlowModels:
+    """``models`` (the run's architecture) set to the newest intact run checkpoint's
+    weights (``echo`` says which, when newer ones are damaged)."""
     checkpoints = run_dir / "checkpoints"
     if not checkpoints.is_dir():
         if ema:
             raise CheckpointError(f"{run_dir} has no run checkpoints, so no averages to "
                                   "export; drop --ema")
         return models
-    with RunCheckpoints(checkpoints) as manager:
+    with RunCheckpoints(checkpoints, read_only=True) as manager:
         if manager.latest() is None:
             raise CheckpointError(f"{checkpoints} holds no complete checkpoint")
-        arrays = manager.restore_arrays()
+        step, arrays, damaged = manager.newest_intact(
+            manager.restore_arrays, fix="export a finished step's weights with --step NAME")
+        if damaged:
+            echo(manager.fallback_line(step, damaged))
     averaged = arrays.get("ema", {})
     if ema and not averaged:
         raise CheckpointError(f"the latest checkpoint of {run_dir} keeps no averages (its "
@@ -81,19 +92,53 @@ def _step_weights(run_dir: Path, step: str, ema: bool) -> FluxFlowModels:
     return models
 
 
-def run_models(run_dir: str | os.PathLike, *, ema: bool = False,
-               step: str | None = None) -> FluxFlowModels:
-    """The weights of a training run: its newest checkpoint's, or step ``step``'s final ones;
-    with ``ema``, the averaged weights where there are some."""
+def run_models(run_dir: str | os.PathLike, *, ema: bool = False, step: str | None = None,
+               echo: Callable[[str], None] = print) -> FluxFlowModels:
+    """The weights of a training run: its newest intact checkpoint's, or step ``step``'s
+    final ones; with ``ema``, the averaged weights where there are some."""
     run_dir = Path(run_dir)
     if step is not None:
         return _step_weights(run_dir, step, ema)
-    return _latest_weights(run_dir, load_fluxflow(run_dir), ema)
+    return _latest_weights(run_dir, load_fluxflow(run_dir), ema, echo)
+
+
+def _written_by_us(directory: Path) -> set[str]:
+    """The files of ``directory`` a fluxflow-jax export or import wrote: its metadata, when
+    written by fluxflow-jax, and the files that lists with their current hashes."""
+    try:
+        metadata = json.loads((directory / METADATA_FILE).read_text())
+        ours = str(metadata["library_version"]).startswith("fluxflow-jax")
+        recorded = dict(metadata["checksum"]["files"]) if ours else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {METADATA_FILE} | {
+        name for name, digest in recorded.items() if (directory / name).is_file() and
+        hashlib.sha256((directory / name).read_bytes()).hexdigest() == digest}
+
+
+def check_output_dir(out_dir: Path, *, force: bool = False) -> None:
+    """Refuse an ``out_dir`` that is a file or, unless ``force``, holds files that an earlier
+    export did not write (writing replaces or removes the checkpoint files there)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir} is a file; OUT_DIR must be a directory (new, empty "
+                              "or holding an earlier export)")
+    if force or not out_dir.is_dir():
+        return
+    ours = _written_by_us(out_dir)
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise CheckpointError(
+            f"{out_dir} holds {', '.join(foreign[:3])}{more}, which fluxflow-jax did not "
+            "write; choose a new or empty directory, or pass --force to write there anyway "
+            "(replacing or removing its checkpoint files, keeping the others)")
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ema: bool = False,
-               step: str | None = None) -> Path:
-    """Write a run's weights (``run_models``) to ``out_dir`` as a fluxflow checkpoint."""
+               step: str | None = None, force: bool = False) -> Path:
+    """Write a run's weights (``run_models``) to ``out_dir`` as a fluxflow checkpoint
+    (``check_output_dir`` first)."""
+    check_output_dir(Path(out_dir), force=force)
     models = run_models(run_dir, ema=ema, step=step)
     info = {"exported_from": str(Path(run_dir).absolute()), "ema": ema,
             **({"step": step} if step else {})}

@@ -107,6 +107,8 @@ def describe(config: RunConfig, plan: Plan) -> str:
              + (", blocks rematerialised" if config.training.remat else "")
              + (", parameters sharded over the devices" if config.training.shard_params
                 else ""),
+             "Memory: `validate --memory` compiles each step to estimate it; `train` "
+             "checks it before each step's first batch",
              f"Output: {config.output.output_path}"]
     for stage in stages:
         groups = stage.config.group_components()

@@ -7,7 +7,10 @@ whether a checkpoint is due (every ``checkpoint_save_interval`` batches, at epoc
 at stage ends) and saves the state with a record of where the run is: the next batch to
 run, the data loader's position, the transition history and console averages. A resumed run
 continues from that record exactly: the same batches, the same random keys (folded from
-the seed and the global step), the same updates.
+the seed and the global step), the same updates. SIGTERM and SIGINT make the current batch
+the last, with a checkpoint (``interrupts``); a damaged newest checkpoint gives way to the
+newest intact one. Each step shape is compiled before its first batch and refused if it
+cannot fit in memory (``memory``).
 
 Stage ends write the stage's weights (``flxflow_step_<name>_final.safetensors`` and its
 text encoder and discriminator) and the latest ``flxflow_final.safetensors`` layout, both
@@ -16,6 +19,7 @@ loadable by PyTorch ``fluxflow``, before the checkpoint that records the stage a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -38,6 +42,8 @@ from fluxflow_jax.pipeline.checkpoints import RunCheckpoints
 from fluxflow_jax.pipeline.config import ConfigError, RunConfig
 from fluxflow_jax.pipeline.console import (ProgressBar, RunningAverage, averaging_window,
                                            compile_line, format_duration, progress_line)
+from fluxflow_jax.pipeline.interrupts import Interrupted, StopSignals
+from fluxflow_jax.pipeline.memory import TRAIN_LEVERS, check_fits
 from fluxflow_jax.pipeline.metrics_log import MetricsLog
 from fluxflow_jax.pipeline.samples import Samples
 from fluxflow_jax.pipeline.setup import (check_text_inputs, initial_models, load_lpips,
@@ -46,7 +52,7 @@ from fluxflow_jax.pipeline.speed import Speed, SpeedMeter
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.training.performance import peak_flops
 from fluxflow_jax.training.state import PackedState, TrainState, write_to_models
-from fluxflow_jax.training.train_step import TrainStep
+from fluxflow_jax.training.train_step import Compilation, TrainStep
 
 log = logging.getLogger(__name__)
 RECORD_FORMAT = 1
@@ -139,9 +145,13 @@ class Run:
         self.resume = resume
         self.base_key = jax.random.PRNGKey(config.training.seed)
         self.sharding = parallel.batch_sharding(self.mesh) if self.mesh else None
+        self.devices = list(self.mesh.devices.flat) if self.mesh else jax.devices()[:1]
         self.precision = config.training.compute_precision
         self.peak_flops = peak_flops(jax.devices()[0], self.precision)
         self.checkpoints: RunCheckpoints | None = None  # opened by run()
+        # SIGTERM / SIGINT stop the run at the next batch end (one process only: the
+        # processes of a multi-host run would have to agree on the batch).
+        self.stop = StopSignals()
 
     # -- the run ----------------------------------------------------------------------
 
@@ -156,32 +166,27 @@ class Run:
         if jax.process_count() > 1:  # no process opens the checkpoints before that
             multihost_utils.sync_global_devices("fluxflow_jax: checkpoints ready")
         self.checkpoints = RunCheckpoints(checkpoint_dir, self.config.output.keep_last)
-        try:
+        # Closing waits for the checkpoint writes (a stop signal waits with it).
+        with self.stop if jax.process_count() == 1 else contextlib.nullcontext(), \
+                self.checkpoints:
             position, state = self._start()
             for stage in self.stages[position.stage:]:
                 state = self._run_stage(stage, position, state)
             self.echo("PIPELINE TRAINING COMPLETE" if self.config.is_pipeline
                       else "TRAINING COMPLETE")
             return position
-        finally:
-            self.checkpoints.close()
 
     def _start(self) -> tuple[Position, TrainState | None]:
-        latest = self.checkpoints.latest()
-        if latest is None:
+        """The position and state of the newest intact checkpoint (damaged newer ones are
+        named in one line and set aside), or a fresh start."""
+        if self.checkpoints.latest() is None:
             return Position(), None
-        record = self.checkpoints.record(latest)
-        names = [s.name for s in self.stages]
-        if record.get("format") != RECORD_FORMAT or record.get("stages") != names:
-            raise ConfigError([
-                f"{self.output} holds checkpoints of another run (stages "
-                f"{record.get('stages')}, this config has {names}); resume with the config "
-                "the run started with, or pass --no_resume / choose another output_path"])
-        position = Position(**record["position"])
-        stage = self.stages[position.state_stage]
-        step = self._train_step(stage)
-        like = step.init_state(self.models, carried_averages=stage.ema_components)
-        state, _ = self.checkpoints.restore(like, latest)
+        latest, (position, state, record), damaged = self.checkpoints.newest_intact(
+            self._restore, fix="pass --no_resume to train afresh (deleting them)")
+        if damaged:
+            self.echo(self.checkpoints.fallback_line(latest, damaged))
+            for err in damaged if self.writer else ():
+                self.checkpoints.set_aside(err.step)
         self.loader.restore(record["loader"])
         if position.stage >= len(self.stages):
             self.echo(f"The run in {self.output} is complete (checkpoint {latest}); pass "
@@ -192,6 +197,22 @@ class Run:
                       f"{position.epoch + 1}, batch {position.batch}, global step "
                       f"{position.global_step}")
         return position, state
+
+    def _restore(self, step: int) -> tuple[Position, TrainState, dict[str, Any]]:
+        """Checkpoint ``step``'s position, state and record, checked against this run."""
+        record = self.checkpoints.record(step)
+        names = [s.name for s in self.stages]
+        if record.get("format") != RECORD_FORMAT or record.get("stages") != names:
+            raise ConfigError([
+                f"{self.output} holds checkpoints of another run (stages "
+                f"{record.get('stages')}, this config has {names}); resume with the config "
+                "the run started with, or pass --no_resume / choose another output_path"])
+        position = Position(**record["position"])
+        stage = self.stages[position.state_stage]
+        like = self._train_step(stage).init_state(self.models,
+                                                  carried_averages=stage.ema_components)
+        state, _ = self.checkpoints.restore(like, step)
+        return position, state, record
 
     def _train_step(self, stage: Stage) -> TrainStep:
         return TrainStep(self.models, stage.config, lpips=self.lpips, mesh=self.mesh,
@@ -263,7 +284,8 @@ class Run:
                 logged = (position.batch - 1) % self.config.output.log_interval == 0
                 interval = position.stage_batches % \
                     self.config.output.checkpoint_save_interval == 0
-                if logged or epoch_end or capped or interval:
+                stopping = self.stop.received is not None
+                if logged or epoch_end or capped or interval or stopping:
                     self._collect(pending, stage, position, window)
                 if logged:
                     bar.clear()
@@ -281,13 +303,16 @@ class Run:
                     loader_state = self.loader.position_state(position.data_epoch)
                 sampling = bool(self.samples) and (done or epoch_end or
                                                    self._samples_due(position))
-                if done or interval or epoch_end or sampling:
+                if done or interval or epoch_end or sampling or stopping:
                     jax.block_until_ready(state.leaves)  # the batches so far count as trained
                     with speed.excluded():
                         self._write(stage, state.unpack(), position, loader_state, window,
                                     done=done, epoch_end=epoch_end,
-                                    save=interval or epoch_end or done,
+                                    save=interval or epoch_end or done or stopping,
                                     sample_at=shown_at if sampling else None)
+                if stopping:
+                    raise Interrupted(self.stop.received, position.global_step,
+                                      self.checkpoints.directory)
                 if epoch_end or done:
                     break
         finally:
@@ -340,18 +365,55 @@ class Run:
         for repeat in range(self.config.training.training_steps):
             for scale, inputs in enumerate(device_inputs):
                 call_key = jax.random.fold_in(key, repeat * len(device_inputs) + scale)
-                compiled = len(step.compilations)
+                if not step.compiled_for(inputs):
+                    self._compile(step, stage, state, inputs, call_key, speed)
                 state, metrics = step(state, inputs, call_key)
-                for compilation in step.compilations[compiled:]:
-                    speed.exclude(compilation.seconds)
-                    self.echo(compile_line(stage.label, compilation))
-                if len(step.compilations) > compiled:
-                    freeze_heap()
                 pending.append(metrics)
                 cost = step.cost(inputs).flops
                 flops = None if cost is None or flops is None else flops + cost
         speed.batch(self.config.training.batch_size, flops)
         return state
+
+    def _compile(self, step: TrainStep, stage: Stage, state: PackedState, inputs: dict,
+                 key: jax.Array, speed: SpeedMeter) -> None:
+        """Compile the step for ``inputs``' shapes and check that it fits in memory before
+        its first run."""
+        step.compile(state.unpack(), inputs, key)
+        compilation = step.compilations[-1]
+        speed.exclude(compilation.seconds)
+        self.echo(compile_line(stage.label, compilation))
+        self.check_memory(stage, compilation)
+        freeze_heap()
+
+    def check_memory(self, stage: Stage, compilation: Compilation) -> None:
+        """Raise ``DoesNotFit`` if ``stage``'s compiled step cannot fit on the devices."""
+        model, training = self.models.config, self.config.training
+        shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}"
+                           for name, shape, _ in compilation.shapes if name == "images")
+        check_fits(compilation.memory, self.devices,
+                   f"the train step of '{stage.label}' (batch_size {training.batch_size}, "
+                   f"{shapes}, img_size {self.config.data.img_size}, vae_dim "
+                   f"{model.vae_dim}, flow_dim {model.flow_dim}, text_dim {model.text_dim}, "
+                   f"precision {self.precision}, remat {str(training.remat).lower()}, "
+                   f"shard_params {str(training.shard_params).lower()})", TRAIN_LEVERS)
+
+    def compile_stages(self) -> list[tuple[Stage, Compilation]]:
+        """Each stage's step compiled for the first batch, from an abstract state (nothing
+        allocated): the memory estimates ``validate --memory`` prints."""
+        batches = self.loader.epoch(0)
+        try:
+            inputs = next(batches).step_inputs()
+        finally:
+            batches.close()
+            self.loader.seek(0)
+        compiled = []
+        for stage in self.stages:
+            step = self._train_step(stage)
+            like = jax.eval_shape(lambda step=step, stage=stage: step.init_state(
+                self.models, carried_averages=stage.ema_components))
+            step.compile(like, inputs, self.base_key)
+            compiled.append((stage, step.compilations[-1]))
+        return compiled
 
     def _collect(self, pending: list, stage: Stage, position: Position,
                  window: RunningAverage) -> None:

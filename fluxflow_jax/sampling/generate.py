@@ -4,12 +4,16 @@ One jitted program does the whole job (text encoding, the solver loop with class
 guidance, decoding). The networks enter it functionally, as graph definitions (static) and
 states (arguments), so weights are never baked into the compiled program and a retrained
 model of the same architecture reuses it; it compiles once per batch size, image size, step
-count, sampler and guidance mode.
+count, sampler and guidance mode, ahead of time, so that a caller can check the program's
+memory before it first runs (a size too large for the device would otherwise fail deep in
+XLA's allocator).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +25,13 @@ from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.models.geometry import hw_token
 from fluxflow_jax.sampling import dpm_solver
 from fluxflow_jax.training.diffusion import model_time
+from fluxflow_jax.training.performance import MemoryUse, memory_use
 from fluxflow_jax.training.state import Networks
 
 SAMPLERS = {"dpm++": 2, "euler": 1}  # name -> solver order
 NULLS = ("zero", "empty")
 _NETWORKS = ("text_encoder", "flow_processor", "expander")
+_EXECUTABLES: dict[tuple, jax.stages.Compiled] = {}  # see _executable
 
 
 def latent_grid(config: FluxFlowConfig, height: int, width: int) -> tuple[int, int]:
@@ -79,12 +85,27 @@ def _generate(graphdefs, states, input_ids, attention_mask, null_ids, null_mask,
     return jnp.clip(images, -1, 1)
 
 
+def _executable(graphdefs: tuple, dynamic: tuple, statics: dict[str, Any],
+                check: Callable[[MemoryUse | None], None] | None) -> jax.stages.Compiled:
+    """The sampler compiled for these networks, options and argument shapes, once; ``check``
+    sees its memory use before it is kept (and may raise to refuse it)."""
+    key = (graphdefs, tuple(sorted(statics.items())), jax.tree.structure(dynamic),
+           tuple((x.shape, x.dtype) for x in jax.tree.leaves(dynamic)))
+    if key not in _EXECUTABLES:
+        executable = _generate.lower(graphdefs, *dynamic, **statics).compile()
+        if check is not None:
+            check(memory_use(executable))
+        _EXECUTABLES[key] = executable
+    return _EXECUTABLES[key]
+
+
 def generate(models: FluxFlowModels, input_ids: jax.Array, attention_mask: jax.Array, *,
              height: int, width: int, key: jax.Array | None = None,
              noise: jax.Array | None = None, num_steps: int = 50,
              guidance: float = 1.0, null: str = "zero", empty_ids: jax.Array | None = None,
              empty_mask: jax.Array | None = None, spacing: str = "trailing",
-             sampler: str = "dpm++", use_context: bool = True) -> jax.Array:
+             sampler: str = "dpm++", use_context: bool = True,
+             memory_check: Callable[[MemoryUse | None], None] | None = None) -> jax.Array:
     """Images [B, h * 2^upscales, w * 2^upscales, 3] in [-1, 1] for token batches [B, L].
 
     The image tokens start as Gaussian noise, with the hw token of the requested size kept
@@ -93,7 +114,8 @@ def generate(models: FluxFlowModels, input_ids: jax.Array, attention_mask: jax.A
     training's CFG dropout substitutes) or, for ``null="empty"``, the text encoder applied to
     ``empty_ids`` / ``empty_mask`` (an empty prompt, [1, L'] or [B, L']). The starting noise
     [B, h * w, vae_dim] is drawn from ``key`` or given as ``noise`` (to reproduce a run
-    elsewhere). Networks run in eval mode; ``models`` is not changed.
+    elsewhere). Networks run in eval mode; ``models`` is not changed. ``memory_check`` sees
+    the compiled program's memory use before its first run (and may raise to refuse it).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
@@ -117,8 +139,9 @@ def generate(models: FluxFlowModels, input_ids: jax.Array, attention_mask: jax.A
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape}")
     graphdefs = tuple(Networks.from_models(models).graphdefs[name] for name in _NETWORKS)
     states = tuple(nnx.state(getattr(models, name)) for name in _NETWORKS)
-    return _generate(graphdefs, states, input_ids, attention_mask, empty_ids, empty_mask,
-                     jnp.float32(guidance), jnp.asarray(noise),
-                     grid=grid, num_steps=num_steps,
-                     spacing=spacing, order=SAMPLERS[sampler], guided=float(guidance) != 1,
-                     use_context=use_context)
+    dynamic = (states, input_ids, attention_mask, empty_ids, empty_mask,
+               jnp.float32(guidance), jnp.asarray(noise))
+    statics = {"grid": grid, "num_steps": num_steps, "spacing": spacing,
+               "order": SAMPLERS[sampler], "guided": float(guidance) != 1,
+               "use_context": use_context}
+    return _executable(graphdefs, dynamic, statics, memory_check)(*dynamic)

@@ -10,6 +10,8 @@ bf16 passes). CPUs have no entry: their MFU is not reported unless a peak is giv
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 
 # device_kind substring -> {precision: peak FLOP/s per device}; first match wins.
@@ -38,11 +40,30 @@ def flops_per_device(executable: jax.stages.Compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def temporary_bytes(executable: jax.stages.Compiled) -> int | None:
-    """Scratch memory one call of ``executable`` needs per device (activations kept for the
-    backward pass, workspaces); None where the backend gives no memory analysis."""
+@dataclass(frozen=True)
+class MemoryUse:
+    """What one call of a compiled program holds on each device, by XLA's memory analysis:
+    its ``arguments`` (for a train step the state and the batch), the ``outputs`` not
+    written into donated arguments, and ``temporary`` scratch (activations kept for the
+    backward pass, workspaces)."""
+
+    arguments: int
+    outputs: int
+    temporary: int
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs + self.temporary
+
+
+def memory_use(executable: jax.stages.Compiled) -> MemoryUse | None:
+    """``executable``'s memory per device; None where the backend gives no analysis."""
     try:
-        return int(executable.memory_analysis().temp_size_in_bytes)
+        stats = executable.memory_analysis()
+        return MemoryUse(
+            arguments=int(stats.argument_size_in_bytes),
+            outputs=int(stats.output_size_in_bytes - stats.alias_size_in_bytes),
+            temporary=int(stats.temp_size_in_bytes))
     except Exception:  # not every backend analyses memory: unknown, not an error
         return None
 

@@ -29,7 +29,7 @@ from fluxflow_jax.training.flow_step import FLOW_METRICS, FlowOptions, flow_upda
 from fluxflow_jax.training.groups import OptimizerGroup
 from fluxflow_jax.training.lpips import LPIPS
 from fluxflow_jax.training.optimizers import default_optimizer_config, optimizer_config_problems
-from fluxflow_jax.training.performance import flops_per_device, temporary_bytes
+from fluxflow_jax.training.performance import MemoryUse, flops_per_device, memory_use
 from fluxflow_jax.training.precision import PRECISIONS, compute_dtype
 from fluxflow_jax.training.schedules import default_scheduler_config, scheduler_config_problems
 from fluxflow_jax.training.state import Networks, PackedState, TrainState, new_train_state
@@ -262,10 +262,14 @@ class TrainStep:
             compiler_options=compiler_options(platform))
         compilation = Compilation(shapes=_shapes(batch), seconds=time.perf_counter() - start,
                                   flops=flops_per_device(executable),
-                                  temp_bytes=temporary_bytes(executable))
+                                  memory=memory_use(executable))
         self.compilations.append(compilation)
         self._executables[compilation.shapes] = (executable, compilation)
         return executable
+
+    def compiled_for(self, batch: Mapping[str, Any]) -> bool:
+        """Whether batches shaped like ``batch`` have their program already."""
+        return _shapes(batch) in self._executables
 
     def cost(self, batch: Mapping[str, Any]) -> Compilation:
         """The compilation that serves batches shaped like ``batch`` (compiled already)."""
@@ -313,13 +317,18 @@ class TrainStep:
 @dataclass(frozen=True)
 class Compilation:
     """One ahead-of-time compilation of a step: for which batch shapes, how long it took,
-    the FLOPs one call costs each device and the temporary (activation) memory it needs on
-    each device, beyond its inputs and outputs (XLA's analyses; None if unknown)."""
+    the FLOPs one call costs each device and the memory it holds on each device (XLA's
+    analyses; None if unknown)."""
 
     shapes: tuple
     seconds: float
     flops: float | None
-    temp_bytes: int | None
+    memory: MemoryUse | None
+
+    @property
+    def temp_bytes(self) -> int | None:
+        """The temporary (activation) memory, beyond the step's inputs and outputs."""
+        return None if self.memory is None else self.memory.temporary
 
 
 def _unaliased(state: TrainState) -> TrainState:
