@@ -195,6 +195,7 @@ class DataConfig:
     tfds_caption_key: str = "caption"
     use_demo: bool = False  # the built-in synthetic dataset
     demo_samples: int = 256
+    validation_samples: int = 32  # held out for evaluation (demo: the indices after demo_samples)
     img_size: int = 1024  # short side of the training images
     fixed_size: bool = False  # square img_size crops instead of aspect buckets
     reduced_min_sizes: tuple[int, ...] = ()
@@ -217,6 +218,7 @@ DATA_CHECKS: dict[str, Check] = {
     **{key: check_bool for key in ("use_webdataset", "use_demo", "fixed_size")},
     "webdataset_size": _OPTIONAL_POSITIVE_INT,
     "webdataset_samples_per_shard": integer_at_least(1), "demo_samples": integer_at_least(1),
+    "validation_samples": integer_at_least(1),
     "img_size": integer_at_least(16), "reduced_min_sizes": check_int_list,
     "channels": integer_at_least(1), "max_length": integer_at_least(2),
     "seed": integer_at_least(0), "on_bad_sample": one_of(("skip", "error")),

@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 
 from fluxflow_jax import parallel
 from fluxflow_jax.data import DataLoader, prefetch_to_device
+from fluxflow_jax.evaluation.checkpoint import data_record
 from fluxflow_jax.interop import save_fluxflow, save_step_files
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.pipeline.checkpoints import RunCheckpoints
@@ -393,7 +394,8 @@ class Run:
 
     def _finish_stage(self, stage: Stage, state: TrainState, position: Position) -> None:
         """Export the stage's weights; the position moves on to the next stage."""
-        info = {"step": stage.label, "global_step": position.global_step}
+        info = {"step": stage.label, "global_step": position.global_step,
+                **data_record(self.config.data)}
         # Every process gathers the weights (a computation over all devices); one writes.
         if stage.name and stage.ema_components:  # the averages, for `export --step --ema`
             averaged = write_to_models(state, self.models, ema=True)
