@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fluxflow_jax.evaluation.fixed_noise import per_sample_noise
 from fluxflow_jax.evaluation.image_metrics import psnr, ssim
 
 LATENTS = {"": "sampled", "_mean_latent": "mean"}  # metric-name suffix -> latent
@@ -27,9 +28,7 @@ def reconstruction_metrics(graphdefs: tuple, states: tuple, images: jax.Array,
     compressor, expander, *lpips = (nnx.merge(g, s) for g, s in zip(graphdefs, states,
                                                                       strict=True))
     shape = (*hw, compressor.config.vae_dim)
-    noises = {"sampled": jax.vmap(lambda i: jax.random.normal(
-                  jax.random.fold_in(jax.random.key(NOISE_SEED), i), shape, images.dtype))(
-                  indices),
+    noises = {"sampled": per_sample_noise(NOISE_SEED, indices, shape, images.dtype),
               "mean": jnp.zeros((images.shape[0], *shape), images.dtype)}
     out = {}
     for suffix, latent in LATENTS.items():

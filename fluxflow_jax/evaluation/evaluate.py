@@ -79,6 +79,7 @@ def evaluate(models: FluxFlowModels, held: HeldOut, *, parts: Sequence[str] | No
     height, width = held.images.shape[1:3]
     hw = models.compressor.latent_shape(height, width) if models.compressor is not None \
         else None
+    batch_size = min(batch_size, len(held))
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     graphs = {part: eval_networks(models, PARTS[part], *(
         [lpips] if part == "autoencoder" and lpips is not None else []))

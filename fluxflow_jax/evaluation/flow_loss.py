@@ -2,8 +2,7 @@
 compares across runs, checkpoints and validation points (the training loss draws both).
 
 The image tokens are the compressor's mean latents (no sampling noise); each timestep's
-noise is a function of the held-out sample's index, so a sample meets the same noise
-whatever the batch it lands in.
+noise is fixed per held-out sample (``fixed_noise``).
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fluxflow_jax.evaluation.fixed_noise import per_sample_noise
 from fluxflow_jax.training import diffusion
 
 TIMESTEPS = (100, 300, 500, 700, 900)  # spread over the schedule's 1000
@@ -37,11 +37,9 @@ def v_losses(graphdefs: tuple, states: tuple, images: jax.Array, input_ids: jax.
     packed = compressor.encode(images, noise=jnp.zeros((batch, *hw, dim), images.dtype)).packed
     x0, hw_token = packed[:, :-1], packed[:, -1:]
     text = text_encoder(input_ids, attention_mask)
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(NOISE_SEED), i))(indices)
     losses = []
     for step, t in enumerate(TIMESTEPS):
-        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step),
-                                                     x0.shape[1:], x0.dtype))(keys)
+        noise = per_sample_noise(NOISE_SEED, indices, x0.shape[1:], x0.dtype, stream=step)
         times = jnp.full((batch,), t)
         noisy = jnp.concatenate([diffusion.add_noise(x0, noise, times), hw_token], axis=1)
         prediction = flow(noisy, text, diffusion.model_time(times), hw=hw)[:, :-1]

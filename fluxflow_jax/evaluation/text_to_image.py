@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
+from fluxflow_jax.evaluation.fixed_noise import per_sample_noise
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.sampling import generate, latent_grid
 
@@ -17,8 +17,6 @@ def generated(models: FluxFlowModels, input_ids: jax.Array, attention_mask: jax.
               steps: int = SOLVER_STEPS) -> jax.Array:
     """Images [B, H, W, 3] in [-1, 1], each from noise fixed by its held-out index."""
     h, w = latent_grid(models.config, height, width)
-    shape = (h * w, models.config.vae_dim)
-    noise = jax.vmap(lambda i: jax.random.normal(
-        jax.random.fold_in(jax.random.key(NOISE_SEED), i), shape, jnp.float32))(indices)
+    noise = per_sample_noise(NOISE_SEED, indices, (h * w, models.config.vae_dim))
     return generate(models, input_ids, attention_mask, height=height, width=width,
                     noise=noise, num_steps=steps)
