@@ -415,8 +415,7 @@ def _read_transition(reader: _Reader, value: Any, path: KeyPath) -> TransitionCo
         if threshold is None:
             reader.problem(path, f"'{_dotted(path)}' must be a mapping such as {{mode: "
                                  f"loss_threshold, metric: loss_recon, threshold: 0.01}} or "
-                                 f"the short form \"loss_recon < 0.01\" (or \"val_psnr > "
-                                 f"24\"), got {value!r}")
+                                 f"the short form \"loss_recon < 0.01\", got {value!r}")
             return TransitionConfig()
         return TransitionConfig(mode="loss_threshold", metric=match.group(1),
                                 threshold=threshold, comparison=match.group(2))
