@@ -111,6 +111,9 @@ def describe(config: RunConfig, plan: Plan) -> str:
              + (", parameters sharded over the devices" if config.training.shard_params
                 else ""),
              f"Output: {config.output.output_path}"]
+    if config.output.validation_interval is not None:
+        lines.append(f"Validation: every {config.output.validation_interval} batches and at "
+                     f"step ends, on {config.data.validation_samples} held-out samples")
     for stage in stages:
         groups = stage.config.group_components()
         lines += [f"Step {stage.index + 1}/{len(stages)} '{stage.label}'"
