@@ -100,6 +100,10 @@ def test_evaluate_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     save_fluxflow(tmp_path / "bare", FluxFlowModels.create(TINY, nnx.Rngs(0)))
     assert "--config" in _error(capsys, str(tmp_path / "bare"))
     assert "--samples" in _error(capsys, str(tmp_path / "bare"), "--samples", "0")
+    # The tiny text encoder's 64 ids against the tokenizer's vocabulary.
+    config = write_config(tmp_path, [{"name": "vae", "n_epochs": 1, "train_vae": True}])
+    assert "64-token vocabulary" in _error(capsys, str(tmp_path / "bare"), "--config",
+                                           str(config))
 
 
 def test_a_validation_transition_reads_and_needs_validation(tmp_path):

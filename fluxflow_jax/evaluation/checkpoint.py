@@ -68,6 +68,13 @@ def evaluate_checkpoint(path: str | os.PathLike, *, ema: bool = False,
         raise HeldOutError(f"{path} records no training data to hold samples out of (a "
                            "run of this version records it at each step end); pass "
                            "--config with the config the model trained with")
+    tokenizer = load_tokenizer(data)
+    if models.text_encoder is not None and \
+            models.config.text_vocab_size != tokenizer.vocab_size:
+        raise CheckpointError(f"{path}: the text encoder has a "
+                              f"{models.config.text_vocab_size}-token vocabulary, the "
+                              f"tokenizer ({tokenizer.source}) {tokenizer.vocab_size}; set "
+                              "data.tokenizer_name to the model's vocabulary (--config)")
     lpips = LPIPS.from_file(lpips_weights) if use_lpips else None
-    return evaluate(models, held_out(data, load_tokenizer(data), samples), lpips=lpips,
+    return evaluate(models, held_out(data, tokenizer, samples), lpips=lpips,
                     batch_size=batch_size, steps=steps)
