@@ -47,7 +47,8 @@ def lpips_files(tmp_path_factory) -> dict[str, Path]:
 # The longest test files, longest first. pytest-xdist hands whole files (--dist loadfile) to
 # the workers in collection order, so starting with these lets both workers end together.
 LONGEST_FIRST = ("test_pipeline_run.py", "test_train_step.py", "test_parallel.py",
-                 "test_precision.py", "test_quickstart.py", "test_pipeline_resume.py")
+                 "test_precision.py", "test_quickstart.py", "test_pipeline_resume.py",
+                 "test_evaluation_run.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -84,6 +84,9 @@ def _epoch_ends(stage, values_per_epoch: list[list[float]]) -> tuple[int, str]:
     # the reference's metric name; strictly below: a mean of exactly 0.5 at epoch 2 is not
     ({"mode": "loss_threshold", "metric": "vae_loss", "threshold": 0.5},
      [[0.9] * 4, [0.1] * 4] + [[0.1] * 4] * 3, 3, "loss_recon=0.3667 < 0.5"),
+    # comparison ">": means 0.1, 0.5 (not strictly above), then 0.6333
+    ({"mode": "loss_threshold", "metric": "loss_recon", "threshold": 0.5, "comparison": ">"},
+     [[0.1] * 4, [0.9] * 4] + [[0.9] * 4] * 3, 3, "loss_recon=0.6333 > 0.5"),
     # the short form; means 0.5, 0.3667, 0.3, then 0.26
     ("loss_recon < 0.29", [[0.9] * 4, [0.1] * 4] + [[0.1] * 4] * 3, 5, "loss_recon=0.2600"),
     # mean of the last 20: 12 values of 1.0 and 8 of 0.0 is 0.6, not yet below 0.5
