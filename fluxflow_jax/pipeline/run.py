@@ -127,7 +127,9 @@ class Run:
         self.config, self.echo = config, echo if self.writer else (lambda line: None)
         self.output = Path(config.output.output_path)
         self.loader: DataLoader = make_loader(config)
-        self.stages = build_stages(config, self.loader.batches_per_epoch())
+        self._loaders = {1: self.loader}  # by accumulation steps (see loader_for)
+        self.stages = build_stages(
+            config, lambda accumulation: self.loader_for(accumulation).batches_per_epoch())
         self.mesh = make_mesh(config)
         self.models: FluxFlowModels = initial_models(config)
         check_text_inputs(self.models.config, config.data, self.loader.tokenizer,
@@ -178,11 +180,12 @@ class Run:
                 f"{record.get('stages')}, this config has {names}); resume with the config "
                 "the run started with, or pass --no_resume / choose another output_path"])
         position = Position(**record["position"])
+        loader = self._stage_loader(self.stages[min(position.stage, len(self.stages) - 1)])
         stage = self.stages[position.state_stage]
         step = self._train_step(stage)
         like = step.init_state(self.models, carried_averages=stage.ema_components)
         state, _ = self.checkpoints.restore(like, latest)
-        self.loader.restore(record["loader"])
+        loader.restore(record["loader"])
         if position.stage >= len(self.stages):
             self.echo(f"The run in {self.output} is complete (checkpoint {latest}); pass "
                       "--no_resume to train it again from the start")
@@ -192,6 +195,16 @@ class Run:
                       f"{position.epoch + 1}, batch {position.batch}, global step "
                       f"{position.global_step}")
         return position, state
+
+    def loader_for(self, accumulation: int) -> DataLoader:
+        """The loader of steps with ``accumulation`` micro-batches per update (made once):
+        its batches are their effective batches."""
+        if accumulation not in self._loaders:
+            self._loaders[accumulation] = make_loader(self.config, accumulation)
+        return self._loaders[accumulation]
+
+    def _stage_loader(self, stage: Stage) -> DataLoader:
+        return self.loader_for(stage.config.gradient_accumulation_steps)
 
     def _train_step(self, stage: Stage) -> TrainStep:
         return TrainStep(self.models, stage.config, lpips=self.lpips, mesh=self.mesh,
@@ -246,8 +259,9 @@ class Run:
         speed = SpeedMeter(self.peak_flops)
         pending: list[dict[str, jax.Array]] = []
         bar = ProgressBar(stage.batches_per_epoch)
+        loader = self._stage_loader(stage)
         batches = prefetch_to_device(
-            self.loader.epoch(position.data_epoch), 2, self.sharding,
+            loader.epoch(position.data_epoch), 2, self.sharding,
             inputs=lambda b: [b.step_inputs(i) for i in range(len(b.scales))])
         done, reason = False, ""
         try:
@@ -273,12 +287,16 @@ class Run:
                 shown_at = (position.epoch + 1, position.batch)  # for sample names
                 if epoch_end:
                     done, reason = self._close_epoch(stage, position, started)
-                    loader_state = self.loader.position_state(position.data_epoch)
+                    loader_state = loader.position_state(position.data_epoch)
                 if capped and not done:
                     done, reason = True, f"reached max_steps ({stage.max_batches} batches)"
                 if done and not epoch_end:  # the next stage starts a fresh data epoch
                     position.data_epoch += 1
-                    loader_state = self.loader.position_state(position.data_epoch)
+                if done and stage.index + 1 < len(self.stages):  # in the next stage's batches
+                    loader_state = self._stage_loader(self.stages[stage.index + 1]
+                                                      ).position_state(position.data_epoch)
+                elif done:
+                    loader_state = loader.position_state(position.data_epoch)
                 sampling = bool(self.samples) and (done or epoch_end or
                                                    self._samples_due(position))
                 if done or interval or epoch_end or sampling:
@@ -293,7 +311,7 @@ class Run:
         finally:
             batches.close()
             bar.clear()
-        self.loader.seek(position.data_epoch)  # the loop may leave an epoch's iterator early
+        loader.seek(position.data_epoch)  # the loop may leave an epoch's iterator early
         return state, done, reason
 
     def _write(self, stage: Stage, state: TrainState, position: Position,
@@ -350,7 +368,8 @@ class Run:
                 pending.append(metrics)
                 cost = step.cost(inputs).flops
                 flops = None if cost is None or flops is None else flops + cost
-        speed.batch(self.config.training.batch_size, flops)
+        speed.batch(self.config.training.batch_size * stage.config.gradient_accumulation_steps,
+                    flops)
         return state
 
     def _collect(self, pending: list, stage: Stage, position: Position,
