@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = commands.add_parser("info", help="show a checkpoint's architecture and sizes")
     info.add_argument("checkpoint", help="checkpoint directory or .safetensors file "
-                                         "(fluxflow-jax or PyTorch fluxflow v030)")
+                                         "(fluxflow-jax or PyTorch fluxflow)")
     info.set_defaults(run=_info)
     weights = commands.add_parser(
         "lpips-weights", help="create the pretrained LPIPS-VGG16 weights file (once)")

@@ -1,7 +1,8 @@
 """End to end across frameworks: train briefly in JAX, export, load the files in PyTorch
 ``fluxflow``, sample with the same starting noise in both (diffusers' DPM-Solver++ on the
 PyTorch side), decode, and compare the images; in float64 and in float32. And the other
-way: a checkpoint PyTorch ``fluxflow`` saved, brought in with ``fluxflow-jax import``."""
+way: a checkpoint PyTorch ``fluxflow`` saved, brought in with ``fluxflow-jax import``.
+Architecture v060, the default of both."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import safetensors.torch
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from flax import nnx
-from fluxflow.models.versioning import load_versioned_checkpoint, save_versioned_checkpoint
+from fluxflow.models.versioning import save_versioned_checkpoint
 
 import torch_reference as ref
 from fluxflow_jax import cli
@@ -56,20 +57,22 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    """A model created and saved by PyTorch fluxflow, then ``fluxflow-jax import``ed."""
+    """A model created and saved by PyTorch fluxflow, then ``fluxflow-jax import``ed.
+    PyTorch's saver labels the v060 pipeline "0.3.0"; the keys say v060."""
     source, out = tmp_path_factory.mktemp("torch"), tmp_path_factory.mktemp("imported")
-    save_versioned_checkpoint(ref.pipeline(CFG, seed=3), source, model_version="0.3.0")
+    save_versioned_checkpoint(ref.pipeline(CFG, seed=3), source)
     encoder = ref.text_encoder(CFG, seed=4)
     safetensors.torch.save_file({f"text_encoder.{k}": v.contiguous() for k, v in
                                  encoder.state_dict().items()},
                                 source / "text_encoder.safetensors")
     assert cli.main(["import", str(source), str(out)]) == 0
+    assert load_fluxflow(out).config.model_version == "0.6.0"
     return out
 
 
 def torch_sample(path, ids, mask, noise, guidance, dtype):
     """The PyTorch side: fluxflow's loader, its text encoder file, diffusers' scheduler."""
-    pipe = load_versioned_checkpoint(path, "cpu").to(dtype).eval()
+    pipe = ref.load_export(path, CFG.model_version).to(dtype).eval()
     encoder = ref.text_encoder(CFG, seed=0)
     encoder.load_state_dict({k.removeprefix("text_encoder."): v for k, v in
                              safetensors.torch.load_file(path / "text_encoder.safetensors")

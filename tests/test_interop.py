@@ -73,7 +73,8 @@ def test_written_layout(checkpoint):
                                     ["diffuser", "expander"]) for k in main)
     assert main["diffuser.expander.upscale.layers.0.conv1.0.weight"].shape == (16, 80, 16, 16)
     assert main["diffuser.flow_processor.flow_predictor.1.p0"].shape == (16, 1, 1)
-    assert "diffuser.expander.context_mixer.cls" in main
+    assert "diffuser.compressor.final_norm.weight" in main  # v060, the default
+    assert not any(k.startswith("diffuser.expander.context_mixer.") for k in main)
     inv_freq = main["diffuser.flow_processor.transformer_blocks.1.rotary_pe.inv_freq"]
     np.testing.assert_allclose(inv_freq, 1 / 10000 ** (np.arange(4) / 4.0), rtol=1e-6)
     assert all(v.dtype == np.float32 for v in main.values())
@@ -82,7 +83,7 @@ def test_written_layout(checkpoint):
     assert "text_encoder.ouput_layer.3.weight" in text
     assert "D_img.backbone.2.conv1.0.weight_orig" in _read(checkpoint / "D_img.safetensors")
     metadata = json.loads((checkpoint / "model_metadata.json").read_text())
-    assert metadata["model_version"] == "0.3.0"
+    assert metadata["model_version"] == "0.6.0"
     assert {"vae_dim": 16, "downscales": 2, "flow_dim": 16, "vae_attn_layers": 1}.items() \
         <= metadata["architecture"].items()
 
@@ -172,13 +173,64 @@ def test_unreadable_paths(tmp_path, make, message):
         load_fluxflow(make(tmp_path / "ckpt.safetensors"))
 
 
-def test_other_architecture_versions_are_refused(checkpoint, tmp_path):
-    _rewrite(checkpoint, tmp_path / "v070", lambda t: None)
-    metadata = json.loads((checkpoint / "model_metadata.json").read_text())
-    (tmp_path / "v070" / "model_metadata.json").write_text(
-        json.dumps({**metadata, "model_version": "0.7.0"}))
-    with pytest.raises(CheckpointError, match="model_version '0.7.0'"):
-        load_fluxflow(tmp_path / "v070")
+def _relabel(checkpoint, dst, label, edit=lambda t: None):
+    _rewrite(checkpoint, dst, edit)
+    metadata = json.loads((dst / "model_metadata.json").read_text())
+    (dst / "model_metadata.json").write_text(json.dumps({**metadata, "model_version": label}))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def v030_checkpoint(models, tmp_path_factory):
+    v030 = FluxFlowModels.create(TINY.replace(model_version="0.3.0"), nnx.Rngs(4),
+                                 ("compressor", "flow_processor", "expander"))
+    return save_fluxflow(tmp_path_factory.mktemp("v030"), v030)
+
+
+@pytest.mark.parametrize("label", ["0.3.0", "0.6.0", "0.7.0", "legacy"])
+def test_the_keys_decide_the_version_over_the_label(checkpoint, v030_checkpoint, tmp_path,
+                                                    label):
+    """PyTorch's save_versioned_checkpoint labels v060 pipelines "0.3.0"."""
+    v060 = load_fluxflow(_relabel(checkpoint, tmp_path / "v060", label))
+    assert v060.config.model_version == "0.6.0"
+    v030 = load_fluxflow(_relabel(v030_checkpoint, tmp_path / "v030", label))
+    assert v030.config.model_version == "0.3.0"
+    assert "context_mixer" in vars(v030.expander) and "final_norm" not in vars(v030.compressor)
+
+
+def test_the_label_decides_what_the_keys_leave_open(models, tmp_path):
+    """A text encoder alone is the same in every version."""
+    save_fluxflow(tmp_path / "te", FluxFlowModels(TINY, text_encoder=models.text_encoder))
+    assert load_fluxflow(tmp_path / "te").config.model_version == "0.6.0"
+    for label, version in (("0.3.1", "0.3.0"), ("0.6.0", "0.6.0")):
+        relabelled = tmp_path / f"te_{label}"
+        relabelled.mkdir()
+        (relabelled / "text_encoder.safetensors").write_bytes(
+            (tmp_path / "te" / "text_encoder.safetensors").read_bytes())
+        (relabelled / "model_metadata.json").write_text(json.dumps({"model_version": label}))
+        assert load_fluxflow(relabelled).config.model_version == version
+    (relabelled / "model_metadata.json").write_text(json.dumps({"model_version": "banana"}))
+    with pytest.raises(CheckpointError, match="declares model_version 'banana', which names "
+                                              "no PyTorch fluxflow architecture"):
+        load_fluxflow(relabelled)
+
+
+def _add_v070_context_projection(tensors):
+    tensors["diffuser.compressor.context_proj.weight"] = np.zeros((5, 16), np.float32)
+    tensors["diffuser.compressor.context_proj.bias"] = np.zeros(5, np.float32)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_add_v070_context_projection, "holds a PyTorch fluxflow 0.7.0 model, which fluxflow-jax "
+                                   r"does not implement yet \(it reads 0.3.0, 0.6.0\)"),
+    (lambda t: t.update({"diffuser.expander.context_mixer.cls": np.zeros((1, 1, 16),
+                                                                          np.float32)}),
+     r"mixes architecture versions: compressor.final_norm \(0.6.0\); "
+     r"expander.context_mixer \(0.3.0\)"),
+])
+def test_other_or_mixed_versions_are_refused(checkpoint, tmp_path, edit, message):
+    with pytest.raises(CheckpointError, match=message):
+        load_fluxflow(_relabel(checkpoint, tmp_path / "bad", "0.6.0", edit))
 
 
 def _same_weights(a: FluxFlowModels, b: FluxFlowModels) -> bool:
@@ -272,7 +324,7 @@ def test_cli_info(checkpoint, capsys):
     expected = sum(x.size for x in jax.tree.leaves(nnx.state(
         load_fluxflow(checkpoint).compressor, nnx.Param)))
     assert re.search(rf"compressor\s+{expected:,} parameters", out)
-    assert "vae_dim = 16" in out
+    assert "vae_dim = 16" in out and "model_version = 0.6.0" in out
 
 
 def test_cli_reports_bad_checkpoint_without_traceback(tmp_path, capsys):

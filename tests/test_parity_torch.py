@@ -1,4 +1,4 @@
-"""Numerical parity with the real PyTorch ``fluxflow`` 0.8.1 (architecture v030).
+"""Numerical parity with the real PyTorch ``fluxflow`` 0.8.1, in every architecture version.
 
 Same (perturbed, non-default) weights, same inputs, same injected noise. float64 must agree
 to 1e-6 relative (it does to ~1e-12); float32 within ref.FLOAT32_TOL, see its comment.
@@ -32,10 +32,14 @@ def precision(request):
         yield torch_dtype, jax_dtype, tol
 
 
-@pytest.fixture(scope="module", params=list(ref.CONFIGS))
+@pytest.fixture(scope="module", params=[(name, version) for version in ref.VERSIONS
+                                        for name in ref.CONFIGS],
+                ids=lambda param: f"{param[0]}-v{param[1].replace('.', '')}")
 def case(request):
-    cfg, image_shape = ref.CONFIGS[request.param]
-    return cfg, image_shape, ref.pipeline(cfg, seed=len(request.param) + ord(request.param))
+    name, version = request.param
+    cfg, image_shape = ref.CONFIGS[name]
+    cfg = cfg.replace(model_version=version)
+    return cfg, image_shape, ref.pipeline(cfg, seed=len(name) + ord(name))
 
 
 def _component(name, cfg, torch_module, jax_dtype):

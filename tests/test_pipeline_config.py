@@ -316,6 +316,20 @@ def test_model_aliases_and_ignored_reference_keys(tmp_path):
     assert "feature_maps_dim_disc" not in run.model and "pretrained_bert_model" not in run.model
 
 
+def test_model_version_defaults_to_v060_and_is_checked(tmp_path, capsys):
+    assert load(tmp_path).model_config().model_version == "0.6.0"
+    run = load(tmp_path, model={**TINY_MODEL, "model_version": "0.3.0"})
+    assert run.model_config().model_version == "0.3.0"
+    [problem] = config_problems(tmp_path, document(model={**TINY_MODEL, "model_version": 0.6}))
+    assert problem == "model: invalid FluxFlowConfig: model_version must be a string, got 0.6"
+    path = write(tmp_path, document(training={"train_vae": True}))
+    code, _, err = cli(capsys, "train", "--config", str(path), "--validate-pipeline",
+                       "--model_version", "0.7.0")
+    assert code == 2 and "Traceback" not in err
+    assert ("model_version '0.7.0' (a PyTorch fluxflow architecture) is not implemented by "
+            "fluxflow-jax yet; use one of ['0.3.0', '0.6.0']") in err
+
+
 def test_alias_and_canonical_name_together_are_an_error(tmp_path):
     doc = document(model={**TINY_MODEL, "feature_maps_dim": 16})
     assert config_problems(tmp_path, doc) == [

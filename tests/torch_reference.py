@@ -4,18 +4,21 @@ deterministically perturbed so no weight keeps its (often trivial) default value
 from __future__ import annotations
 
 import copy
+import importlib
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import torch
 from fluxflow.models.encoders import BertTextEncoder
 from fluxflow.models.pipeline import FluxPipeline
-from fluxflow.models.v030 import FluxCompressor, FluxExpander, FluxFlowProcessor
+from fluxflow.models.versioning import load_versioned_checkpoint
 from torch import nn
 from torch.nn.utils import spectral_norm
 from transformers import DistilBertConfig, DistilBertModel
 
 from fluxflow_jax.models import FluxFlowConfig
+from fluxflow_jax.models.config import ARCHITECTURES
 from fluxflow_jax.models.geometry import latent_grid
 
 FLOAT64_TOL = 1e-6  # measured: <= 3e-13 with weights no float32 value can represent
@@ -29,7 +32,7 @@ FLOAT32_TOL = 5e-5
 # <= 4.7e-4.
 FLOAT32_CHAIN_TOL = 2e-3
 
-# Two architectures, both with non-square images.
+# Two sets of widths, both with non-square images; each runs in every architecture version.
 CONFIGS = {
     "a": (FluxFlowConfig(vae_dim=16, downscales=2, upscales=2, vae_attn_layers=2, flow_dim=32,
                          flow_attn_heads=4, flow_transformer_layers=2, text_embed_dim=24),
@@ -38,6 +41,7 @@ CONFIGS = {
                          flow_attn_heads=2, flow_transformer_layers=1, text_embed_dim=16),
           (2, 24, 40)),
 }
+VERSIONS = tuple(ARCHITECTURES)
 PRECISIONS = {"float64": (torch.float64, jnp.float64, FLOAT64_TOL),
               "float32": (torch.float32, jnp.float32, FLOAT32_TOL)}
 
@@ -104,22 +108,27 @@ def cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module
 
 
-def compressor(cfg: FluxFlowConfig) -> FluxCompressor:
-    return FluxCompressor(in_channels=cfg.in_channels, d_model=cfg.vae_dim,
+def torch_classes(cfg: FluxFlowConfig):
+    """fluxflow's module of ``cfg.model_version`` (e.g. fluxflow.models.v060)."""
+    return importlib.import_module("fluxflow.models.v" + cfg.model_version.replace(".", ""))
+
+
+def compressor(cfg: FluxFlowConfig) -> nn.Module:
+    return torch_classes(cfg).FluxCompressor(in_channels=cfg.in_channels, d_model=cfg.vae_dim,
                           downscales=cfg.downscales, max_hw=cfg.max_hw,
                           attn_layers=cfg.vae_attn_layers, attn_heads=cfg.vae_attn_heads,
                           attn_ff_mult=cfg.vae_ff_mult, use_gradient_checkpointing=False)
 
 
-def flow_processor(cfg: FluxFlowConfig) -> FluxFlowProcessor:
-    return FluxFlowProcessor(d_model=cfg.flow_dim, vae_dim=cfg.vae_dim,
+def flow_processor(cfg: FluxFlowConfig) -> nn.Module:
+    return torch_classes(cfg).FluxFlowProcessor(d_model=cfg.flow_dim, vae_dim=cfg.vae_dim,
                              embedding_size=cfg.text_embed_dim, n_head=cfg.flow_attn_heads,
                              n_layers=cfg.flow_transformer_layers, max_hw=cfg.max_hw,
                              ctx_tokens=cfg.ctx_tokens)
 
 
-def expander(cfg: FluxFlowConfig) -> FluxExpander:
-    return FluxExpander(d_model=cfg.vae_dim, upscales=cfg.upscales, max_hw=cfg.max_hw,
+def expander(cfg: FluxFlowConfig) -> nn.Module:
+    return torch_classes(cfg).FluxExpander(d_model=cfg.vae_dim, upscales=cfg.upscales, max_hw=cfg.max_hw,
                         ctx_tokens=cfg.ctx_tokens, use_gradient_checkpointing=False)
 
 
@@ -127,6 +136,15 @@ def pipeline(cfg: FluxFlowConfig, seed: int) -> FluxPipeline:
     torch.manual_seed(seed)
     pipe = FluxPipeline(compressor(cfg), flow_processor(cfg), expander(cfg))
     return perturb(pipe, seed)
+
+
+def load_export(path: Path, version: str) -> FluxPipeline:
+    """The call a PyTorch user makes to load a fluxflow-jax export of ``version``: the
+    versioned loader builds v030 classes only (it refuses a "0.6.0" label), the legacy
+    ``from_pretrained`` on the weights file builds v060 ones."""
+    if version == "0.3.0":
+        return load_versioned_checkpoint(path, "cpu")
+    return FluxPipeline.from_pretrained(str(Path(path) / "flxflow_final.safetensors"), "cpu")
 
 
 def text_encoder(cfg: FluxFlowConfig, seed: int) -> BertTextEncoder:
@@ -141,7 +159,7 @@ def text_encoder(cfg: FluxFlowConfig, seed: int) -> BertTextEncoder:
     return perturb(model, seed, scale=0.05)
 
 
-def inject_noise(model: FluxCompressor, noise_nchw: torch.Tensor) -> None:
+def inject_noise(model: nn.Module, noise_nchw: torch.Tensor) -> None:
     """Replace the compressor's internal randn with a fixed epsilon."""
     model.reparameterize = lambda mu, logvar: mu + noise_nchw.to(mu.dtype) * (0.5 * logvar).exp()
 

@@ -1,13 +1,18 @@
 """Reading and writing PyTorch ``fluxflow`` checkpoint files.
 
-Layout written by ``save_fluxflow`` (loadable by ``fluxflow.models.versioning.
-load_versioned_checkpoint`` and by strict ``load_state_dict`` into v030 classes):
+Layout written by ``save_fluxflow``, in the model's architecture version (v060:
+``FluxPipeline.from_pretrained`` on the weights file; v030: ``load_versioned_checkpoint``
+on the directory; both load every key strictly):
 
     flxflow_final.safetensors   diffuser.compressor.* / diffuser.flow_processor.* /
                                 diffuser.expander.*
     text_encoder.safetensors    text_encoder.* (language_model.* included)
     D_img.safetensors           D_img.*
-    model_metadata.json         {"model_version": "0.3.0", "architecture": {...}, ...}
+    model_metadata.json         {"model_version": "0.6.0", "architecture": {...}, ...}
+
+Reading accepts what PyTorch ``fluxflow`` and its trainer write: that layout, PyTorch's
+``model.safetensors`` directories, and single files. The version comes from the keys
+(``fluxflow_jax.interop.versions``).
 
 Weights are only ever read from safetensors. A save replaces the whole checkpoint: the
 metadata, written last, lists every file's hash, and loading verifies them, so an interrupted
@@ -34,10 +39,10 @@ from fluxflow_jax.atomic import atomic_write, write_temp
 from fluxflow_jax.interop.keymap import COMPONENT_TABLES
 from fluxflow_jax.interop.state import (CheckpointError, check_coverage, export_tensors,
                                         import_tensors)
+from fluxflow_jax.interop.versions import detect_version
 from fluxflow_jax.models.bundle import COMPONENT_CLASSES, FluxFlowModels
 from fluxflow_jax.models.config import FluxFlowConfig
 
-MODEL_VERSION = "0.3.0"
 WEIGHT_FILES = ("model.safetensors", "flxflow_final.safetensors")
 TEXT_ENCODER_FILE = "text_encoder.safetensors"
 DISCRIMINATOR_FILE = "D_img.safetensors"
@@ -66,7 +71,7 @@ def load_fluxflow(path: str | os.PathLike, *, dtype: jnp.dtype | None = None
     casts every tensor; by default they keep the file's float32.
     """
     tensors, metadata, source = _read_checkpoint(Path(path))
-    groups = _split_components(tensors, source)
+    groups = _drop_foreign_networks(_split_components(tensors, source), source)
     if not groups:
         raise CheckpointError(f"{source} holds no fluxflow weights (expected keys starting "
                               "with diffuser.compressor., diffuser.flow_processor., "
@@ -75,10 +80,11 @@ def load_fluxflow(path: str | os.PathLike, *, dtype: jnp.dtype | None = None
     if gamma:
         raise CheckpointError(
             f"{source} has fluxflow-core 0.2.x SPADE keys (e.g. 'expander.{gamma[0]}'): that "
-            "architecture computes different images than v030, which fluxflow-jax "
-            "implements. Remove the mlp_gamma keys to load the rest as v030, as PyTorch "
-            "fluxflow 0.8.1 does.")
-    config = infer_config(groups, metadata.get("architecture", {}), source=source)
+            "architecture computes different images than PyTorch fluxflow 0.8.1's, which "
+            "fluxflow-jax implements. Remove the mlp_gamma keys to load the rest, as "
+            "PyTorch fluxflow 0.8.1 does.")
+    config = infer_config(groups, metadata.get("architecture", {}),
+                          label=metadata.get("model_version"), source=source)
     models = FluxFlowModels(config)
     for name, component_tensors in groups.items():
         setattr(models, name, component_from_tensors(name, config, component_tensors,
@@ -121,18 +127,24 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict, str]:
         raise CheckpointError(f"{path} does not exist")
     metadata = _read_metadata(metadata_path)
     recorded = _recorded_hashes(path, metadata)
+    labels = []
     tensors: dict[str, np.ndarray] = {}
     for file in files:
         data = file.read_bytes()
         if file.name in recorded and hashlib.sha256(data).hexdigest() != recorded[file.name]:
             raise CheckpointError(f"{path} is inconsistent (an interrupted save?): {file.name} "
                                   f"does not match the hash in {METADATA_FILE}")
+        labels.append(_header_metadata(data).get("model_version"))
         for key, value in _parse_safetensors(data, file).items():
             # Legacy fluxflow writers put text_encoder.* in both files: fine if identical.
             if key in tensors and not np.array_equal(tensors[key], value):
                 raise CheckpointError(f"key '{key}' appears with different values in more "
                                       f"than one file of {path}")
             tensors[key] = value
+    # The trainer labels its weights file inside the safetensors header.
+    header_label = next((label for label in labels if label is not None), None)
+    if header_label is not None:
+        metadata.setdefault("model_version", header_label)
     return tensors, metadata, str(path)
 
 
@@ -158,6 +170,17 @@ def _parse_safetensors(data: bytes, file: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from err
 
 
+def _header_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` strings of a safetensors file's header ({} if none)."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + size])
+    except (ValueError, UnicodeDecodeError):
+        return {}  # _parse_safetensors reports the broken file
+    found = header.get("__metadata__") if isinstance(header, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
 def _read_metadata(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -169,11 +192,6 @@ def _read_metadata(path: Path) -> dict:
                                                         dict):
         raise CheckpointError(f"{path} must be a JSON object whose 'architecture' is an "
                               "object")
-    version = metadata.get("model_version", MODEL_VERSION)
-    if not str(version).startswith("0.3."):
-        raise CheckpointError(
-            f"{path} declares model_version {version!r}; fluxflow-jax implements the v030 "
-            "architecture (model_version 0.3.x)")
     return metadata
 
 
@@ -202,7 +220,30 @@ def _split_components(tensors: Mapping[str, np.ndarray],
         shown = ", ".join(f"'{k}'" for k in sorted(unexpected)[:10])
         more = f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""
         raise CheckpointError(f"{source}: unexpected keys {shown}{more} (not part of any "
-                              "fluxflow v030 component)")
+                              "fluxflow component)")
+    return groups
+
+
+def _drop_foreign_networks(groups: dict[str, dict[str, np.ndarray]],
+                           source: str) -> dict[str, dict[str, np.ndarray]]:
+    """``groups`` without the networks PyTorch writers save that fluxflow-jax cannot run,
+    each named in a warning; a run then initialises them afresh.
+
+    - the fluxflow-training 0.8.1 trainer's discriminator, a different network (plain
+      4x4 convolutions, no spectral norm) from the one fluxflow-jax trains;
+    - a text encoder saved without its DistilBERT (``language_model.*``), as fluxflow's
+      ``save_model`` does by default: the head alone cannot run.
+    """
+    if "backbone.0.weight" in groups.get("discriminator", {}):
+        del groups["discriminator"]
+        warnings.warn(f"{source}: D_img.* is fluxflow-training 0.8.1's discriminator, a "
+                      "different network from fluxflow-jax's; it is left out (a GAN stage "
+                      "starts a fresh one)", stacklevel=3)
+    text = groups.get("text_encoder", {})
+    if text and not any(k.startswith("language_model.") for k in text):
+        del groups["text_encoder"]
+        warnings.warn(f"{source}: text_encoder.* holds no language_model.* (saved without "
+                      "its DistilBERT weights); the text encoder is left out", stacklevel=3)
     return groups
 
 
@@ -264,13 +305,16 @@ def _shape_facts(groups: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, li
 
 
 def infer_config(groups: Mapping[str, Mapping[str, np.ndarray]], architecture: Mapping[str, Any],
-                 *, source: str = "checkpoint") -> FluxFlowConfig:
-    """The ``FluxFlowConfig`` of a checkpoint: shapes first, metadata for the rest.
+                 *, label: object = None, source: str = "checkpoint") -> FluxFlowConfig:
+    """The ``FluxFlowConfig`` of a checkpoint: the version from the keys (``label``, the
+    metadata's model_version, only where they leave it open), shapes first, metadata for
+    the rest.
 
     A metadata field or a pair of components that disagree with the shapes is an error.
     """
-    known = {f.name for f in FluxFlowConfig.__dataclass_fields__.values()}
+    known = {f.name for f in FluxFlowConfig.__dataclass_fields__.values()} - {"model_version"}
     fields: dict[str, Any] = {k: v for k, v in architecture.items() if k in known}
+    fields["model_version"] = detect_version(groups, label, source)
     problems = []
     for field, values in _shape_facts(groups).items():
         if len(set(values)) > 1:
@@ -387,14 +431,15 @@ def serialize_components(models: FluxFlowModels, components: tuple[str, ...]) ->
 
 def _metadata(config: FluxFlowConfig, payloads: Mapping[str, bytes], weights_name: str | None,
               training_info: Mapping[str, Any] | None) -> dict:
-    fields = {f: getattr(config, f) for f in config.__dataclass_fields__}
+    fields = {f: getattr(config, f) for f in config.__dataclass_fields__
+              if f != "model_version"}
     fields["disc_ctx_dim"] = config.discriminator_ctx_dim
     checksum: dict[str, Any] = {"algorithm": "sha256", "files": {
         name: hashlib.sha256(data).hexdigest() for name, data in payloads.items()}}
     if weights_name is not None:  # the field PyTorch fluxflow writes
         checksum["weights_hash"] = checksum["files"][weights_name]
     return {
-        "model_version": MODEL_VERSION,
+        "model_version": config.model_version,
         "library_version": f"fluxflow-jax {fluxflow_jax.__version__}",
         # The PyTorch loader's fields first; the rest describe the full JAX config.
         "architecture": {**{f: fields.pop(f) for f in _TORCH_ARCHITECTURE_FIELDS}, **fields},

@@ -1,7 +1,7 @@
 """The one explicit table between PyTorch ``fluxflow`` state-dict keys and JAX variables.
 
-Each component's table lists, for every tensor of the v030 layout, its PyTorch key (without
-the file prefix), the path of the NNX variable that holds it, and the layout change between
+Each component's table lists, for every tensor of the config's architecture version, its
+PyTorch key (without the file prefix), the path of the NNX variable that holds it, and the layout change between
 them. Tables are built from the config, so their coverage can be checked against a module:
 every variable of a module must appear exactly once (``check_coverage``).
 """
@@ -107,6 +107,8 @@ def compressor_table(config: FluxFlowConfig) -> Table:
         t += _norm(f"{key}.norm2", (*path, "norm2"))
         t += _linear(f"{key}.ff.0", (*path, "ff_in"))
         t += _linear(f"{key}.ff.2", (*path, "ff_out"))
+    if config.architecture.bounded_tokens:
+        t += _norm("final_norm", ("final_norm",))
     return t
 
 
@@ -152,7 +154,8 @@ def expander_table(config: FluxFlowConfig) -> Table:
         t.append(Entry(f"{key}.conv1.0.weight", (*path, "upsample", "kernel"), CONV_TRANSPOSE))
         t.append(Entry(f"{key}.conv1.0.bias", (*path, "upsample", "bias")))
         t += _conv(f"{key}.conv1.2", (*path, "refine"))
-    t += _context_mixer("context_mixer", ("context_mixer",))
+    if config.architecture.expander_context_mixer:
+        t += _context_mixer("context_mixer", ("context_mixer",))
     t += _conv("to_rgb_conv.0", ("rgb_conv1",))
     t += _norm("to_rgb_conv.1", ("rgb_norm1",))
     t += _conv("to_rgb_conv.3", ("rgb_conv2",))

@@ -1,9 +1,10 @@
-"""FluxCompressor: the VAE encoder (architecture v030 of fluxflow 0.8.1).
+"""FluxCompressor: the VAE encoder (architectures v030 and v060 of fluxflow 0.8.1).
 
 Images (NHWC, [-1, 1]) plus two coordinate channels go through ``downscales`` stride-2
 stages of Bezier-activated convolutions; the latent grid is projected to a mean and a
 log-variance, sampled, flattened into tokens, given position information and refined by
-self-attention. The result is packed with a trailing "hw token" that records the grid size.
+self-attention. v060 then bounds the tokens with LayerNorm + tanh (v030 leaves them
+unbounded). The result is packed with a trailing "hw token" that records the grid size.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class FluxCompressor(nnx.Module):
         self.token_attn = nnx.List([
             TokenAttentionBlock(dim, config.vae_attn_heads, config.vae_ff_mult, rngs=rngs)
             for _ in range(config.vae_attn_layers)])
+        if config.architecture.bounded_tokens:
+            self.final_norm = layers.layer_norm(dim, rngs=rngs)
 
     def encode(self, images: jax.Array, *, noise: jax.Array | None = None,
                key: jax.Array | None = None) -> Encoded:
@@ -106,6 +109,8 @@ class FluxCompressor(nnx.Module):
         for block in self.token_attn:
             tokens = layers.checkpointed(TokenAttentionBlock.__call__, block, tokens,
                                          remat=self.remat)
+        if self.config.architecture.bounded_tokens:
+            tokens = jnp.tanh(self.final_norm(tokens))
         hw = hw_token(b, h, w, dim, self.config.max_hw, tokens.dtype)
         return Encoded(jnp.concatenate([tokens, hw], axis=1), mu, logvar)
 

@@ -1,9 +1,11 @@
 """One dataclass holding every architecture field of the FluxFlow networks.
 
-Defaults are the reference *training* defaults (fluxflow-training 0.2.x with fluxflow 0.8.1
-architecture v030): VAE latent width 128, flow width 128, text embedding 1024, 4 down/up
-scales, 4 compressor attention layers, 10 flow blocks. That pipeline has 111,437,592
-parameters (compressor + flow processor + expander).
+``model_version`` picks one of PyTorch ``fluxflow`` 0.8.1's architectures; the default,
+"0.6.0", is the one its top-level classes, ``FluxPipeline.from_pretrained`` and its trainer
+build. The widths default to the reference training defaults: VAE latent width 128, flow
+width 128, text embedding 1024, 4 down/up scales, 4 compressor attention layers, 10 flow
+blocks. That pipeline (compressor + flow processor + expander) has 111,371,160 parameters
+in v060 and 111,437,592 in v030.
 """
 
 from __future__ import annotations
@@ -31,12 +33,32 @@ _TORCH_FIXED = {
 }
 
 
-_TYPE_NAMES = {"int": "an integer", "float": "a number", "int | None": "an integer or null"}
+@dataclass(frozen=True)
+class Architecture:
+    """What sets one PyTorch architecture version apart from the others."""
+
+    # The compressor ends with LayerNorm + tanh on the image tokens (``final_norm``): it
+    # bounds the latents the flow sees to [-1, 1].
+    bounded_tokens: bool
+    # The expander holds a ContextAttentionMixer whose parameters its forward never reads.
+    expander_context_mixer: bool
+
+
+ARCHITECTURES = {"0.3.0": Architecture(bounded_tokens=False, expander_context_mixer=True),
+                 "0.6.0": Architecture(bounded_tokens=True, expander_context_mixer=False)}
+DEFAULT_VERSION = "0.6.0"
+# PyTorch fluxflow 0.8.1 versions fluxflow-jax does not build yet.
+NOT_IMPLEMENTED_VERSIONS = ("0.7.0", "0.8.0")
+
+
+_TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "int | None": "an integer or null"}
 
 
 def _has_type(value: object, annotation: str) -> bool:
     if annotation == "int | None" and value is None:
         return True
+    if annotation == "str":
+        return isinstance(value, str)
     if isinstance(value, bool):
         return False
     return isinstance(value, (int, float) if annotation == "float" else int)
@@ -44,6 +66,8 @@ def _has_type(value: object, annotation: str) -> bool:
 
 @dataclass(frozen=True)
 class FluxFlowConfig:
+    # PyTorch fluxflow architecture version (a key of ARCHITECTURES)
+    model_version: str = DEFAULT_VERSION
     # VAE (compressor / expander)
     in_channels: int = 3
     vae_dim: int = 128
@@ -81,6 +105,10 @@ class FluxFlowConfig:
             raise ValueError("invalid FluxFlowConfig: " + "; ".join(problems))
 
     @property
+    def architecture(self) -> Architecture:
+        return ARCHITECTURES[self.model_version]
+
+    @property
     def ctx_tokens(self) -> int:
         """Tokens the flow processor mixes as context; the reference forces it to downscales."""
         return self.downscales
@@ -96,6 +124,8 @@ class FluxFlowConfig:
                       if not _has_type(getattr(self, f.name), f.type)]
         if wrong_type:
             return wrong_type
+        if self.model_version not in ARCHITECTURES:
+            return [_version_problem(self.model_version)]
         out = [f"{name} must be >= 1 (got {getattr(self, name)})" for name in _POSITIVE
                if getattr(self, name) < 1]
         out += [f"{name} must be >= 0 (got {getattr(self, name)})" for name in _NON_NEGATIVE
@@ -122,7 +152,8 @@ class FluxFlowConfig:
                        "embeddings")
         if self.flow_dim % max(1, self.flow_dim // 128):
             out.append(f"flow_dim ({self.flow_dim}) must be divisible by max(1, flow_dim//128)")
-        if self.vae_dim % max(4, self.vae_dim // 64):
+        if (self.architecture.expander_context_mixer
+                and self.vae_dim % max(4, self.vae_dim // 64)):
             out.append(f"vae_dim ({self.vae_dim}) must be divisible by max(4, vae_dim//64) "
                        "(the expander's context mixer heads)")
         if self.text_dim % self.text_heads:
@@ -151,3 +182,11 @@ class FluxFlowConfig:
         """
         start, end = self.in_channels + 2, max(self.vae_dim, 8)
         return [int(round(float(c))) for c in torch_linspace(start, end, self.downscales + 1)]
+
+
+def _version_problem(version: str) -> str:
+    if version in NOT_IMPLEMENTED_VERSIONS:
+        return (f"model_version {version!r} (a PyTorch fluxflow architecture) is not "
+                f"implemented by fluxflow-jax yet; use one of {list(ARCHITECTURES)}")
+    return (f"model_version must be one of {list(ARCHITECTURES)} (PyTorch fluxflow's "
+            f"architecture versions; default {DEFAULT_VERSION!r}), got {version!r}")

@@ -1,4 +1,4 @@
-"""FluxExpander: the VAE decoder (architecture v030 of fluxflow 0.8.1).
+"""FluxExpander: the VAE decoder (architectures v030 and v060 of fluxflow 0.8.1).
 
 Latent tokens are laid back onto their grid and doubled in size ``upscales`` times by
 residual blocks (SPADE conditioned on the latent grid itself, a stride-2 16x16 transposed
@@ -43,8 +43,9 @@ class FluxExpander(nnx.Module):
         self.upscale = nnx.List([
             ResidualUpsampleBlock(dim, dim, config.spade_hidden, rngs=rngs)
             for _ in range(config.upscales)])
-        # Present in the v030 checkpoint layout but never used by its forward pass.
-        self.context_mixer = ContextAttentionMixer(dim, max(4, dim // 64), rngs=rngs)
+        if config.architecture.expander_context_mixer:
+            # Part of the v030 checkpoint layout, but never used by its forward pass.
+            self.context_mixer = ContextAttentionMixer(dim, max(4, dim // 64), rngs=rngs)
         self.rgb_conv1 = layers.conv(dim, 96, 3, padding=1, rngs=rngs)
         self.rgb_norm1 = layers.group_norm(96, 8, rngs=rngs)
         self.rgb_conv2 = layers.conv(96, 48, 3, padding=1, rngs=rngs)

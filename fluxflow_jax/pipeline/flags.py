@@ -35,6 +35,7 @@ FLAGS: tuple[tuple[str, str, str, Any], ...] = (
     ("dataloader_retry_delay", "data", "dataloader_retry_delay", float),
     # model
     ("model_checkpoint", "model_checkpoint", "", str),
+    ("model_version", "model", "model_version", str),
     ("vae_dim", "model", "vae_dim", int),
     ("text_embedding_dim", "model", "text_embed_dim", int),
     ("feature_maps_dim", "model", "flow_dim", int),
