@@ -147,6 +147,7 @@ class StepConfig:
     lr_min: float | None = None  # eta_min_factor of the default cosine schedules
     initial_clipping_norm: float | None = None  # None: the run's
     gradient_accumulation_steps: int | None = None  # None: the run's
+    cache_latents: bool = False  # encode each image once (frozen compressor, flow only)
     transition_on: TransitionConfig = TransitionConfig()
     origin: str = field(default="", compare=False)  # "file:line", for messages
 
@@ -163,7 +164,7 @@ STEP_CHECKS: dict[str, Check] = {
     "optim_sched_config": optional(check_str), "lr": optional(_POSITIVE),
     "lr_min": optional(in_interval("[0, 1]", 0.1)),
     "initial_clipping_norm": optional(_POSITIVE),
-    "gradient_accumulation_steps": _OPTIONAL_POSITIVE_INT,
+    "gradient_accumulation_steps": _OPTIONAL_POSITIVE_INT, "cache_latents": check_bool,
     **_option_checks()}
 MODE_KEYS = ("train_vae", "gan_training", "train_spade", "use_lpips", "train_diff",
              "train_diff_full", "train_flow", "train_reconstruction")

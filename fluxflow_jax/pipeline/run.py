@@ -36,6 +36,7 @@ from fluxflow_jax.interop import save_fluxflow, save_step_files
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.pipeline.checkpoints import RunCheckpoints
 from fluxflow_jax.pipeline.config import ConfigError, RunConfig
+from fluxflow_jax.pipeline.latent_cache import LatentCache
 from fluxflow_jax.pipeline.console import (ProgressBar, RunningAverage, averaging_window,
                                            compile_line, format_duration, progress_line)
 from fluxflow_jax.pipeline.metrics_log import MetricsLog
@@ -234,11 +235,15 @@ class Run:
         metrics_log = MetricsLog(self.output, stage.name,
                                  position.global_step if resuming else None) \
             if self.writer else None
+        cache = (LatentCache(self.output / "latent_cache", step.networks,
+                             state.params["compressor"], state.buffers["compressor"],
+                             self.models.config.model_version)
+                 if stage.step.cache_latents else None)
         packed = PackedState.pack(state)
         try:
             while True:
                 packed, done, reason = self._run_epoch(stage, step, packed, position,
-                                                       metrics_log)
+                                                       metrics_log, cache)
                 if done:
                     break
         finally:
@@ -249,9 +254,11 @@ class Run:
         return packed.unpack()
 
     def _run_epoch(self, stage: Stage, step: TrainStep, state: PackedState,
-                   position: Position, metrics_log: MetricsLog | None
-                   ) -> tuple[PackedState, bool, str]:
-        """Run (the rest of) one epoch; (state, whether the stage is done, why)."""
+                   position: Position, metrics_log: MetricsLog | None,
+                   cache: LatentCache | None) -> tuple[PackedState, bool, str]:
+        """Run (the rest of) one epoch; (state, whether the stage is done, why). With a
+        ``cache``, the step reads the images' cached posteriors instead of the images."""
+        step_inputs = cache.inputs if cache else (lambda inputs: inputs)
         window = RunningAverage(averaging_window(self.config.output.log_interval))
         window.restore(position.averages)
         shown = console_metrics(stage)
@@ -262,7 +269,7 @@ class Run:
         loader = self._stage_loader(stage)
         batches = prefetch_to_device(
             loader.epoch(position.data_epoch), 2, self.sharding,
-            inputs=lambda b: [b.step_inputs(i) for i in range(len(b.scales))])
+            inputs=lambda b: [step_inputs(b.step_inputs(i)) for i in range(len(b.scales))])
         done, reason = False, ""
         try:
             for batch, device_inputs in batches:

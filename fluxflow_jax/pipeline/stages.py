@@ -227,6 +227,12 @@ def build_stages(run: RunConfig, batches_per_epoch: int | Callable[[int], int]
                             f"{reason}; remove it from the freeze list (or freeze_vae/"
                             "freeze_flow) or turn off the mode that trains it")
         vae, flow = _options(step)
+        if step.cache_latents and (vae is not None or flow is None
+                                   or "compressor" not in frozen):
+            problems.append("cache_latents needs a flow step whose compressor is frozen and "
+                            "that trains no VAE part: add freeze_vae: true (or freeze: "
+                            "[compressor]) and turn off train_vae/gan_training/train_spade, "
+                            "or set cache_latents: false")
         optimizers, schedulers = _optimization(run, step, problems)
         epochs = _epochs(step)
         accumulation = accumulation_steps(run, step)

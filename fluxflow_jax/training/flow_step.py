@@ -18,12 +18,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fluxflow_jax.checks import field_problems, in_interval, optional
+from fluxflow_jax.models.compressor import Posterior
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.training import diffusion, losses
 from fluxflow_jax.training.accumulation import MicroBatches, pooled_std
 from fluxflow_jax.training.groups import OptimizerGroup, global_norm
 from fluxflow_jax.training.state import Networks, TrainState, Update
 
+# Batch entries that stand for the images: their cached posterior (``latent_cache``).
+POSTERIOR_KEYS = ("latent_mu", "latent_logvar", "latent_grid")
 FLOW_METRICS = ("flow_loss", "diff_loss", "align_loss", "grad_norm_flow", "grad_norm_text",
                 "lr_flow", "lr_text", "pred_mean", "pred_std")
 
@@ -64,15 +67,22 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
     """One flow (and text encoder) update of ``state`` from the batch's ``micro``-batches."""
     k_latent, k_time, k_noise, k_dropout, k_cfg = jax.random.split(key, 5)
     trained = {name: groups[name] for name in ("flow", "text_encoder") if name in groups}
-    images = batch["images"]
     compressor = nets.bind("compressor", state.params, state.buffers)
-    hw = compressor.latent_shape(*images.shape[1:3])
-    rows = images.shape[0]
-    latent = jax.eval_shape(lambda: compressor.encode(nets.inputs(images), key=k_latent))
+    cached = POSTERIOR_KEYS[0] in batch
+    source = {k: batch[k] for k in (POSTERIOR_KEYS if cached else ("images",))}
+
+    def posterior(part) -> Posterior:
+        """The images' latent distribution: given (a cache's), or from the compressor."""
+        if cached:
+            return Posterior(*(nets.inputs(part[k]) for k in POSTERIOR_KEYS))
+        return compressor.posterior(nets.inputs(part["images"]))
+
+    rows = source[next(iter(source))].shape[0]
+    latent = jax.eval_shape(lambda: compressor.sample(posterior(source), key=k_latent))
+    hw = latent.mu.shape[1:3]
     x0_shape = jax.eval_shape(nets.outputs, latent.packed)
     draws = {  # for the effective batch, as one batch of its size draws them
-        "images": images, "input_ids": batch["input_ids"],
-        "attention_mask": batch["attention_mask"],
+        **source, "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
         "latent_noise": jax.random.normal(
             k_latent, latent.mu.shape, jnp.promote_types(latent.mu.dtype, jnp.float32)),
         "t": diffusion.sample_timesteps(k_time, rows),
@@ -88,8 +98,8 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
     trainable = {name: group.trainable(state.params) for name, group in trained.items()}
 
     def micro_batch(part):
-        packed = nets.outputs(jax.lax.stop_gradient(compressor.encode(
-            nets.inputs(part["images"]), noise=part["latent_noise"]).packed))
+        packed = nets.outputs(jax.lax.stop_gradient(compressor.sample(
+            posterior(part), noise=part["latent_noise"]).packed))
         x0, hw_token = packed[:, :-1], packed[:, -1:]
         t, noise = part["t"], part["noise"]
         noisy = jnp.concatenate([diffusion.add_noise(x0, noise, t), hw_token], axis=1)

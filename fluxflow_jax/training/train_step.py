@@ -26,7 +26,8 @@ from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.suggest import did_you_mean
 from fluxflow_jax.training.accumulation import MicroBatches
 from fluxflow_jax.training.compiler import compiler_options
-from fluxflow_jax.training.flow_step import FLOW_METRICS, FlowOptions, flow_update
+from fluxflow_jax.training.flow_step import (FLOW_METRICS, POSTERIOR_KEYS, FlowOptions,
+                                             flow_update)
 from fluxflow_jax.training.groups import OptimizerGroup
 from fluxflow_jax.training.lpips import LPIPS
 from fluxflow_jax.training.optimizers import default_optimizer_config, optimizer_config_problems
@@ -261,9 +262,10 @@ class TrainStep:
         Each compilation is recorded in ``compilations`` with its time and XLA's FLOP count.
         """
         batch = dict(batch)
+        rows = len(next(iter(batch.values())))
         if self.mesh is not None:
-            parallel.check_batch_divides(batch["images"].shape[0], self.mesh)
-        problem = self.micro.check(batch["images"].shape[0])
+            parallel.check_batch_divides(rows, self.mesh)
+        problem = self.micro.check(rows)
         if problem:
             raise ValueError(problem)
         start = time.perf_counter()
@@ -362,11 +364,16 @@ def metric_names(stage: StageConfig) -> tuple[str, ...]:
 
 def _check_batch(batch: Mapping[str, jax.Array], stage: StageConfig,
                  config: FluxFlowConfig) -> None:
-    """Shape errors named in the batch's terms, at trace time, instead of deep in a model."""
-    wanted = ("images",) + (("input_ids", "attention_mask") if stage.flow else ())
+    """Shape errors named in the batch's terms, at trace time, instead of deep in a model.
+    A flow-only stage may take the images' cached posterior instead of the images."""
+    cached = stage.vae is None and POSTERIOR_KEYS[0] in batch
+    wanted = (POSTERIOR_KEYS if cached else ("images",)) + (
+        ("input_ids", "attention_mask") if stage.flow else ())
     missing = [key for key in wanted if key not in batch]
     if missing:
         raise ValueError(f"the batch lacks {missing}; this stage reads {list(wanted)}")
+    if cached:
+        return
     images = batch["images"]
     if images.ndim != 4 or images.shape[-1] != config.in_channels:
         raise ValueError(f"batch['images'] must be [B, H, W, {config.in_channels}] (NHWC), "
