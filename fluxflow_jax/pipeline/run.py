@@ -36,9 +36,9 @@ from fluxflow_jax.interop import save_fluxflow, save_step_files
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.pipeline.checkpoints import RunCheckpoints
 from fluxflow_jax.pipeline.config import ConfigError, RunConfig
-from fluxflow_jax.pipeline.latent_cache import LatentCache
 from fluxflow_jax.pipeline.console import (ProgressBar, RunningAverage, averaging_window,
                                            compile_line, format_duration, progress_line)
+from fluxflow_jax.pipeline.latent_cache import LatentCache
 from fluxflow_jax.pipeline.metrics_log import MetricsLog
 from fluxflow_jax.pipeline.samples import Samples
 from fluxflow_jax.pipeline.setup import (check_text_inputs, initial_models, load_lpips,
@@ -299,11 +299,10 @@ class Run:
                     done, reason = True, f"reached max_steps ({stage.max_batches} batches)"
                 if done and not epoch_end:  # the next stage starts a fresh data epoch
                     position.data_epoch += 1
-                if done and stage.index + 1 < len(self.stages):  # in the next stage's batches
-                    loader_state = self._stage_loader(self.stages[stage.index + 1]
-                                                      ).position_state(position.data_epoch)
-                elif done:
-                    loader_state = loader.position_state(position.data_epoch)
+                if done:  # where the next stage's loader (its batch size) starts
+                    following = self.stages[min(stage.index + 1, len(self.stages) - 1)]
+                    loader_state = self._stage_loader(following).position_state(
+                        position.data_epoch)
                 sampling = bool(self.samples) and (done or epoch_end or
                                                    self._samples_due(position))
                 if done or interval or epoch_end or sampling:
