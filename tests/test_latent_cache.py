@@ -98,8 +98,8 @@ def test_cache_latents_needs_a_frozen_compressor(tmp_path):
 
 def test_a_run_with_cached_latents_and_accumulation_resumes_exactly(tmp_path):
     """A VAE step, then a flow step on cached latents with 2 micro-batches per update:
-    stopped after its first flow update and resumed, it logs and writes what the
-    uninterrupted run does, from the cache the first run filled."""
+    stopped at the flow step's start or after its first update and resumed, it logs what
+    the uninterrupted run does, from the cache the first run filled."""
     steps = [{"name": "vae", "n_epochs": 1, "max_steps": 1, "train_vae": True},
              {"name": "flow", "n_epochs": 2, "max_steps": 3, "train_diff": True,
               "freeze_vae": True, "cache_latents": True, "gradient_accumulation_steps": 2,
@@ -112,16 +112,19 @@ def test_a_run_with_cached_latents_and_accumulation_resumes_exactly(tmp_path):
     entries = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     assert len(entries) == 8  # the demo's 8 images, stored once over 2 epochs
 
-    shutil.copytree(tmp_path / "whole", tmp_path / "stopped")
-    for later in (tmp_path / "stopped" / "checkpoints").iterdir():
-        if later.name.isdigit() and int(later.name) > 2:
-            shutil.rmtree(later)
-    resumed: list[str] = []
-    Run(load_config(config, {"output": {"output_path": str(tmp_path / "stopped")}}),
-        echo=resumed.append).run()
-    assert any(line.startswith("Resuming from checkpoint 2") for line in resumed)
-    expected = [(r["global_step"], r["metrics"]) for r in records(tmp_path / "whole", "flow")]
-    actual = [(r["global_step"], r["metrics"]) for r in records(tmp_path / "stopped", "flow")]
-    assert actual == expected and len(actual) == 3
-    stopped = tmp_path / "stopped" / "latent_cache" / folder.name
-    assert {p.name: p.stat().st_mtime_ns for p in stopped.iterdir()} == entries
+    for stop in (1, 2):  # at the flow step's start (the loader changes), within it
+        stopped = tmp_path / f"stopped_{stop}"
+        shutil.copytree(tmp_path / "whole", stopped)
+        for later in (stopped / "checkpoints").iterdir():
+            if later.name.isdigit() and int(later.name) > stop:
+                shutil.rmtree(later)
+        resumed: list[str] = []
+        Run(load_config(config, {"output": {"output_path": str(stopped)}}),
+            echo=resumed.append).run()
+        assert any(line.startswith(f"Resuming from checkpoint {stop}") for line in resumed)
+        expected = [(r["global_step"], r["metrics"]) for r in records(tmp_path / "whole",
+                                                                      "flow")]
+        actual = [(r["global_step"], r["metrics"]) for r in records(stopped, "flow")]
+        assert actual == expected and len(actual) == 3
+        kept = stopped / "latent_cache" / folder.name
+        assert {p.name: p.stat().st_mtime_ns for p in kept.iterdir()} == entries
