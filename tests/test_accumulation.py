@@ -70,19 +70,19 @@ def _two_updates(stage: StageConfig, mesh=None):
     return jax.device_get(state), metrics
 
 
-def test_micro_batches_give_the_big_batchs_updates_on_one_and_eight_devices():
-    """One batch of 16 against 2 micro-batches of 8, on one device and on eight (one row
-    of each micro-batch per device): the same losses, weights and averages."""
+def test_micro_batches_on_eight_devices_give_one_devices_big_batch_updates():
+    """One batch of 16 on one device against 2 micro-batches of 8 on eight devices (one row
+    of each micro-batch per device): the same losses, weights and averages. (One device
+    with micro-batches: the run test below.)"""
     whole_state, whole = _two_updates(BOTH)
-    accumulated = dataclasses.replace(BOTH, gradient_accumulation_steps=2)
-    for mesh in (None, data_mesh()):
-        state, metrics = _two_updates(accumulated, mesh)
-        for a, b in zip(whole, metrics, strict=True):
-            for key in a:
-                assert b[key] == pytest.approx(a[key], rel=2e-5, abs=1e-7), key
-        for tree in ("params", "ema", "buffers"):
-            jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=2e-5, atol=1e-6),
-                         getattr(whole_state, tree), getattr(state, tree))
+    state, metrics = _two_updates(dataclasses.replace(BOTH, gradient_accumulation_steps=2),
+                                  data_mesh())
+    for a, b in zip(whole, metrics, strict=True):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=2e-5, abs=1e-7), key
+    for tree in ("params", "ema", "buffers"):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=2e-5, atol=1e-6),
+                     getattr(whole_state, tree), getattr(state, tree))
     assert whole[1]["r1_penalty"] > 0
 
 
