@@ -135,7 +135,8 @@ def test_metadata_supplies_what_shapes_cannot(models, tmp_path):
     config = TINY.replace(max_hw=512, vae_attn_heads=4)
     vae_only = FluxFlowModels(config, models.compressor, models.flow_processor, models.expander)
     with pytest.warns(UserWarning, match=r"rebuild this architecture: vae_attn_heads=4 "
-                                         r"\(PyTorch uses 8\)$"):
+                                         r"\(PyTorch uses 8\), max_hw=512 \(PyTorch uses "
+                                         r"1024\)$"):  # v060's from_pretrained: max_hw too
         save_fluxflow(tmp_path, vae_only)
     assert load_fluxflow(tmp_path).config.max_hw == 512
     assert load_fluxflow(tmp_path).config.vae_attn_heads == 4

@@ -41,7 +41,8 @@ def cfg(request):
 @pytest.fixture(scope="module")
 def inputs():
     images, noise, text, t = ref.inputs(BASE, IMAGE_SHAPE, torch.float32, seed=11)
-    ids = torch.randint(1, BASE.text_vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(1, BASE.text_vocab_size, (2, 12),
+                        generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
     return images, noise, text, t, ids * mask, mask

@@ -29,7 +29,7 @@ FLOAT64_TOL = 1e-6  # measured: <= 3e-13 with weights no float32 value can repre
 FLOAT32_TOL = 5e-5
 # Whole compressor -> flow -> expander chains feed the flow's float32 output into SPADE's
 # context at every upscale, multiplying the per-module rounding by up to ~100x: measured
-# <= 4.7e-4.
+# <= 4.7e-4 in v030, <= 6.6e-4 in v060.
 FLOAT32_CHAIN_TOL = 2e-3
 
 # Two sets of widths, both with non-square images; each runs in every architecture version.
@@ -114,22 +114,23 @@ def torch_classes(cfg: FluxFlowConfig):
 
 
 def compressor(cfg: FluxFlowConfig) -> nn.Module:
-    return torch_classes(cfg).FluxCompressor(in_channels=cfg.in_channels, d_model=cfg.vae_dim,
-                          downscales=cfg.downscales, max_hw=cfg.max_hw,
-                          attn_layers=cfg.vae_attn_layers, attn_heads=cfg.vae_attn_heads,
-                          attn_ff_mult=cfg.vae_ff_mult, use_gradient_checkpointing=False)
+    return torch_classes(cfg).FluxCompressor(
+        in_channels=cfg.in_channels, d_model=cfg.vae_dim, downscales=cfg.downscales,
+        max_hw=cfg.max_hw, attn_layers=cfg.vae_attn_layers, attn_heads=cfg.vae_attn_heads,
+        attn_ff_mult=cfg.vae_ff_mult, use_gradient_checkpointing=False)
 
 
 def flow_processor(cfg: FluxFlowConfig) -> nn.Module:
-    return torch_classes(cfg).FluxFlowProcessor(d_model=cfg.flow_dim, vae_dim=cfg.vae_dim,
-                             embedding_size=cfg.text_embed_dim, n_head=cfg.flow_attn_heads,
-                             n_layers=cfg.flow_transformer_layers, max_hw=cfg.max_hw,
-                             ctx_tokens=cfg.ctx_tokens)
+    return torch_classes(cfg).FluxFlowProcessor(
+        d_model=cfg.flow_dim, vae_dim=cfg.vae_dim, embedding_size=cfg.text_embed_dim,
+        n_head=cfg.flow_attn_heads, n_layers=cfg.flow_transformer_layers, max_hw=cfg.max_hw,
+        ctx_tokens=cfg.ctx_tokens)
 
 
 def expander(cfg: FluxFlowConfig) -> nn.Module:
-    return torch_classes(cfg).FluxExpander(d_model=cfg.vae_dim, upscales=cfg.upscales, max_hw=cfg.max_hw,
-                        ctx_tokens=cfg.ctx_tokens, use_gradient_checkpointing=False)
+    return torch_classes(cfg).FluxExpander(
+        d_model=cfg.vae_dim, upscales=cfg.upscales, max_hw=cfg.max_hw,
+        ctx_tokens=cfg.ctx_tokens, use_gradient_checkpointing=False)
 
 
 def pipeline(cfg: FluxFlowConfig, seed: int) -> FluxPipeline:

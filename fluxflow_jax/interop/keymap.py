@@ -1,8 +1,8 @@
 """The one explicit table between PyTorch ``fluxflow`` state-dict keys and JAX variables.
 
 Each component's table lists, for every tensor of the config's architecture version, its
-PyTorch key (without the file prefix), the path of the NNX variable that holds it, and the layout change between
-them. Tables are built from the config, so their coverage can be checked against a module:
+PyTorch key (without the file prefix), the path of the NNX variable that holds it, and the
+layout change between them. Tables are built from the config, so their coverage can be checked against a module:
 every variable of a module must appear exactly once (``check_coverage``).
 """
 

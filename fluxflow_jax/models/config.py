@@ -31,6 +31,12 @@ _TORCH_FIXED = {
                      "text_heads": 12, "text_hidden_dim": 3072, "text_max_positions": 512,
                      "text_head_width": 512},
 }
+# Values only the loader of one version hard-codes: FluxPipeline.from_pretrained, v060's
+# loader, reads neither max_hw nor in_channels from anywhere.
+_TORCH_FIXED_BY_VERSION = {
+    "0.6.0": {"compressor": {"in_channels": 3, "max_hw": 1024},
+              "flow_processor": {"max_hw": 1024}, "expander": {"max_hw": 1024}},
+}
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,8 @@ DEFAULT_VERSION = "0.6.0"
 NOT_IMPLEMENTED_VERSIONS = ("0.7.0", "0.8.0")
 
 
-_TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "int | None": "an integer or null"}
+_TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number",
+               "int | None": "an integer or null"}
 
 
 def _has_type(value: object, annotation: str) -> bool:
@@ -165,10 +172,12 @@ class FluxFlowConfig:
         """Fields of the given components (all by default) that PyTorch ``fluxflow`` cannot
         rebuild: its loaders hard-code these values, so such a checkpoint fails to load
         there or, for head counts, runs different math."""
-        return [f"{name}={getattr(self, name)} (PyTorch uses {value})"
-                for component, fixed in _TORCH_FIXED.items()
-                if components is None or component in components
-                for name, value in fixed.items() if getattr(self, name) != value]
+        tables = (_TORCH_FIXED, _TORCH_FIXED_BY_VERSION.get(self.model_version, {}))
+        problems = [f"{name}={getattr(self, name)} (PyTorch uses {value})"
+                    for table in tables for component, fixed in table.items()
+                    if components is None or component in components
+                    for name, value in fixed.items() if getattr(self, name) != value]
+        return list(dict.fromkeys(problems))
 
     def replace(self, **changes) -> "FluxFlowConfig":
         return dataclasses.replace(self, **changes)

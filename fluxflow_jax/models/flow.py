@@ -1,4 +1,4 @@
-"""FluxFlowProcessor: the flow transformer (architecture v030 of fluxflow 0.8.1).
+"""FluxFlowProcessor: the flow transformer (fluxflow 0.8.1 architectures v030 and v060 share it).
 
 It predicts, for noisy latent tokens, a v-prediction conditioned on a pooled text embedding
 and a timestep. Blocks carry four "pillar" streams that feed a Bezier activation; a
