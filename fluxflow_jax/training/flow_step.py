@@ -4,7 +4,8 @@ Latents are sampled (not the mean) from the compressor, hw token included; the t
 drawn from the cos^2 weights, the token noised on the VP schedule, and the flow processor
 (given t/999 as a float) predicts v = alpha * eps - sigma * x0 for the image tokens. The text
 encoder trains with it (dropout on) unless frozen, in which case it runs in eval mode and is
-not differentiated.
+not differentiated. The images may come as their cached posterior instead
+(``POSTERIOR_KEYS``): the tokens are then sampled from it, as the compressor samples them.
 """
 
 from __future__ import annotations
