@@ -1,6 +1,6 @@
 """Training-step speed of fluxflow-jax against the same batch of work in PyTorch.
 
-    python tools/bench.py [--configs tiny,reference] [--stages vae_gan,flow]
+    python tools/bench.py [--configs tiny,reference] [--stages vae_gan,flow,flow_cached]
                           [--variants jax,torch,torch.compile] [--steps 20] [--warmup 3]
                           [--rounds 1] [--compile-timeout 300] [--wait-idle 0]
                           [--batch-size N] [--huge-pages on|off] [--json out.json]
@@ -37,6 +37,11 @@ a CPU: PyTorch's VAE-GAN step took about an hour on the 2-core development machi
 "flow512" (the reference with a 512-wide flow processor, the width the MFU target names).
 ``--batch-size`` replaces every config's batch (batch 1 leaves a GPU mostly idle).
 
+Stage "flow_cached" is JAX's flow step on cached latents (``cache_latents: true``): the
+images' posteriors are computed once, before the timed steps, and the step samples its
+tokens from them instead of running the compressor's convolutions. It has no PyTorch row
+(the reference has no cache); its note gives the speed-up over the "flow" row.
+
 The table goes to stdout; ``--json`` is rewritten after each stage, so a run stopped by a
 time limit keeps the rows it finished (SIGTERM also stops the worker in progress).
 """
@@ -67,7 +72,7 @@ import numpy as np
 from fluxflow_jax.huge_pages import TUNABLE, environment_with_huge_pages
 from fluxflow_jax.models import FluxFlowConfig
 
-STAGES = ("vae_gan", "flow")
+STAGES = ("vae_gan", "flow", "flow_cached")
 VARIANTS = ("jax", "torch", "torch.compile")
 LEARNING_RATE = 1e-4
 FLOW_LR = 1e-5
@@ -137,8 +142,14 @@ def jax_runner(bench: BenchConfig, stage_name: str, precision: str, remat: bool
     params = sum(x.size for name, module in models.present().items() if name in trained
                  for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
     state = step.init_state(models)
-    wanted = ("images",) + (("input_ids", "attention_mask") if stage_name == "flow" else ())
-    batch = {k: jax.device_put(v) for k, v in host_batch(bench).items() if k in wanted}
+    host = host_batch(bench)
+    if stage_name == "flow_cached":
+        host = cached_batch(step, state, bench, host)
+        wanted = ("latent_mu", "latent_logvar", "latent_grid", "input_ids", "attention_mask")
+    else:
+        wanted = ("images",) + (("input_ids", "attention_mask") if stage_name == "flow"
+                                else ())
+    batch = {k: jax.device_put(v) for k, v in host.items() if k in wanted}
     keys = [jax.random.key(n) for n in range(1, 10_000)]
     holder = {"state": PackedState.pack(state)}  # as the training loop keeps it
 
@@ -159,6 +170,18 @@ def jax_runner(bench: BenchConfig, stage_name: str, precision: str, remat: bool
         info["peak_flops"] = peak_flops(device, precision)
 
     return run, {"params": int(params), "finish": finish}
+
+
+def cached_batch(step: Any, state: Any, bench: BenchConfig, host: dict[str, np.ndarray]
+                 ) -> dict[str, np.ndarray]:
+    """``host`` with its images replaced by their cached posteriors, as a run with
+    ``cache_latents: true`` reads them (the cache itself in a temporary folder)."""
+    from fluxflow_jax.pipeline.latent_cache import LatentCache
+
+    with tempfile.TemporaryDirectory() as folder:
+        cache = LatentCache(Path(folder), step.networks, state.params["compressor"],
+                            state.buffers["compressor"], bench.model.model_version)
+        return cache.inputs(host)
 
 
 # ---------------------------------------------------------------------- PyTorch variants
@@ -405,6 +428,10 @@ def add_ratios(rows: list[dict]) -> None:
         base = jax_time.get((r["config"], r["stage"]))
         if r["variant"] != "jax" and base and "error" not in r:
             r["jax_over_torch"] = base / r["step_seconds_median"]
+        uncached = jax_time.get((r["config"], "flow"))
+        if r["stage"] == "flow_cached" and uncached and "error" not in r:
+            r["note"] = (f"{uncached / r['step_seconds_median']:.2f}x the speed of the "
+                         "uncached flow step")
 
 
 def _mib(value: float | None) -> str:
@@ -510,11 +537,13 @@ def main() -> None:
     rows = []
     for config in parse_list(args.configs, list(CONFIGS), "configs"):
         for stage in parse_list(args.stages, STAGES, "stages"):
+            # The reference has no latent cache: its flow rows stand for both.
             specs = [{"config": config, "stage": stage, "variant": variant,
                       "steps": args.steps, "warmup": args.warmup,
                       "precision": args.precision, "remat": args.remat,
                       "batch_size": args.batch_size or CONFIGS[config].batch_size,
-                      "huge_pages": args.huge_pages == "on"} for variant in variants]
+                      "huge_pages": args.huge_pages == "on"} for variant in variants
+                     if stage != "flow_cached" or variant == "jax"]
             results: list[list[dict]] = [[] for _ in specs]
             for number in range(1, args.rounds + 1):
                 for spec, done in zip(specs, results, strict=True):

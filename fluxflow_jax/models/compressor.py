@@ -29,6 +29,14 @@ class Encoded(NamedTuple):
     logvar: jax.Array  # [B, h, w, D]
 
 
+class Posterior(NamedTuple):
+    """The encoder's latent distribution, and the latent grid the tokens are built on."""
+
+    mu: jax.Array  # [B, h, w, D]
+    logvar: jax.Array  # [B, h, w, D]
+    latent: jax.Array  # [B, h, w, D]: the grid mu and logvar are projected from
+
+
 class TokenAttentionBlock(nnx.Module):
     """Pre-norm self-attention plus a Bezier feed-forward (``nn.MultiheadAttention`` math)."""
 
@@ -87,6 +95,11 @@ class FluxCompressor(nnx.Module):
         The reparameterisation noise [B, h, w, D] is either given or drawn from ``key``;
         exactly one of them must be passed.
         """
+        return self.sample(self.posterior(images), noise=noise, key=key)
+
+    def posterior(self, images: jax.Array) -> Posterior:
+        """The deterministic part of encoding images [B, H, W, C]: the convolutions up to
+        the latent distribution (what a cache of encoded images holds)."""
         b, height, width, _ = images.shape
         x = jnp.concatenate([images, coordinate_channels(b, height, width, images.dtype)], -1)
         for first, down in zip(self.encoder_first_step, self.encoder_z):
@@ -98,12 +111,18 @@ class FluxCompressor(nnx.Module):
         for mu_proj, logvar_proj in zip(self.mu_proj, self.logvar_proj):
             mu = bezier_activation(mu_proj(mu), "sigmoid", "silu")
             logvar = bezier_activation(logvar_proj(logvar), "sigmoid", "silu")
-        mu, logvar = self.mu_activation(mu), self.logvar_activation(logvar)
+        return Posterior(self.mu_activation(mu), self.logvar_activation(logvar), latent)
 
+    def sample(self, posterior: Posterior, *, noise: jax.Array | None = None,
+               key: jax.Array | None = None) -> Encoded:
+        """The packed tokens of z = mu + noise * exp(logvar / 2) (noise given or drawn
+        from ``key``): z plus the latent grid and positions, refined by self-attention (and
+        bounded, from v060 on)."""
+        mu, logvar, latent = posterior
         noise = self._reparameterisation_noise(noise, key, mu)
         z = mu + noise * jnp.exp(0.5 * logvar)
 
-        _, h, w, dim = latent.shape
+        b, h, w, dim = latent.shape
         tokens = (z.reshape(b, h * w, dim) + sincos_table_2d(h, w, dim, z.dtype)[None]
                   + latent.reshape(b, h * w, dim))
         for block in self.token_attn:

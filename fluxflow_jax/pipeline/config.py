@@ -148,6 +148,8 @@ class StepConfig:
     lr: float | None = None  # learning rate of the default optimizers
     lr_min: float | None = None  # eta_min_factor of the default cosine schedules
     initial_clipping_norm: float | None = None  # None: the run's
+    gradient_accumulation_steps: int | None = None  # None: the run's
+    cache_latents: bool = False  # encode each image once (frozen compressor, flow only)
     transition_on: TransitionConfig = TransitionConfig()
     origin: str = field(default="", compare=False)  # "file:line", for messages
 
@@ -164,6 +166,7 @@ STEP_CHECKS: dict[str, Check] = {
     "optim_sched_config": optional(check_str), "lr": optional(_POSITIVE),
     "lr_min": optional(in_interval("[0, 1]", 0.1)),
     "initial_clipping_norm": optional(_POSITIVE),
+    "gradient_accumulation_steps": _OPTIONAL_POSITIVE_INT, "cache_latents": check_bool,
     **_option_checks()}
 MODE_KEYS = ("train_vae", "gan_training", "train_spade", "use_lpips", "train_diff",
              "train_diff_full", "train_flow", "train_reconstruction")
@@ -274,6 +277,8 @@ class TrainingConfig:
     precision: str | None = None  # fp32 | bf16; None: bf16 if use_fp16, else fp32
     remat: bool = False  # recompute block activations in the backward pass (less memory)
     initial_clipping_norm: float = 1.0
+    # micro-batches of batch_size per optimizer update (the effective batch: their sum)
+    gradient_accumulation_steps: int = 1
     max_steps: int | None = None  # every step ends after this many batches
     seed: int = 0  # model initialisation and training randomness
     devices: int | None = None  # data-parallel devices; None: all
@@ -302,6 +307,7 @@ TRAINING_CHECKS: dict[str, Check] = {
     "preserve_lr": check_bool, "training_steps": integer_at_least(1),
     "use_fp16": check_bool, "precision": optional(one_of(("fp32", "bf16"))),
     "remat": check_bool, "initial_clipping_norm": optional(_POSITIVE),
+    "gradient_accumulation_steps": integer_at_least(1),
     "max_steps": _OPTIONAL_POSITIVE_INT, "seed": integer_at_least(0),
     "devices": _OPTIONAL_POSITIVE_INT, "shard_params": check_bool,
     "lpips_weights": optional(check_str),

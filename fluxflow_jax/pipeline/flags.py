@@ -54,6 +54,7 @@ FLAGS: tuple[tuple[str, str, str, Any], ...] = (
     ("precision", "training", "precision", str),
     ("remat", "training", "remat", "flag"),
     ("initial_clipping_norm", "training", "initial_clipping_norm", float),
+    ("gradient_accumulation_steps", "training", "gradient_accumulation_steps", int),
     ("max_steps", "training", "max_steps", int),
     ("seed", "training", "seed", int),
     ("devices", "training", "devices", int),

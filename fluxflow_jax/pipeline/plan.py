@@ -8,6 +8,7 @@ stages for ``fluxflow-jax validate``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -44,8 +45,9 @@ def check_run(config: RunConfig) -> Plan:
             return None
 
     loader = attempt(lambda: make_loader(config))
-    stages = attempt(lambda: build_stages(
-        config, loader.batches_per_epoch() if loader else 1)) or []
+    loaders = functools.cache(lambda accumulation: make_loader(config, accumulation))
+    stages = attempt(lambda: build_stages(config, lambda accumulation: loaders(
+        accumulation).batches_per_epoch() if loader else 1)) or []
     model = attempt(lambda: model_config(config))
     attempt(lambda: make_mesh(config))
     attempt(lambda: load_lpips(config, stages))
@@ -82,6 +84,15 @@ def _losses(stage: Stage) -> list[str]:
         out.append("flow v-prediction"
                    + (f" + {flow.lambda_align}·alignment" if flow.lambda_align else ""))
     return out
+
+
+def _accumulation(config: RunConfig, stage: Stage) -> list[str]:
+    """The line on a step's micro-batches, if it accumulates gradients."""
+    count = stage.config.gradient_accumulation_steps
+    if count == 1:
+        return []
+    return [f"  batches: {count} micro-batches of {config.training.batch_size} per update "
+            f"(effective batch {count * config.training.batch_size})"]
 
 
 def _transition(stage: Stage) -> str:
@@ -121,6 +132,7 @@ def describe(config: RunConfig, plan: Plan) -> str:
         lines += [f"Step {stage.index + 1}/{len(stages)} '{stage.label}'"
                   + (f": {stage.step.description}" if stage.step.description else ""),
                   f"  runs: up to {stage.planned_batches()} batches; ends {_transition(stage)}",
+                  *_accumulation(config, stage),
                   f"  losses: {', '.join(_losses(stage))}",
                   f"  frozen: {', '.join(sorted(stage.config.frozen)) or 'nothing'}"]
         for group, components in groups.items():

@@ -45,6 +45,7 @@ from fluxflow_jax.pipeline.console import (ProgressBar, RunningAverage, averagin
                                            compile_line, format_duration, progress_line)
 from fluxflow_jax.pipeline.interrupts import Interrupted, StopSignals
 from fluxflow_jax.pipeline.memory import TRAIN_LEVERS, check_fits
+from fluxflow_jax.pipeline.latent_cache import LatentCache
 from fluxflow_jax.pipeline.metrics_log import MetricsLog
 from fluxflow_jax.pipeline.samples import Samples
 from fluxflow_jax.pipeline.setup import (check_text_inputs, initial_models, load_lpips,
@@ -139,7 +140,9 @@ class Run:
         self.config, self.echo = config, echo if self.writer else (lambda line: None)
         self.output = Path(config.output.output_path)
         self.loader: DataLoader = make_loader(config)
-        self.stages = build_stages(config, self.loader.batches_per_epoch())
+        self._loaders = {1: self.loader}  # by accumulation steps (see loader_for)
+        self.stages = build_stages(
+            config, lambda accumulation: self.loader_for(accumulation).batches_per_epoch())
         self.mesh = make_mesh(config)
         self.models: FluxFlowModels = initial_models(config)
         check_text_inputs(self.models.config, config.data, self.loader.tokenizer,
@@ -195,7 +198,8 @@ class Run:
             self.echo(self.checkpoints.fallback_line(latest, damaged))
             for err in damaged if self.writer else ():
                 self.checkpoints.set_aside(err.step)
-        self.loader.restore(record["loader"])
+        self._stage_loader(self.stages[min(position.stage, len(self.stages) - 1)]).restore(
+            record["loader"])
         if position.stage >= len(self.stages):
             self.echo(f"The run in {self.output} is complete (checkpoint {latest}); pass "
                       "--no_resume to train it again from the start")
@@ -221,6 +225,16 @@ class Run:
                                                   carried_averages=stage.ema_components)
         state, _ = self.checkpoints.restore(like, step)
         return position, state, record
+
+    def loader_for(self, accumulation: int) -> DataLoader:
+        """The loader of steps with ``accumulation`` micro-batches per update (made once):
+        its batches are their effective batches."""
+        if accumulation not in self._loaders:
+            self._loaders[accumulation] = make_loader(self.config, accumulation)
+        return self._loaders[accumulation]
+
+    def _stage_loader(self, stage: Stage) -> DataLoader:
+        return self.loader_for(stage.config.gradient_accumulation_steps)
 
     def _train_step(self, stage: Stage) -> TrainStep:
         return TrainStep(self.models, stage.config, lpips=self.lpips, mesh=self.mesh,
@@ -250,11 +264,15 @@ class Run:
         metrics_log = MetricsLog(self.output, stage.name,
                                  position.global_step if resuming else None) \
             if self.writer else None
+        cache = (LatentCache(self.output / "latent_cache", step.networks,
+                             state.params["compressor"], state.buffers["compressor"],
+                             self.models.config.model_version)
+                 if stage.step.cache_latents else None)
         packed = PackedState.pack(state)
         try:
             while True:
                 packed, done, reason = self._run_epoch(stage, step, packed, position,
-                                                       metrics_log)
+                                                       metrics_log, cache)
                 if done:
                     break
         finally:
@@ -265,9 +283,11 @@ class Run:
         return packed.unpack()
 
     def _run_epoch(self, stage: Stage, step: TrainStep, state: PackedState,
-                   position: Position, metrics_log: MetricsLog | None
-                   ) -> tuple[PackedState, bool, str]:
-        """Run (the rest of) one epoch; (state, whether the stage is done, why)."""
+                   position: Position, metrics_log: MetricsLog | None,
+                   cache: LatentCache | None) -> tuple[PackedState, bool, str]:
+        """Run (the rest of) one epoch; (state, whether the stage is done, why). With a
+        ``cache``, the step reads the images' cached posteriors instead of the images."""
+        step_inputs = cache.inputs if cache else (lambda inputs: inputs)
         window = RunningAverage(averaging_window(self.config.output.log_interval))
         window.restore(position.averages)
         shown = console_metrics(stage)
@@ -275,9 +295,10 @@ class Run:
         speed = SpeedMeter(self.peak_flops)
         pending: list[dict[str, jax.Array]] = []
         bar = ProgressBar(stage.batches_per_epoch)
+        loader = self._stage_loader(stage)
         batches = prefetch_to_device(
-            self.loader.epoch(position.data_epoch), 2, self.sharding,
-            inputs=lambda b: [b.step_inputs(i) for i in range(len(b.scales))])
+            loader.epoch(position.data_epoch), 2, self.sharding,
+            inputs=lambda b: [step_inputs(b.step_inputs(i)) for i in range(len(b.scales))])
         done, reason = False, ""
         try:
             for batch, device_inputs in batches:
@@ -309,7 +330,7 @@ class Run:
                         self._validate(stage, state, position, metrics_log)
                 if epoch_end:
                     done, reason = self._close_epoch(stage, position, started)
-                    loader_state = self.loader.position_state(position.data_epoch)
+                    loader_state = loader.position_state(position.data_epoch)
                 if capped and not done:
                     done, reason = True, f"reached max_steps ({stage.max_batches} batches)"
                 if done and self.validation and not validated:  # the stage's end
@@ -318,7 +339,10 @@ class Run:
                         self._validate(stage, state, position, metrics_log, at=shown_at)
                 if done and not epoch_end:  # the next stage starts a fresh data epoch
                     position.data_epoch += 1
-                    loader_state = self.loader.position_state(position.data_epoch)
+                if done:  # where the next stage's loader (its batch size) starts
+                    following = self.stages[min(stage.index + 1, len(self.stages) - 1)]
+                    loader_state = self._stage_loader(following).position_state(
+                        position.data_epoch)
                 sampling = bool(self.samples) and (done or epoch_end or
                                                    self._samples_due(position))
                 if done or interval or epoch_end or sampling or stopping:
@@ -336,7 +360,7 @@ class Run:
         finally:
             batches.close()
             bar.clear()
-        self.loader.seek(position.data_epoch)  # the loop may leave an epoch's iterator early
+        loader.seek(position.data_epoch)  # the loop may leave an epoch's iterator early
         return state, done, reason
 
     def _write(self, stage: Stage, state: TrainState, position: Position,
@@ -403,7 +427,8 @@ class Run:
                 pending.append(metrics)
                 cost = step.cost(inputs).flops
                 flops = None if cost is None or flops is None else flops + cost
-        speed.batch(self.config.training.batch_size, flops)
+        speed.batch(self.config.training.batch_size * stage.config.gradient_accumulation_steps,
+                    flops)
         return state
 
     def _compile(self, step: TrainStep, stage: Stage, state: PackedState, inputs: dict,
@@ -432,14 +457,15 @@ class Run:
     def compile_stages(self) -> list[tuple[Stage, Compilation]]:
         """Each stage's step compiled for the first batch, from an abstract state (nothing
         allocated): the memory estimates ``validate --memory`` prints."""
-        batches = self.loader.epoch(0)
-        try:
-            inputs = next(batches).step_inputs()
-        finally:
-            batches.close()
-            self.loader.seek(0)
         compiled = []
         for stage in self.stages:
+            loader = self._stage_loader(stage)
+            batches = loader.epoch(0)
+            try:
+                inputs = next(batches).step_inputs()
+            finally:
+                batches.close()
+                loader.seek(0)
             step = self._train_step(stage)
             like = jax.eval_shape(lambda step=step, stage=stage: step.init_state(
                 self.models, carried_averages=stage.ema_components))

@@ -72,15 +72,18 @@ def load_tokenizer(data: DataConfig) -> Tokenizer:
     return Tokenizer.load(None if name is None or name in _DEFAULT_TOKENIZERS else name)
 
 
-def make_loader(run: RunConfig) -> DataLoader:
-    """The host's data loader (its share of every global batch)."""
+def make_loader(run: RunConfig, accumulation: int = 1) -> DataLoader:
+    """The host's data loader (its share of every global batch) for steps of
+    ``accumulation`` micro-batches: its batches are the effective batches,
+    ``batch_size`` x ``accumulation`` samples."""
     data, hosts = run.data, jax.process_count()
     if run.training.batch_size % hosts:
         raise ConfigError([f"training.batch_size ({run.training.batch_size}) must be "
                            f"divisible by the {hosts} hosts"])
     try:
         return DataLoader(make_source(data), load_tokenizer(data), LoaderConfig(
-            batch_size=run.training.batch_size // hosts, image_size=data.img_size,
+            batch_size=run.training.batch_size // hosts * accumulation,
+            image_size=data.img_size,
             fixed_size=data.fixed_size, reduced_min_sizes=data.reduced_min_sizes,
             max_length=data.max_length, seed=data.seed, workers=run.training.workers,
             on_bad_sample=data.on_bad_sample, shard_index=jax.process_index(),

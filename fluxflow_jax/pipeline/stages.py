@@ -10,7 +10,7 @@ collected into one ``ConfigError``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,6 +138,11 @@ def _optimization(run: RunConfig, step: StepConfig, problems: list[str]
     return ({**merged.optimizers, **inline}, {**schedulers, **step.schedulers})
 
 
+def accumulation_steps(run: RunConfig, step: StepConfig) -> int:
+    """Micro-batches per update in a step: its own setting, else the run's."""
+    return step.gradient_accumulation_steps or run.training.gradient_accumulation_steps
+
+
 def _epochs(step: StepConfig) -> int:
     """The most epochs a step runs: n_epochs, or the transition's max_epochs if fewer."""
     epochs = step.n_epochs or 1
@@ -189,8 +194,14 @@ def _step_problems(step: StepConfig, pipeline: bool) -> list[str]:
     return problems
 
 
-def build_stages(run: RunConfig, batches_per_epoch: int) -> list[Stage]:
-    """The run's stages, checked; ``ConfigError`` lists every problem of every step."""
+def build_stages(run: RunConfig, batches_per_epoch: int | Callable[[int], int]
+                 ) -> list[Stage]:
+    """The run's stages, checked; ``ConfigError`` lists every problem of every step.
+
+    ``batches_per_epoch(n)``: the epoch's batches of ``n`` accumulation steps' effective
+    batch (an int: the same for every ``n``)."""
+    if isinstance(batches_per_epoch, int):
+        batches_per_epoch = lambda n, batches=batches_per_epoch: batches
     all_problems: list[str] = []
     stages: list[Stage] = []
     frozen: frozenset[str] = frozenset()
@@ -222,17 +233,25 @@ def build_stages(run: RunConfig, batches_per_epoch: int) -> list[Stage]:
                             f"{reason}; remove it from the freeze list (or freeze_vae/"
                             "freeze_flow) or turn off the mode that trains it")
         vae, flow = _options(step)
+        if step.cache_latents and (vae is not None or flow is None
+                                   or "compressor" not in frozen):
+            problems.append("cache_latents needs a flow step whose compressor is frozen and "
+                            "that trains no VAE part: add freeze_vae: true (or freeze: "
+                            "[compressor]) and turn off train_vae/gan_training/train_spade, "
+                            "or set cache_latents: false")
         optimizers, schedulers = _optimization(run, step, problems)
         epochs = _epochs(step)
+        accumulation = accumulation_steps(run, step)
+        epoch_batches = batches_per_epoch(accumulation)
         caps = [c for c in (step.max_steps, run.training.max_steps) if c]
         max_batches = min(caps) if caps else None
-        batches = epochs * batches_per_epoch
+        batches = epochs * epoch_batches
         updates = (min(batches, max_batches) if max_batches else batches) * scales * \
             run.training.training_steps
         clip = step.initial_clipping_norm or run.training.initial_clipping_norm
         config = StageConfig(vae=vae, flow=flow, frozen=frozen, optimizers=optimizers,
                              schedulers=schedulers, total_steps=max(1, updates),
-                             gradient_clip_norm=clip)
+                             gradient_clip_norm=clip, gradient_accumulation_steps=accumulation)
         if vae is not None or flow is not None:
             problems += config.problems()
         transition = _transition(step, config, validation.names(run, config), problems)
@@ -240,7 +259,7 @@ def build_stages(run: RunConfig, batches_per_epoch: int) -> list[Stage]:
             ema += [c for c in ema_components(config) if c not in ema]
         all_problems += [f"{step.origin or run.source}: step '{name or 'standard'}' "
                          f"({index + 1}/{len(steps)}): {p}" for p in problems]
-        stages.append(Stage(index, name, step, config, epochs, max_batches, batches_per_epoch,
+        stages.append(Stage(index, name, step, config, epochs, max_batches, epoch_batches,
                             transition, tuple(ema)))
     if all_problems:
         raise ConfigError(all_problems)

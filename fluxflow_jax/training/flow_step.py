@@ -4,7 +4,8 @@ Latents are sampled (not the mean) from the compressor, hw token included; the t
 drawn from the cos^2 weights, the token noised on the VP schedule, and the flow processor
 (given t/999 as a float) predicts v = alpha * eps - sigma * x0 for the image tokens. The text
 encoder trains with it (dropout on) unless frozen, in which case it runs in eval mode and is
-not differentiated.
+not differentiated. The images may come as their cached posterior instead
+(``POSTERIOR_KEYS``): the tokens are then sampled from it, as the compressor samples them.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fluxflow_jax.checks import field_problems, in_interval, optional
+from fluxflow_jax.models.compressor import Posterior
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.training import diffusion, losses
+from fluxflow_jax.training.accumulation import MicroBatches, pooled_std
 from fluxflow_jax.training.groups import OptimizerGroup, global_norm
 from fluxflow_jax.training.state import Networks, TrainState, Update
 
+# Batch entries that stand for the images: their cached posterior (``latent_cache``).
+POSTERIOR_KEYS = ("latent_mu", "latent_logvar", "latent_grid")
 FLOW_METRICS = ("flow_loss", "diff_loss", "align_loss", "grad_norm_flow", "grad_norm_text",
                 "lr_flow", "lr_text", "pred_mean", "pred_std")
 
@@ -59,47 +64,76 @@ class FlowOptions:
 
 def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, OptimizerGroup],
                 state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array,
-                use_alignment: bool) -> Update:
-    """One flow (and text encoder) update of ``state``."""
+                use_alignment: bool, micro: MicroBatches = MicroBatches()) -> Update:
+    """One flow (and text encoder) update of ``state`` from the batch's ``micro``-batches."""
     k_latent, k_time, k_noise, k_dropout, k_cfg = jax.random.split(key, 5)
     trained = {name: groups[name] for name in ("flow", "text_encoder") if name in groups}
-    images = batch["images"]
     compressor = nets.bind("compressor", state.params, state.buffers)
-    hw = compressor.latent_shape(*images.shape[1:3])
-    packed = nets.outputs(jax.lax.stop_gradient(
-        compressor.encode(nets.inputs(images), key=k_latent).packed))
-    x0, hw_token = packed[:, :-1], packed[:, -1:]
-    t = diffusion.sample_timesteps(k_time, x0.shape[0])
-    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-    noisy = jnp.concatenate([diffusion.add_noise(x0, noise, t), hw_token], axis=1)
-    target = diffusion.v_target(x0, noise, t)
-    keep_text = jax.random.bernoulli(k_cfg, 1.0 - options.cfg_dropout_prob, (x0.shape[0], 1))
+    cached = POSTERIOR_KEYS[0] in batch
+    source = {k: batch[k] for k in (POSTERIOR_KEYS if cached else ("images",))}
 
-    def embed(params):
-        encoder = nets.bind("text_encoder", params, state.buffers)
-        rngs = nnx.Rngs(dropout=k_dropout) if "text_encoder" in trained else None
-        embeddings = encoder(batch["input_ids"], batch["attention_mask"], rngs=rngs)
-        return jnp.where(keep_text, nets.outputs(embeddings), 0.0)
+    def posterior(part) -> Posterior:
+        """The images' latent distribution: given (a cache's), or from the compressor."""
+        if cached:
+            return Posterior(*(nets.inputs(part[k]) for k in POSTERIOR_KEYS))
+        return compressor.posterior(nets.inputs(part["images"]))
 
-    def objective(trainable):
-        params = state.params
-        for name, group in trained.items():
-            params = group.with_trainable(params, trainable[name])
-        embeddings = embed(params)
-        processor = nets.bind("flow_processor", params, state.buffers)
-        prediction = nets.outputs(processor(nets.inputs(noisy), nets.inputs(embeddings),
-                                            diffusion.model_time(t), hw=hw)[:, :-1])
-        diff = jnp.mean((prediction - target) ** 2)
-        align = (losses.alignment_loss(prediction, embeddings) if use_alignment
-                 else jnp.zeros([], diff.dtype))
-        return diff + options.lambda_align * align, (diff, align, prediction)
-
+    rows = source[next(iter(source))].shape[0]
+    latent = jax.eval_shape(lambda: compressor.sample(posterior(source), key=k_latent))
+    hw = latent.mu.shape[1:3]
+    x0_shape = jax.eval_shape(nets.outputs, latent.packed)
+    draws = {  # for the effective batch, as one batch of its size draws them
+        **source, "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+        "latent_noise": jax.random.normal(
+            k_latent, latent.mu.shape, jnp.promote_types(latent.mu.dtype, jnp.float32)),
+        "t": diffusion.sample_timesteps(k_time, rows),
+        "noise": jax.random.normal(k_noise, (rows, x0_shape.shape[1] - 1, x0_shape.shape[2]),
+                                   x0_shape.dtype),
+        "keep_text": jax.random.bernoulli(k_cfg, 1.0 - options.cfg_dropout_prob, (rows, 1)),
+        # Dropout masks are drawn per micro-batch: the same distribution, other draws.
+        "dropout_key": (k_dropout[None] if micro.count == 1
+                        else jax.random.split(k_dropout, micro.count)),
+    }
+    parts = {**micro.split({k: v for k, v in draws.items() if k != "dropout_key"}),
+             "dropout_key": draws["dropout_key"]}
     trainable = {name: group.trainable(state.params) for name, group in trained.items()}
-    (total, (diff, align_value, prediction)), grads = jax.value_and_grad(
-        objective, has_aux=True)(trainable)
+
+    def micro_batch(part):
+        packed = nets.outputs(jax.lax.stop_gradient(compressor.sample(
+            posterior(part), noise=part["latent_noise"]).packed))
+        x0, hw_token = packed[:, :-1], packed[:, -1:]
+        t, noise = part["t"], part["noise"]
+        noisy = jnp.concatenate([diffusion.add_noise(x0, noise, t), hw_token], axis=1)
+        target = diffusion.v_target(x0, noise, t)
+
+        def objective(trainable):
+            params = state.params
+            for name, group in trained.items():
+                params = group.with_trainable(params, trainable[name])
+            encoder = nets.bind("text_encoder", params, state.buffers)
+            rngs = nnx.Rngs(dropout=part["dropout_key"]) if "text_encoder" in trained else None
+            embeddings = jnp.where(part["keep_text"], nets.outputs(encoder(
+                part["input_ids"], part["attention_mask"], rngs=rngs)), 0.0)
+            processor = nets.bind("flow_processor", params, state.buffers)
+            prediction = nets.outputs(processor(nets.inputs(noisy), nets.inputs(embeddings),
+                                                diffusion.model_time(t), hw=hw)[:, :-1])
+            diff = jnp.mean((prediction - target) ** 2)
+            align = (losses.alignment_loss(prediction, embeddings) if use_alignment
+                     else jnp.zeros([], diff.dtype))
+            return diff + options.lambda_align * align, (diff, align, prediction)
+
+        (total, (diff, align, prediction)), grads = jax.value_and_grad(
+            objective, has_aux=True)(trainable)
+        mean = jnp.mean(prediction)
+        averaged = {"grads": grads, "flow_loss": total, "diff_loss": diff,
+                    "align_loss": align, "pred_mean": mean}
+        return averaged, {"mean": mean, "deviations": jnp.sum((prediction - mean) ** 2)}
+
+    averaged, stacked = micro.run(micro_batch, parts)
+    grads, total = averaged.pop("grads"), averaged["flow_loss"]
     metrics = {name: jnp.zeros([], jnp.float32) for name in FLOW_METRICS}
-    metrics.update(flow_loss=total, diff_loss=diff, align_loss=align_value,
-                   pred_mean=jnp.mean(prediction), pred_std=jnp.std(prediction, ddof=1))
+    metrics.update(averaged, pred_std=pooled_std(stacked["mean"], stacked["deviations"],
+                                                 draws["noise"].size // micro.count))
     finite = jnp.isfinite(total)
     norms = {name: global_norm(grads[name]) for name in trained}
     for name, group in trained.items():

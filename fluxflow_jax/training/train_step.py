@@ -24,8 +24,10 @@ from fluxflow_jax.checks import integer_at_least
 from fluxflow_jax.models.bundle import COMPONENTS, FluxFlowModels
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.suggest import did_you_mean
+from fluxflow_jax.training.accumulation import MicroBatches
 from fluxflow_jax.training.compiler import compiler_options
-from fluxflow_jax.training.flow_step import FLOW_METRICS, FlowOptions, flow_update
+from fluxflow_jax.training.flow_step import (FLOW_METRICS, POSTERIOR_KEYS, FlowOptions,
+                                             flow_update)
 from fluxflow_jax.training.groups import OptimizerGroup
 from fluxflow_jax.training.lpips import LPIPS
 from fluxflow_jax.training.optimizers import default_optimizer_config, optimizer_config_problems
@@ -59,6 +61,7 @@ class StageConfig:
     schedulers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     total_steps: int = 1
     gradient_clip_norm: float | None = 1.0
+    gradient_accumulation_steps: int = 1  # micro-batches per update (see accumulation)
 
     def required_components(self) -> set[str]:
         required = set()
@@ -85,6 +88,9 @@ class StageConfig:
                 for name in configs if name not in GROUPS]
         length_problem = integer_at_least(1)("total_steps", self.total_steps)
         out += [length_problem] if length_problem else []
+        accumulation_problem = integer_at_least(1)("gradient_accumulation_steps",
+                                                   self.gradient_accumulation_steps)
+        out += [accumulation_problem] if accumulation_problem else []
         out += [f"optimizers.{name}: {p}" for name, config in self.optimizers.items()
                 if name in GROUPS for p in optimizer_config_problems(config)]
         out += [f"schedulers.{name}: {p}" for name, config in self.schedulers.items()
@@ -143,6 +149,8 @@ class TrainStep:
     ``attention_mask`` [B, L]. With a ``mesh`` (``fluxflow_jax.parallel.data_mesh()``) the
     step is data parallel: B is the global batch, split over the devices, and the state is
     replicated, or with ``shard_params`` split over them too (``parallel.sharded_state``).
+    With ``gradient_accumulation_steps`` N, B is the effective batch: N micro-batches of
+    B / N make one update (``accumulation``).
     """
 
     def __init__(self, models: FluxFlowModels, stage: StageConfig, *,
@@ -169,6 +177,7 @@ class TrainStep:
                                  else False)
         self._lpips = nnx.split(lpips) if needs_lpips else None
         self.mesh = mesh
+        self.micro = MicroBatches(stage.gradient_accumulation_steps, mesh)
         self.shard_params = shard_params and mesh is not None
         self.compilations: list[Compilation] = []
         self._executables: dict[tuple, tuple[jax.stages.Compiled, Compilation]] = {}
@@ -253,8 +262,12 @@ class TrainStep:
         Each compilation is recorded in ``compilations`` with its time and XLA's FLOP count.
         """
         batch = dict(batch)
+        rows = len(next(iter(batch.values())))
         if self.mesh is not None:
-            parallel.check_batch_divides(batch["images"].shape[0], self.mesh)
+            parallel.check_batch_divides(rows, self.mesh)
+        problem = self.micro.check(rows)
+        if problem:
+            raise ValueError(problem)
         start = time.perf_counter()
         platform = (self.mesh.devices.flat[0] if self.mesh is not None
                     else jax.devices()[0]).platform
@@ -301,11 +314,11 @@ class TrainStep:
         updates = []
         if self.stage.vae is not None:
             updates.append(vae_gan_update(self.stage.vae, self.networks, self.groups, state,
-                                          batch["images"], vae_key, lpips))
+                                          batch["images"], vae_key, lpips, self.micro))
         if self.stage.flow is not None:
             trained = updates[-1].commit() if updates else state  # after the VAE-GAN update
             updates.append(flow_update(self.stage.flow, self.networks, self.groups, trained,
-                                       batch, flow_key, self.alignment_active))
+                                       batch, flow_key, self.alignment_active, self.micro))
         metrics = {name: value for update in updates for name, value in update.metrics.items()}
         finite = jnp.all(jnp.stack([update.finite for update in updates]))
         new_state = jax.lax.cond(finite, updates[-1].commit, lambda: state).replace(
@@ -360,11 +373,16 @@ def metric_names(stage: StageConfig) -> tuple[str, ...]:
 
 def _check_batch(batch: Mapping[str, jax.Array], stage: StageConfig,
                  config: FluxFlowConfig) -> None:
-    """Shape errors named in the batch's terms, at trace time, instead of deep in a model."""
-    wanted = ("images",) + (("input_ids", "attention_mask") if stage.flow else ())
+    """Shape errors named in the batch's terms, at trace time, instead of deep in a model.
+    A flow-only stage may take the images' cached posterior instead of the images."""
+    cached = stage.vae is None and POSTERIOR_KEYS[0] in batch
+    wanted = (POSTERIOR_KEYS if cached else ("images",)) + (
+        ("input_ids", "attention_mask") if stage.flow else ())
     missing = [key for key in wanted if key not in batch]
     if missing:
         raise ValueError(f"the batch lacks {missing}; this stage reads {list(wanted)}")
+    if cached:
+        return
     images = batch["images"]
     if images.ndim != 4 or images.shape[-1] != config.in_channels:
         raise ValueError(f"batch['images'] must be [B, H, W, {config.in_channels}] (NHWC), "

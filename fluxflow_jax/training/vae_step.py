@@ -24,6 +24,7 @@ from flax import nnx
 from fluxflow_jax.checks import (check_bool, field_problems, in_interval, integer_at_least,
                                  one_of, optional)
 from fluxflow_jax.training import losses
+from fluxflow_jax.training.accumulation import MicroBatches
 from fluxflow_jax.training.balancing import adaptive_weights, push
 from fluxflow_jax.training.groups import OptimizerGroup, Params, global_norm
 from fluxflow_jax.training.lpips import LPIPS
@@ -97,13 +98,13 @@ def _mean_image_token(packed: jax.Array) -> jax.Array:
 
 
 def generator_outputs(options: VAEOptions, nets: Networks, params: Params,
-                      buffers: Params, images: jax.Array, key: jax.Array
-                      ) -> dict[str, jax.Array]:
+                      buffers: Params, images: jax.Array, key: jax.Array | None = None, *,
+                      noise: jax.Array | None = None) -> dict[str, jax.Array]:
     """The autoencoder's forward pass: latent statistics, the discriminator context and the
     decoded images each loss reads ("recon" and/or "fake"), with the gradient routes of the
-    stage built in."""
+    stage built in. The latent is sampled with ``noise``, or noise drawn from ``key``."""
     compressor = nets.bind("compressor", params, buffers)
-    encoded = compressor.encode(nets.inputs(images), key=key)
+    encoded = compressor.encode(nets.inputs(images), key=key, noise=noise)
     hw = compressor.latent_shape(*images.shape[1:3])
     out = {"mu": nets.outputs(encoded.mu), "logvar": nets.outputs(encoded.logvar),
            "context": nets.outputs(_mean_image_token(encoded.packed))}
@@ -128,8 +129,9 @@ def generator_terms(options: VAEOptions, outputs: dict[str, jax.Array], images: 
                     discriminator: Callable | None, lpips: LPIPS | None,
                     compute_dtype: Any = None) -> dict[str, jax.Array]:
     """The unweighted generator losses: "recon" (frequency-aware L1 + mse_weight * MSE +
-    lambda_lpips * LPIPS), "kl", "gan" (lambda_adv * hinge), and the raw "l1" (frequency
-    aware), "mse" and "lpips" parts for monitoring."""
+    lambda_lpips * LPIPS), "kl", "gan" (lambda_adv * hinge; left at 0 without a
+    ``discriminator``), and the raw "l1" (frequency aware), "mse" and "lpips" parts for
+    monitoring."""
     zero = jnp.zeros([], jnp.float32)
     terms = {"recon": zero, "gan": zero, "l1": zero, "mse": zero, "lpips": zero,
              "kl": losses.kl_divergence(outputs["mu"], outputs["logvar"],
@@ -142,7 +144,7 @@ def generator_terms(options: VAEOptions, outputs: dict[str, jax.Array], images: 
             terms["lpips"] = jnp.mean(lpips(recon, images, compute_dtype=compute_dtype))
         terms["recon"] = (terms["l1"] + options.mse_weight * terms["mse"]
                           + options.lambda_lpips * terms["lpips"])
-    if options.use_gan:
+    if options.use_gan and discriminator is not None:
         terms["gan"] = losses.generator_loss(
             discriminator(outputs["fake"], outputs["context"]), options.lambda_adv)
     return terms
@@ -150,53 +152,124 @@ def generator_terms(options: VAEOptions, outputs: dict[str, jax.Array], images: 
 
 def vae_gan_update(options: VAEOptions, nets: Networks, groups: Mapping[str, OptimizerGroup],
                    state: TrainState, images: jax.Array, key: jax.Array,
-                   lpips: LPIPS | None) -> Update:
-    """One D and one VAE update of ``state``. The generator's GAN term reads the updated
-    discriminator, so that update is made here; the commit keeps it."""
+                   lpips: LPIPS | None, micro: MicroBatches = MicroBatches()) -> Update:
+    """One D and one VAE update of ``state`` from the batch's ``micro``-batches. The
+    generator's GAN term reads the updated discriminator, so that update is made here; the
+    commit keeps it.
+
+    The discriminator's gradient needs every micro-batch's fakes, and the adaptive loss
+    weights every micro-batch's loss values, before the generator's gradient can be taken:
+    with several micro-batches, a first pass runs the generator forward (fakes, loss values,
+    the discriminator's gradient) and a second pass runs it again with its backward pass.
+    One micro-batch keeps its forward pass for the backward pass instead.
+    """
     batch_number = state.step + 1  # the reference's global step (1 for the first batch)
     k_latent, k_real, k_fake = jax.random.split(key, 3)
     vae, disc = groups.get("vae"), groups.get("discriminator")
+    trains_disc = options.use_gan and disc is not None
+    trainable = vae.trainable(state.params) if vae else {}
 
-    def forward(trainable):
+    def forward(trainable, part):
         params = vae.with_trainable(state.params, trainable) if vae else state.params
-        return generator_outputs(options, nets, params, state.buffers, images, k_latent)
+        return generator_outputs(options, nets, params, state.buffers, part["images"],
+                                 noise=part["latent_noise"])
 
-    outputs, pullback = jax.vjp(forward, vae.trainable(state.params) if vae else {})
+    shapes = jax.eval_shape(lambda: generator_outputs(options, nets, state.params,
+                                                      state.buffers, images, k_latent))
+    draws = {"images": images,  # for the effective batch, as one batch of its size draws them
+             "latent_noise": jax.random.normal(k_latent, shapes["mu"].shape, jnp.promote_types(
+                 shapes["mu"].dtype, jnp.float32))}
+    if trains_disc:
+        draws["real_noise"] = jax.random.normal(k_real, images.shape, images.dtype)
+        draws["fake_noise"] = jax.random.normal(k_fake, shapes["fake"].shape,
+                                                shapes["fake"].dtype)
+    parts = micro.split(draws)
+    one = micro.count == 1
+    if one:
+        part = jax.tree.map(lambda x: x[0], parts)
+        outputs, pullback = jax.vjp(lambda t: forward(t, part), trainable)
+    if trains_disc:  # two power-iteration steps on the current weights: the real and
+        # the fake call's
+        after_real = _power_iterated(nets, state.params, state.buffers)
+        after_fake = _power_iterated(nets, state.params, after_real)
+        d_gradient = _discriminator_gradient(options, nets, disc, state, batch_number,
+                                             after_real, after_fake)
+    if one:
+        first = d_gradient(outputs, part) if trains_disc else {}
+    else:
+        def first_pass(part):
+            outputs = forward(trainable, part)
+            averaged = {"terms": generator_terms(options, outputs, part["images"], None,
+                                                 lpips, nets.compute_dtype)}
+            if trains_disc:
+                averaged.update(d_gradient(outputs, part))
+            fakes = {k: outputs[k] for k in ("fake", "context")} if options.use_gan else {}
+            return averaged, fakes
+
+        first, fakes = micro.run(first_pass, parts)
     params, opt_states, buffers = state.params, dict(state.opt_states), state.buffers
     metrics = {name: jnp.zeros([], jnp.float32) for name in VAE_METRICS}
     finite = jnp.array(True)
     discriminator = None
     if options.use_gan:
-        if disc is not None:
-            d_metrics, params, opt_states, buffers = _discriminator_update(
-                options, nets, disc, state, outputs, images, batch_number, k_real, k_fake)
-            finite &= jnp.isfinite(d_metrics["loss_disc"]) & jnp.isfinite(
-                d_metrics["grad_norm_disc"])
-            metrics.update(d_metrics)
+        if trains_disc:
+            d_grads = first.pop("grads")
+            grad_norm_disc = global_norm(d_grads)
+            metrics.update(loss_disc=first["loss_disc"], r1_penalty=first["r1_penalty"],
+                           grad_norm_disc=grad_norm_disc,
+                           lr_disc=disc.learning_rate(opt_states["discriminator"]))
+            finite &= jnp.isfinite(first["loss_disc"]) & jnp.isfinite(grad_norm_disc)
+            params, opt_states["discriminator"] = disc.apply(
+                d_grads, opt_states["discriminator"], state.params, first["loss_disc"],
+                grad_norm_disc)
+            buffers = after_fake
         discriminator = _logits(nets, params, buffers)
 
     active = jnp.array([options.train_reconstruction, True, options.use_gan])
     beta = losses.kl_beta(batch_number, options.kl_beta, options.kl_warmup_steps)
+    scale = jnp.array([1.0, beta, 1.0])
 
-    def objective(outputs):
-        terms = generator_terms(options, outputs, images, discriminator, lpips,
+    def balanced(outputs, part):
+        terms = generator_terms(options, outputs, part["images"], discriminator, lpips,
                                 nets.compute_dtype)
-        values = jnp.stack([terms[name] for name in BALANCED_LOSSES])
-        history = push(state.loss_history, jax.lax.stop_gradient(values), active)
+        return jnp.stack([terms[name] for name in BALANCED_LOSSES]), terms
+
+    def weighting(values):
+        history = push(state.loss_history, values, active)
         weights = (adaptive_weights(history, active) if options.adaptive_weights
                    else active.astype(jnp.float32))
-        total = jnp.sum(weights * values * jnp.array([1.0, beta, 1.0]))
-        return total, (terms, weights, history)
+        return history, weights
 
-    (total, (terms, weights, history)), cotangents = jax.value_and_grad(
-        objective, has_aux=True)(outputs)
+    if one:
+        values, balanced_pullback, terms = jax.vjp(lambda o: balanced(o, part), outputs,
+                                                   has_aux=True)
+        history, weights = weighting(values)
+        if vae is not None:
+            (grads,) = pullback(*balanced_pullback(weights * scale))
+    else:
+        terms = first["terms"]
+        if options.use_gan:
+            gan = lambda f: (losses.generator_loss(discriminator(f["fake"], f["context"]),
+                                                   options.lambda_adv), {})
+            terms = {**terms, "gan": micro.run(gan, fakes)[0]}
+        values = jnp.stack([terms[name] for name in BALANCED_LOSSES])
+        history, weights = weighting(values)
+
+        def second_pass(part):
+            outputs, pullback = jax.vjp(lambda t: forward(t, part), trainable)
+            _, balanced_pullback, _ = jax.vjp(lambda o: balanced(o, part), outputs,
+                                              has_aux=True)
+            return pullback(*balanced_pullback(weights * scale))[0], {}
+
+        if vae is not None:
+            grads = micro.run(second_pass, parts)[0]
+    total = jnp.sum(weights * values * scale)
     finite &= jnp.isfinite(total)
     metrics.update(loss_recon=terms["recon"], loss_l1=terms["l1"], loss_mse=terms["mse"],
                    loss_kl=terms["kl"], kl_beta=beta,
                    loss_lpips=terms["lpips"], loss_gen=terms["gan"], weight_recon=weights[0],
                    weight_kl=weights[1], weight_gan=weights[2])
     if vae is not None:
-        (grads,) = pullback(cotangents)
         grad_norm = global_norm(grads)
         finite &= jnp.isfinite(grad_norm)
         metrics.update(grad_norm_vae=grad_norm, lr_vae=vae.learning_rate(opt_states["vae"]))
@@ -214,44 +287,41 @@ def vae_gan_update(options: VAEOptions, nets: Networks, groups: Mapping[str, Opt
     return Update(metrics, finite, commit)
 
 
-def _discriminator_update(options: VAEOptions, nets: Networks, disc: OptimizerGroup,
-                          state: TrainState, outputs: dict[str, jax.Array],
-                          images: jax.Array, batch_number: jax.Array, k_real: jax.Array,
-                          k_fake: jax.Array):
-    """Hinge loss on noisy real and fake images, R1 on the real ones every r1_interval
-    batches; returns (metrics, params, opt_states, buffers)."""
+def _discriminator_gradient(options: VAEOptions, nets: Networks, disc: OptimizerGroup,
+                            state: TrainState, batch_number: jax.Array,
+                            after_real: Params, after_fake: Params
+                            ) -> Callable[[dict, dict], dict[str, jax.Array]]:
+    """``(outputs, part) -> {grads, loss_disc, r1_penalty}`` of one micro-batch: hinge loss
+    on noisy real and fake images, R1 on the real ones every r1_interval batches (updates,
+    whatever the micro-batches), the real and fake calls on the spectral-norm vectors
+    ``after_real`` and ``after_fake``."""
     sigma = losses.instance_noise_std(batch_number, options.instance_noise_std,
                                       options.instance_noise_decay)
-    real = images + sigma * jax.random.normal(k_real, images.shape, images.dtype)
-    fake = jax.lax.stop_gradient(outputs["fake"])
-    fake = fake + sigma * jax.random.normal(k_fake, fake.shape, fake.dtype)
-    context = jax.lax.stop_gradient(outputs["context"])
-
-    # Two power-iteration steps on the current weights: the real and the fake call's.
-    after_real = _power_iterated(nets, state.params, state.buffers)
-    after_fake = _power_iterated(nets, state.params, after_real)
     with_r1 = batch_number % options.r1_interval == 0
 
-    def objective(trainable):
-        params = disc.with_trainable(state.params, trainable)
-        logits = lambda buffers: lambda x: _logits(nets, params, buffers)(x, context)
-        # Only the penalty sits in the cond (its forward pass repeated, 1 step in
-        # r1_interval): XLA:CPU compiles convolutions inside conditional branches to a
-        # generic loop, which made the every-step real-image backward pass a third of the step.
-        r1 = jax.lax.cond(with_r1, lambda: losses.r1_penalty(logits(after_real), real),
-                          lambda: jnp.zeros([], real.dtype))
-        hinge = losses.hinge_discriminator_loss(logits(after_real)(real),
-                                                logits(after_fake)(fake))
-        return hinge + 0.5 * options.r1_gamma * r1, r1
+    def gradient(outputs, part):
+        real = part["images"] + sigma * part["real_noise"]
+        fake = jax.lax.stop_gradient(outputs["fake"]) + sigma * part["fake_noise"]
+        context = jax.lax.stop_gradient(outputs["context"])
 
-    (loss, r1), grads = jax.value_and_grad(objective, has_aux=True)(disc.trainable(state.params))
-    opt_states = dict(state.opt_states)
-    grad_norm = global_norm(grads)
-    metrics = {"loss_disc": loss, "r1_penalty": r1, "grad_norm_disc": grad_norm,
-               "lr_disc": disc.learning_rate(opt_states["discriminator"])}
-    params, opt_states["discriminator"] = disc.apply(grads, opt_states["discriminator"],
-                                                     state.params, loss, grad_norm)
-    return metrics, params, opt_states, after_fake
+        def objective(trainable):
+            params = disc.with_trainable(state.params, trainable)
+            logits = lambda buffers: lambda x: _logits(nets, params, buffers)(x, context)
+            # Only the penalty sits in the cond (its forward pass repeated, 1 step in
+            # r1_interval): XLA:CPU compiles convolutions inside conditional branches to a
+            # generic loop, which made the every-step real-image backward pass a third of
+            # the step.
+            r1 = jax.lax.cond(with_r1, lambda: losses.r1_penalty(logits(after_real), real),
+                              lambda: jnp.zeros([], real.dtype))
+            hinge = losses.hinge_discriminator_loss(logits(after_real)(real),
+                                                    logits(after_fake)(fake))
+            return hinge + 0.5 * options.r1_gamma * r1, r1
+
+        (loss, r1), grads = jax.value_and_grad(objective, has_aux=True)(
+            disc.trainable(state.params))
+        return {"grads": grads, "loss_disc": loss, "r1_penalty": r1}
+
+    return gradient
 
 
 def _logits(nets: Networks, params: Params, buffers: Params
