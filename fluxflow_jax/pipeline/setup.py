@@ -21,7 +21,8 @@ from fluxflow_jax.models.bundle import COMPONENTS, FluxFlowModels
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.pipeline.config import ConfigError, DataConfig, RunConfig
 from fluxflow_jax.pipeline.stages import Stage
-from fluxflow_jax.training.lpips import LPIPS, LPIPSWeightsError
+from fluxflow_jax.training.lpips import LPIPS, LPIPSWeightsError, default_weights_path
+from fluxflow_jax.training.lpips_weights import ConversionError, ensure_default_weights
 
 # Hub names of the reference's tokenizer: all mean the bert-base-uncased vocab, found locally.
 _DEFAULT_TOKENIZERS = ("distilbert-base-uncased", "bert-base-uncased")
@@ -160,14 +161,20 @@ def initial_models(run: RunConfig) -> FluxFlowModels:
     return loaded.train()
 
 
-def load_lpips(run: RunConfig, stages: list[Stage]) -> LPIPS | None:
-    """The LPIPS network if any stage's reconstruction loss uses it."""
+def load_lpips(run: RunConfig, stages: list[Stage], *, fetch: bool = True) -> LPIPS | None:
+    """The LPIPS network if any stage's reconstruction loss uses it. The default weights
+    file is created on first need; with ``fetch`` off (checking a config) a missing default
+    file is no problem, since training will create it."""
     if not any(s.config.vae and s.config.vae.train_reconstruction and s.config.vae.use_lpips
                for s in stages):
         return None
     path = Path(run.training.lpips_weights).expanduser() if run.training.lpips_weights \
         else None
     try:
+        if path is None:
+            if not fetch and not default_weights_path().is_file():
+                return None
+            path = ensure_default_weights()
         return LPIPS.from_file(path)
-    except LPIPSWeightsError as err:
+    except (LPIPSWeightsError, ConversionError) as err:
         raise ConfigError([f"training.lpips_weights: {err}"]) from None
