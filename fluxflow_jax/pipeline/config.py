@@ -71,6 +71,16 @@ def _check_sizes(key: str, value: Any) -> str | None:
     return f"'{key}' must be a list of sizes (512, \"512x384\" or [512, 384]), got {value!r}"
 
 
+# Checks of list keys: for each of them, null means the empty list ("none").
+LIST_CHECKS: tuple[Check, ...] = (check_str_list, check_int_list)
+
+# Keys of fluxflow-training 0.8.1 that this version does not implement yet. They are refused
+# by name (not as typos) so that a 0.8.1 config says what it is missing.
+LATER_KEYS = ("datasets", "default_dataset", "dataset", "use_ema", "train_kl",
+              "train_colorstats", "train_histogram", "train_contrast", "train_coarseness",
+              "spade_training_mode", "num_train_timesteps", "start_step",
+              "gradient_accumulation_steps")
+
 _POSITIVE = in_interval("(0, inf)", 1.0)
 _OPTIONAL_POSITIVE_INT = optional(integer_at_least(1))
 
@@ -369,6 +379,11 @@ class _Reader:
             here = path + (key,)
             if key in ignored:
                 continue
+            if name not in checks and key in LATER_KEYS:
+                self.problem(here, f"'{_dotted(here)}' is a fluxflow-training 0.8.1 key that "
+                                   "fluxflow-jax does not support yet; remove it (0.2.1 "
+                                   "configs run unchanged)")
+                continue
             if name not in checks:
                 valid = [*checks, *aliases]
                 hint = (f"; it is set for the whole run: training.{key}"
@@ -376,6 +391,8 @@ class _Reader:
                         else did_you_mean(key, valid))
                 self.problem(here, f"unknown key '{_dotted(here)}'{hint}")
                 continue
+            if item is None and checks.get(name) in LIST_CHECKS:
+                item = ()
             message = checks[name](_dotted(path + (name,)), item)
             if message:
                 self.problem(here, message)

@@ -115,6 +115,7 @@ def describe(config: RunConfig, plan: Plan) -> str:
                   f"  runs: up to {stage.planned_batches()} batches; ends {_transition(stage)}",
                   f"  losses: {', '.join(_losses(stage))}",
                   f"  frozen: {', '.join(sorted(stage.config.frozen)) or 'nothing'}"]
+        lines += [f"  {note}" for note in stage.notes]
         for group, components in groups.items():
             optimizer = stage.config.optimizers.get(group, {})
             scheduler = stage.config.schedulers.get(group, {})

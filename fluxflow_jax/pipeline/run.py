@@ -213,6 +213,8 @@ class Run:
             self.echo(f"Duration: {stage.epochs} epoch(s) of {stage.batches_per_epoch} "
                       f"batches" + (f", at most {stage.max_batches} batches"
                                     if stage.max_batches else ""))
+            for note in stage.notes:
+                self.echo(note)
         step = self._train_step(stage)
         if state is None or position.state_stage != stage.index:
             state = step.init_state(self.models, previous=state,
