@@ -108,6 +108,8 @@ def describe(config: RunConfig, plan: Plan) -> str:
              + (", parameters sharded over the devices" if config.training.shard_params
                 else ""),
              f"Output: {config.output.output_path}"]
+    if loader.bad_samples.count:  # found by the header scan: they will be skipped
+        lines.insert(2, f"Data: {loader.bad_samples.summary()}")
     for stage in stages:
         groups = stage.config.group_components()
         lines += [f"Step {stage.index + 1}/{len(stages)} '{stage.label}'"

@@ -127,6 +127,9 @@ class Run:
         self.config, self.echo = config, echo if self.writer else (lambda line: None)
         self.output = Path(config.output.output_path)
         self.loader: DataLoader = make_loader(config)
+        self.skips_reported = self.loader.bad_samples.count  # found by the header scan
+        if self.skips_reported:
+            self.echo(f"Before training: {self.loader.bad_samples.summary()}")
         self.stages = build_stages(config, self.loader.batches_per_epoch())
         self.mesh = make_mesh(config)
         self.models: FluxFlowModels = initial_models(config)
@@ -323,6 +326,10 @@ class Run:
         position.averages = {}  # the console window restarts every epoch
         self.echo(f"Epoch {position.epoch} completed in "
                   f"{format_duration(time.perf_counter() - started)}")
+        report = self.loader.bad_samples
+        if report.count > self.skips_reported:
+            self.echo(f"Epoch {position.epoch}: {report.summary(self.skips_reported)}")
+            self.skips_reported = report.count
         done, reason = transition_due(stage, position)
         if reason and not done:
             self.echo(f"Transition check: {reason}")
