@@ -18,8 +18,9 @@ from fluxflow_jax.data import DataLoader
 from fluxflow_jax.models.bundle import COMPONENT_CLASSES
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.pipeline.config import ConfigError, RunConfig
-from fluxflow_jax.pipeline.setup import (check_text_inputs, load_lpips, make_loader,
-                                         make_mesh, model_config)
+from fluxflow_jax.pipeline.samples import sample_sizes, samples_enabled
+from fluxflow_jax.pipeline.setup import (check_output_path, check_text_inputs, load_lpips,
+                                         make_loader, make_mesh, model_config)
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 
 
@@ -47,6 +48,9 @@ def check_run(config: RunConfig) -> Plan:
         config, loader.batches_per_epoch() if loader else 1)) or []
     model = attempt(lambda: model_config(config))
     attempt(lambda: make_mesh(config))
+    attempt(lambda: check_output_path(config))
+    if model is not None and samples_enabled(config.output):
+        attempt(lambda: sample_sizes(config, model))
     attempt(lambda: load_lpips(config, stages, fetch=False))
     if loader is not None and model is not None:
         attempt(lambda: check_text_inputs(model, config.data, loader.tokenizer, stages))

@@ -39,9 +39,9 @@ from fluxflow_jax.pipeline.config import ConfigError, RunConfig
 from fluxflow_jax.pipeline.console import (ProgressBar, RunningAverage, averaging_window,
                                            compile_line, format_duration, progress_line)
 from fluxflow_jax.pipeline.metrics_log import MetricsLog
-from fluxflow_jax.pipeline.samples import Samples
-from fluxflow_jax.pipeline.setup import (check_text_inputs, initial_models, load_lpips,
-                                         make_loader, make_mesh)
+from fluxflow_jax.pipeline.samples import Samples, samples_enabled
+from fluxflow_jax.pipeline.setup import (check_output_path, check_text_inputs, initial_models,
+                                         load_lpips, make_loader, make_mesh)
 from fluxflow_jax.pipeline.speed import Speed, SpeedMeter
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.training.performance import peak_flops
@@ -126,6 +126,7 @@ class Run:
         self.writer = jax.process_index() == 0
         self.config, self.echo = config, echo if self.writer else (lambda line: None)
         self.output = Path(config.output.output_path)
+        check_output_path(config)
         self.loader: DataLoader = make_loader(config)
         self.skips_reported = self.loader.bad_samples.count  # found by the header scan
         if self.skips_reported:
@@ -137,8 +138,8 @@ class Run:
                           self.stages)
         self.lpips = load_lpips(config, self.stages)
         output = config.output
-        self.samples = (None if output.no_samples or output.samples_per_checkpoint == 0
-                        else Samples(config, self.loader, self.models.config))
+        self.samples = (Samples(config, self.loader, self.models.config)
+                        if samples_enabled(output) else None)
         self.resume = resume
         self.base_key = jax.random.PRNGKey(config.training.seed)
         self.sharding = parallel.batch_sharding(self.mesh) if self.mesh else None

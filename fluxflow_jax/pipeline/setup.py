@@ -111,6 +111,14 @@ def check_text_inputs(config: FluxFlowConfig, data: DataConfig, tokenizer: Token
         raise ConfigError(problems)
 
 
+def check_output_path(run: RunConfig) -> None:
+    """The output path must be a folder, or not exist yet (it is created)."""
+    path = Path(run.output.output_path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError([f"output.output_path: {path} is a file, not a folder; choose "
+                           "another output_path"])
+
+
 def make_mesh(run: RunConfig) -> Mesh | None:
     """A data-parallel mesh over the devices the run uses; None for one device."""
     devices = jax.devices()
