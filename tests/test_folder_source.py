@@ -124,3 +124,14 @@ def test_non_utf8_captions_name_the_line(folder):
     captions.write_bytes(b"a.png\tok\nb.jpg\tcaf\xe9\n")
     with pytest.raises(DataConfigError, match=r"captions.txt:2: not valid UTF-8"):
         CaptionedFolder(folder, captions)
+
+
+def test_a_byte_order_mark_does_not_hide_the_first_image(folder):
+    """Editors on Windows start UTF-8 files with U+FEFF; it is not part of the image name."""
+    source = CaptionedFolder(folder, write_captions(folder, "\ufeffa.png\tred\nb.jpg\tblue\n"))
+    assert source[0].key == str(folder / "a.png") and source.image_size(0) == (20, 30)
+
+
+def test_a_directory_named_as_the_captions_file(folder):
+    with pytest.raises(DataConfigError, match=f"captions file {folder} is a directory"):
+        CaptionedFolder(folder, folder)
