@@ -522,6 +522,15 @@ def test_a_mode_trains_a_component_frozen_in_an_earlier_step(tmp_path):
     assert "vae" in result[2].config.group_components()
 
 
+def test_validate_says_which_step_unfreezes_what(tmp_path, capsys):
+    path = write(tmp_path, document([step("vae", train_vae=True, freeze=["flow"]),
+                                     step("flow", train_diff=True)]))
+    assert main(["validate", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines.count("  Step 'flow' trains flow_processor, frozen by an earlier step: "
+                       "unfrozen from here on") == 1
+
+
 def test_freezing_persists_until_lifted(tmp_path):
     result = stages(tmp_path, [
         step("a", train_diff=True, freeze_vae=True, freeze=["text_encoder"]),
