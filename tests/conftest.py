@@ -44,6 +44,15 @@ def lpips_files(tmp_path_factory) -> dict[str, Path]:
     return {"sdist": sdist, "weights": out}
 
 
+@pytest.fixture
+def pip_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip as a machine without network sees it: no index, no local wheels, no config."""
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    for name in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
 # The longest test files, longest first. pytest-xdist hands whole files (--dist loadfile) to
 # the workers in collection order, so starting with these lets both workers end together.
 LONGEST_FIRST = ("test_pipeline_run.py", "test_train_step.py", "test_parallel.py",

