@@ -22,6 +22,11 @@ from pathlib import Path
 CACHE_ENV = "FLUXFLOW_JAX_CACHE"
 
 
+def say(line: str) -> None:
+    """Report a fetch on stderr: stdout may be a command's output (generate's file list)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 class FetchError(Exception):
     """A pinned file could not be fetched or is not the pinned one; one line for the user."""
 
@@ -90,7 +95,7 @@ def download(pinned: Pinned, dest: Path, manual: str) -> Path:
     return verify(pinned, path)
 
 
-def cached(pinned: Pinned, manual: str, echo: Callable[[str], None] = print) -> Path:
+def cached(pinned: Pinned, manual: str, echo: Callable[[str], None] = say) -> Path:
     """The verified file in the cache's ``downloads`` folder, fetched there first if absent
     (saying so in one line)."""
     folder = cache_dir() / "downloads"
@@ -105,7 +110,7 @@ def cached(pinned: Pinned, manual: str, echo: Callable[[str], None] = print) -> 
 
 
 def derived(out: Path, pinned: Pinned, make: Callable[[Path], None], manual: str,
-            echo: Callable[[str], None] = print) -> Path:
+            echo: Callable[[str], None] = say) -> Path:
     """``out``, made once by ``make(file)`` from the pinned file downloaded into a
     temporary folder (which is then deleted), saying so in one line."""
     if out.is_file():

