@@ -6,6 +6,7 @@ and what a valid value looks like.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,13 +34,26 @@ def in_interval(interval: str, example: float) -> Check:
     return check
 
 
-def integer_at_least(low: int) -> Check:
+def integer_at_least(low: int, high: int | None = None) -> Check:
+    """An integer >= ``low`` (and <= ``high`` when given)."""
     def check(key: str, value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            return f"'{key}' must be an integer >= {low}, got {value!r}"
+        if isinstance(value, bool) or not isinstance(value, int) or value < low \
+                or (high is not None and value > high):
+            wanted = f">= {low}" if high is None else f"from {low} to {high}"
+            return f"'{key}' must be an integer {wanted}, got {value!r}"
         return None
 
     return check
+
+
+# Random seeds: JAX keys take 32 bits (a larger seed would alias a smaller one, or overflow).
+check_seed = integer_at_least(0, 2**32 - 1)
+
+
+def check_finite(key: str, value: Any) -> str | None:
+    if not is_real(value) or not math.isfinite(value):
+        return f"'{key}' must be a finite number, got {value!r}"
+    return None
 
 
 def one_of(choices: Sequence[Any]) -> Check:

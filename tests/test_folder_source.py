@@ -42,10 +42,20 @@ def test_prefix_is_joined_with_a_full_stop(folder):
     assert source[0].caption == "watercolour. cat"
 
 
-def test_image_size_reads_the_header_and_is_none_when_unreadable(folder):
+def size_or_reason(source: CaptionedFolder, index: int) -> tuple[int, int] | str:
+    try:
+        return source.image_size(index)
+    except BadSampleError as err:
+        return err.reason
+
+
+def test_image_size_reads_the_header_or_says_why_not(folder):
     captions = write_captions(folder, "a.png\tx\nb.jpg\ty\nbroken.png\tz\nmissing.png\tw\n")
     source = CaptionedFolder(folder, captions)
-    assert [source.image_size(i) for i in range(4)] == [(20, 30), (40, 10), None, None]
+    reasons = [size_or_reason(source, i) for i in range(4)]
+    assert reasons[:2] == [(20, 30), (40, 10)]
+    assert reasons[2].startswith("not a readable image (cannot identify image file")
+    assert reasons[3] == "image file not found"
 
 
 def write_oversized_png(path, width=30000, height=30000):
@@ -57,12 +67,13 @@ def write_oversized_png(path, width=30000, height=30000):
     path.write_bytes(bytes(data))
 
 
-def test_image_size_is_none_for_a_decompression_bomb(folder):
+def test_a_decompression_bomb_is_unreadable(folder):
     write_oversized_png(folder / "huge.png")
     with pytest.raises(Image.DecompressionBombError):
         Image.open(folder / "huge.png")
     source = CaptionedFolder(folder, write_captions(folder, "huge.png\tbig\na.png\tx\n"))
-    assert [source.image_size(i) for i in range(2)] == [None, (20, 30)]
+    assert "exceeds limit" in size_or_reason(source, 0)
+    assert source.image_size(1) == (20, 30)
 
 
 def test_lines_end_at_line_feeds_only(folder):
@@ -113,3 +124,14 @@ def test_non_utf8_captions_name_the_line(folder):
     captions.write_bytes(b"a.png\tok\nb.jpg\tcaf\xe9\n")
     with pytest.raises(DataConfigError, match=r"captions.txt:2: not valid UTF-8"):
         CaptionedFolder(folder, captions)
+
+
+def test_a_byte_order_mark_does_not_hide_the_first_image(folder):
+    """Editors on Windows start UTF-8 files with U+FEFF; it is not part of the image name."""
+    source = CaptionedFolder(folder, write_captions(folder, "\ufeffa.png\tred\nb.jpg\tblue\n"))
+    assert source[0].key == str(folder / "a.png") and source.image_size(0) == (20, 30)
+
+
+def test_a_directory_named_as_the_captions_file(folder):
+    with pytest.raises(DataConfigError, match=f"captions file {folder} is a directory"):
+        CaptionedFolder(folder, folder)

@@ -204,7 +204,7 @@ class ListSource:
         return self.samples[index]
 
     def image_size(self, index):
-        return header_size(self.samples[index].image)
+        return header_size(self.samples[index].image, self.samples[index].key)
 
 
 class ListStream:
@@ -243,6 +243,7 @@ def test_bad_samples_are_skipped_counted_and_replaced(tokenizer, tmp_path):
     assert loader.bad_samples.count == 6
     assert {e.split(":")[0] for e in loader.bad_samples.examples} == {
         "truncated", "zero-bytes", "missing", "no-caption", "bad-pixels", "garbage"}
+    assert "missing: image file not found" in loader.bad_samples.examples
     assert all(batch.images.shape == (3, 32, 32, 3) for batch in batches)
     assert set(keys(batches)) == {f"good{i}" for i in range(6)}
 
@@ -251,7 +252,8 @@ def test_bad_samples_can_stop_the_run(tokenizer, tmp_path):
     samples = bad_samples(tmp_path)
     loader = DataLoader(ListSource(samples[:6] + [samples[9]]), tokenizer,
                         LoaderConfig(batch_size=7, image_size=32, on_bad_sample="error"))
-    with pytest.raises(BadSampleError, match="no-caption: empty caption"):
+    with pytest.raises(DataConfigError, match="bad sample no-caption: empty caption; "
+                                              "on_bad_sample is 'error'"):
         list(loader.epoch(0))
 
 

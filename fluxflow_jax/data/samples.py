@@ -58,21 +58,53 @@ def decode_image(sample: RawSample) -> Image.Image:
         return Image.fromarray(np.ascontiguousarray(array[..., :3]))
     try:
         with _open(payload) as image:
+            image.seek(0)  # an animation trains on its first frame
             image.load()  # decode now: truncated files fail here, not later
-            return image.convert("RGB")
+            return to_rgb(image, sample.key)
     except FileNotFoundError:
         raise BadSampleError(sample.key, "image file not found") from None
     except _UNREADABLE as err:
         raise BadSampleError(sample.key, f"unreadable image ({err})") from None
 
 
-def header_size(payload: ImagePayload) -> tuple[int, int] | None:
-    """(height, width) from the image header without decoding the pixels; None when the
-    header cannot be read (a missing, empty, corrupt or oversized image)."""
+# Integer modes wider than 8 bits: Pillow's own conversion clips them at 255 (a 16-bit
+# grayscale image would train as near-white), so they are scaled down here.
+_WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_WHITE = (255, 255, 255)
+
+
+def to_rgb(image: Image.Image, key: str) -> Image.Image:
+    """8-bit RGB pixels of any image mode: 16-bit grayscale scaled to 8 bits, transparency
+    (alpha channels and transparent palette entries) composited over white, CMYK, palette
+    and the rest through Pillow; ``BadSampleError`` for float pixels (no known range)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _WIDE_INTEGER_MODES:
+        pixels = np.asarray(image, dtype=np.float64)
+        gray = np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
+    if image.mode == "F":
+        raise BadSampleError(key, "32-bit float pixels (mode F) have no known range; save the "
+                                  "image as 8- or 16-bit")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def header_size(payload: ImagePayload, key: str) -> tuple[int, int]:
+    """(height, width) from the image header without decoding the pixels;
+    ``BadSampleError`` for ``key`` saying why when it cannot be read (a missing file, a
+    file that is not an image, an oversized one)."""
     if isinstance(payload, np.ndarray):
         return payload.shape[0], payload.shape[1]
     try:
         with _open(payload) as image:
             return image.height, image.width
-    except _UNREADABLE:
-        return None
+    except FileNotFoundError:
+        raise BadSampleError(key, "image file not found") from None
+    except IsADirectoryError:
+        raise BadSampleError(key, "a directory, not an image file") from None
+    except _UNREADABLE as err:
+        raise BadSampleError(key, f"not a readable image ({err})") from None

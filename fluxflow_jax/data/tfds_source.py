@@ -85,9 +85,10 @@ class TFDSSource:
             raise BadSampleError(key, f"caption is {type(text).__name__}, not text")
         return RawSample(key, example[self._image_key], finish_caption(key, text, self._prefix))
 
-    def image_size(self, index: int) -> tuple[int, int] | None:
+    def image_size(self, index: int) -> tuple[int, int]:
         """(height, width): from the feature when every image has the same size, otherwise
-        from the image header (or array shape); None when that cannot be read."""
+        from the image header (or array shape); ``BadSampleError`` when that cannot be
+        read."""
         if self._image_shape and None not in self._image_shape[:2]:
             return tuple(self._image_shape[:2])
-        return header_size(self._source[index][self._image_key])
+        return header_size(self._source[index][self._image_key], f"{self._name}[{index}]")

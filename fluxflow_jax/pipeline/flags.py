@@ -91,6 +91,11 @@ _GROUPS = {"data": "data", "model": "model", "model_checkpoint": "model",
            "training": "training", "output": "output"}
 
 
+def flag_name(section: str, key: str = "") -> str:
+    """The flag that sets ``section.key`` (the first listed where several do)."""
+    return next(flag for flag, s, k, _ in FLAGS if (s, k) == (section, key))
+
+
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
     """Add every flag of ``FLAGS``; a flag not given leaves no attribute (the YAML's or the
     schema's value stands)."""

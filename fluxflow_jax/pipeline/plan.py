@@ -19,8 +19,9 @@ from fluxflow_jax.data import DataLoader
 from fluxflow_jax.models.bundle import COMPONENT_CLASSES
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.pipeline.config import ConfigError, RunConfig
-from fluxflow_jax.pipeline.setup import (check_text_inputs, load_lpips, make_loader,
-                                         make_mesh, model_config)
+from fluxflow_jax.pipeline.samples import sample_sizes, samples_enabled
+from fluxflow_jax.pipeline.setup import (check_output_path, check_text_inputs, load_lpips,
+                                         make_loader, make_mesh, model_config)
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.pipeline.validation import Validation
 
@@ -50,7 +51,10 @@ def check_run(config: RunConfig) -> Plan:
         accumulation).batches_per_epoch() if loader else 1)) or []
     model = attempt(lambda: model_config(config))
     attempt(lambda: make_mesh(config))
-    attempt(lambda: load_lpips(config, stages))
+    attempt(lambda: check_output_path(config))
+    if model is not None and samples_enabled(config.output):
+        attempt(lambda: sample_sizes(config, model))
+    attempt(lambda: load_lpips(config, stages, fetch=False))
     if loader is not None and model is not None:
         attempt(lambda: check_text_inputs(model, config.data, loader.tokenizer, stages))
     if loader is not None and config.output.validation_interval is not None:
@@ -124,6 +128,8 @@ def describe(config: RunConfig, plan: Plan) -> str:
              "Memory: `validate --memory` compiles each step to estimate it; `train` "
              "checks it before each step's first batch",
              f"Output: {config.output.output_path}"]
+    if loader.bad_samples.count:  # found by the header scan: they will be skipped
+        lines.insert(2, f"Data: {loader.bad_samples.summary()}")
     if config.output.validation_interval is not None:
         lines.append(f"Validation: every {config.output.validation_interval} batches and at "
                      f"step ends, on {config.data.validation_samples} held-out samples")
@@ -135,6 +141,7 @@ def describe(config: RunConfig, plan: Plan) -> str:
                   *_accumulation(config, stage),
                   f"  losses: {', '.join(_losses(stage))}",
                   f"  frozen: {', '.join(sorted(stage.config.frozen)) or 'nothing'}"]
+        lines += [f"  {note}" for note in stage.notes]
         for group, components in groups.items():
             optimizer = stage.config.optimizers.get(group, {})
             scheduler = stage.config.schedulers.get(group, {})

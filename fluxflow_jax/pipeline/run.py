@@ -47,9 +47,9 @@ from fluxflow_jax.pipeline.interrupts import Interrupted, StopSignals
 from fluxflow_jax.pipeline.memory import TRAIN_LEVERS, check_fits
 from fluxflow_jax.pipeline.latent_cache import LatentCache
 from fluxflow_jax.pipeline.metrics_log import MetricsLog
-from fluxflow_jax.pipeline.samples import Samples
-from fluxflow_jax.pipeline.setup import (check_text_inputs, initial_models, load_lpips,
-                                         make_loader, make_mesh)
+from fluxflow_jax.pipeline.samples import Samples, samples_enabled
+from fluxflow_jax.pipeline.setup import (check_output_path, check_text_inputs, initial_models,
+                                         load_lpips, make_loader, make_mesh)
 from fluxflow_jax.pipeline.speed import Speed, SpeedMeter
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.pipeline import validation
@@ -139,7 +139,11 @@ class Run:
         self.writer = jax.process_index() == 0
         self.config, self.echo = config, echo if self.writer else (lambda line: None)
         self.output = Path(config.output.output_path)
+        check_output_path(config)
         self.loader: DataLoader = make_loader(config)
+        self.skips_reported = self.loader.bad_samples.count  # found by the header scan
+        if self.skips_reported:
+            self.echo(f"Before training: {self.loader.bad_samples.summary()}")
         self._loaders = {1: self.loader}  # by accumulation steps (see loader_for)
         self.stages = build_stages(
             config, lambda accumulation: self.loader_for(accumulation).batches_per_epoch())
@@ -151,8 +155,8 @@ class Run:
         self.validation = (None if config.output.validation_interval is None
                            else Validation(config, self.loader.tokenizer, self.lpips))
         output = config.output
-        self.samples = (None if output.no_samples or output.samples_per_checkpoint == 0
-                        else Samples(config, self.loader, self.models.config))
+        self.samples = (Samples(config, self.loader, self.models.config)
+                        if samples_enabled(output) else None)
         self.resume = resume
         self.base_key = jax.random.PRNGKey(config.training.seed)
         self.sharding = parallel.batch_sharding(self.mesh) if self.mesh else None
@@ -256,6 +260,8 @@ class Run:
             self.echo(f"Duration: {stage.epochs} epoch(s) of {stage.batches_per_epoch} "
                       f"batches" + (f", at most {stage.max_batches} batches"
                                     if stage.max_batches else ""))
+            for note in stage.notes:
+                self.echo(note)
         step = self._train_step(stage)
         if state is None or position.state_stage != stage.index:
             state = step.init_state(self.models, previous=state,
@@ -388,6 +394,10 @@ class Run:
         position.averages = {}  # the console window restarts every epoch
         self.echo(f"Epoch {position.epoch} completed in "
                   f"{format_duration(time.perf_counter() - started)}")
+        report = self.loader.bad_samples
+        if report.count > self.skips_reported:
+            self.echo(f"Epoch {position.epoch}: {report.summary(self.skips_reported)}")
+            self.skips_reported = report.count
         done, reason = transition_due(stage, position)
         if reason and not done:
             self.echo(f"Transition check: {reason}")

@@ -24,7 +24,7 @@ from fluxflow_jax.data.images import fixed_size, to_array
 from fluxflow_jax.data.samples import decode_image
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.models.config import FluxFlowConfig
-from fluxflow_jax.pipeline.config import ConfigError, RunConfig
+from fluxflow_jax.pipeline.config import ConfigError, OutputConfig, RunConfig
 from fluxflow_jax.pipeline.stages import Stage
 from fluxflow_jax.sampling import generate, latent_grid, to_uint8
 
@@ -53,18 +53,29 @@ def _sizes(config: RunConfig) -> list[tuple[int, int]]:
     return out
 
 
+def samples_enabled(output: OutputConfig) -> bool:
+    return not output.no_samples and output.samples_per_checkpoint > 0
+
+
+def sample_sizes(config: RunConfig, model: FluxFlowConfig) -> list[tuple[int, int]]:
+    """The text-to-image sample sizes, (height, width); ``ConfigError`` naming a size the
+    model cannot generate."""
+    sizes = _sizes(config)
+    for height, width in sizes:
+        try:
+            latent_grid(model, height, width)
+        except ValueError as err:
+            raise ConfigError([f"output.sample_sizes: {width}x{height}: {err}"]) from None
+    return sizes
+
+
 class Samples:
     """Writes a stage's samples; ``write`` takes the models holding the weights to show."""
 
     def __init__(self, config: RunConfig, loader: DataLoader, model: FluxFlowConfig):
         self.directory = Path(config.output.output_path) / "samples"
         self.steps = config.output.sample_steps
-        self.sizes = _sizes(config)
-        for height, width in self.sizes:
-            try:
-                latent_grid(model, height, width)
-            except ValueError as err:
-                raise ConfigError([f"output.sample_sizes: {width}x{height}: {err}"]) from None
+        self.sizes = sample_sizes(config, model)
         self.images = self._fixed_images(config, loader)
         captions = list(config.output.sample_captions)
         self.tokens = loader.tokenizer.encode(captions, config.data.max_length) \

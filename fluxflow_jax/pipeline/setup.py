@@ -21,7 +21,8 @@ from fluxflow_jax.models.bundle import COMPONENTS, FluxFlowModels
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.pipeline.config import ConfigError, DataConfig, RunConfig
 from fluxflow_jax.pipeline.stages import Stage
-from fluxflow_jax.training.lpips import LPIPS, LPIPSWeightsError
+from fluxflow_jax.training.lpips import LPIPS, LPIPSWeightsError, default_weights_path
+from fluxflow_jax.training.lpips_weights import ConversionError, ensure_default_weights
 
 # Hub names of the reference's tokenizer: all mean the bert-base-uncased vocab, found locally.
 _DEFAULT_TOKENIZERS = ("distilbert-base-uncased", "bert-base-uncased")
@@ -113,6 +114,14 @@ def check_text_inputs(config: FluxFlowConfig, data: DataConfig, tokenizer: Token
         raise ConfigError(problems)
 
 
+def check_output_path(run: RunConfig) -> None:
+    """The output path must be a folder, or not exist yet (it is created)."""
+    path = Path(run.output.output_path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError([f"output.output_path: {path} is a file, not a folder; choose "
+                           "another output_path"])
+
+
 def make_mesh(run: RunConfig) -> Mesh | None:
     """A data-parallel mesh over the devices the run uses; None for one device."""
     devices = jax.devices()
@@ -163,8 +172,10 @@ def initial_models(run: RunConfig) -> FluxFlowModels:
     return loaded.train()
 
 
-def load_lpips(run: RunConfig, stages: list[Stage]) -> LPIPS | None:
-    """The LPIPS network if any stage's reconstruction loss or validation uses it."""
+def load_lpips(run: RunConfig, stages: list[Stage], *, fetch: bool = True) -> LPIPS | None:
+    """The LPIPS network if any stage's reconstruction loss or validation uses it. The
+    default weights file is created on first need; with ``fetch`` off (checking a config)
+    a missing default file is no problem, since training will create it."""
     if run.output.validation_interval is None and not any(
             s.config.vae and s.config.vae.train_reconstruction and s.config.vae.use_lpips
             for s in stages):
@@ -172,6 +183,10 @@ def load_lpips(run: RunConfig, stages: list[Stage]) -> LPIPS | None:
     path = Path(run.training.lpips_weights).expanduser() if run.training.lpips_weights \
         else None
     try:
+        if path is None:
+            if not fetch and not default_weights_path().is_file():
+                return None
+            path = ensure_default_weights()
         return LPIPS.from_file(path)
-    except LPIPSWeightsError as err:
+    except (LPIPSWeightsError, ConversionError) as err:
         raise ConfigError([f"training.lpips_weights: {err}"]) from None

@@ -3,8 +3,10 @@
 Each step becomes a ``StageConfig`` for ``TrainStep`` plus what the run loop needs around it
 (how many epochs and batches at most, the transition rule, the EMAs carried). Freezing
 persists: a step's frozen set is the previous step's, plus what it freezes, minus what it
-unfreezes (``freeze_vae: false`` unfreezes the VAE). Every problem of every step is
-collected into one ``ConfigError``.
+unfreezes (``freeze_vae: false`` unfreezes the VAE). A step whose modes train a component
+frozen in an earlier step unfreezes it, and says so (the reference silently trains nothing
+there, which its documented examples never mean); freezing and training a component in the
+same step is an error. Every problem of every step is collected into one ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Stage:
     batches_per_epoch: int
     transition: TransitionConfig  # metric resolved to the train step's name
     ema_components: tuple[str, ...]  # averages kept in the state (this and earlier stages)
+    notes: tuple[str, ...] = ()  # what the stage does that its config does not say outright
 
     @property
     def label(self) -> str:
@@ -77,8 +80,9 @@ def _trained(step: StepConfig) -> set[str]:
 
 
 def _frozen_after(step: StepConfig, before: frozenset[str], problems: list[str]
-                  ) -> frozenset[str]:
-    frozen = set(before)
+                  ) -> tuple[frozenset[str], frozenset[str]]:
+    """(the step's frozen set, the components the step itself freezes)."""
+    frozen, own = set(before), set()
     for listed, add in ((step.freeze, True), (step.unfreeze, False)):
         for name in listed:
             if name not in COMPONENT_NAMES:
@@ -90,9 +94,11 @@ def _frozen_after(step: StepConfig, before: frozenset[str], problems: list[str]
         value = getattr(step, flag)
         if value is not None:
             frozen = frozen | set(components) if value else frozen - set(components)
-    frozen |= {COMPONENT_NAMES[n] for n in step.freeze if n in COMPONENT_NAMES}
-    frozen -= {COMPONENT_NAMES[n] for n in step.unfreeze if n in COMPONENT_NAMES}
-    return frozenset(frozen)
+            own |= set(components) if value else set()
+    listed = {COMPONENT_NAMES[n] for n in step.freeze if n in COMPONENT_NAMES}
+    unlisted = {COMPONENT_NAMES[n] for n in step.unfreeze if n in COMPONENT_NAMES}
+    frozen = (frozen | listed) - unlisted
+    return frozenset(frozen), frozenset((own | listed) - unlisted)
 
 
 def _options(step: StepConfig) -> tuple[VAEOptions | None, FlowOptions | None]:
@@ -205,7 +211,6 @@ def build_stages(run: RunConfig, batches_per_epoch: int | Callable[[int], int]
     all_problems: list[str] = []
     stages: list[Stage] = []
     frozen: frozenset[str] = frozenset()
-    frozen_by: dict[str, str] = {}
     ema: list[str] = []
     seen_names: dict[str, int] = {}
     scales = 1 + len(run.data.reduced_min_sizes)
@@ -220,18 +225,16 @@ def build_stages(run: RunConfig, batches_per_epoch: int | Callable[[int], int]
             problems.append(f"step name '{name}' must not contain '/' or '\\' or start "
                             "with '.' (it names files)")
         seen_names.setdefault(name, index)
-        before = frozen
-        frozen = _frozen_after(step, frozen, problems)
-        for component in frozen - before:
-            frozen_by[component] = name
-        both = _trained(step) & frozen
+        frozen, own = _frozen_after(step, frozen, problems)
+        both = _trained(step) & own
         if both:
-            carried = sorted(c for c in both if c in before and frozen_by.get(c) != name)
-            reason = (f" ({', '.join(carried)} frozen since step '{frozen_by[carried[0]]}'; "
-                      "unfreeze it here)") if carried else ""
-            problems.append(f"cannot freeze and train the same component: {sorted(both)}"
-                            f"{reason}; remove it from the freeze list (or freeze_vae/"
-                            "freeze_flow) or turn off the mode that trains it")
+            problems.append(f"cannot freeze and train the same component: {sorted(both)}; "
+                            "remove it from the freeze list (or freeze_vae/freeze_flow) or "
+                            "turn off the mode that trains it")
+        thawed = sorted((_trained(step) & frozen) - own)
+        frozen -= set(thawed)
+        notes = (f"Step '{name or 'standard'}' trains {', '.join(thawed)}, frozen by an earlier "
+                 "step: unfrozen from here on",) if thawed else ()
         vae, flow = _options(step)
         if step.cache_latents and (vae is not None or flow is None
                                    or "compressor" not in frozen):
@@ -260,7 +263,7 @@ def build_stages(run: RunConfig, batches_per_epoch: int | Callable[[int], int]
         all_problems += [f"{step.origin or run.source}: step '{name or 'standard'}' "
                          f"({index + 1}/{len(steps)}): {p}" for p in problems]
         stages.append(Stage(index, name, step, config, epochs, max_batches, epoch_batches,
-                            transition, tuple(ema)))
+                            transition, tuple(ema), notes))
     if all_problems:
         raise ConfigError(all_problems)
     return stages

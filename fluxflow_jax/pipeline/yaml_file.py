@@ -3,7 +3,8 @@
 PyYAML follows YAML 1.1, where ``1e-5`` (no dot) is a string; a learning rate written that
 way would then fail far from the file. The loader here resolves every YAML 1.2 float form
 (``1e-5``, ``.5``, ``1_000.0``) as a number. Each mapping key's line is kept, so a config
-error can say ``config.yaml:12``.
+error can say ``config.yaml:12``. Aliases are followed, but a document that expands to more
+than ``MAX_VALUES`` values (an alias bomb: a few lines growing to gigabytes) is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
+MAX_VALUES = 100_000  # far beyond any config, far below what hurts
+
+
 class YamlFileError(ValueError):
     """A file that is not readable YAML; the message names the file and line."""
 
@@ -55,33 +59,42 @@ def read_yaml(path: str | Path) -> tuple[Any, dict[KeyPath, int]]:
         raise YamlFileError(f"{where}: not valid YAML: {problem}") from None
     if node is None:
         return None, {}
-    lines: dict[KeyPath, int] = {}
-    constructor = _Loader(text)
+    builder = _Builder(_Loader(text))
     try:
-        return _construct(node, (), lines, constructor), lines
+        return builder.construct(node, ()), builder.lines
     except yaml.YAMLError as err:
         raise YamlFileError(f"{path}: {err}") from None
     finally:
-        constructor.dispose()
+        builder.constructor.dispose()
 
 
 _PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 
-def _construct(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int],
-               constructor: _Loader) -> Any:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.CollectionNode) and node.tag not in _PLAIN_TAGS:
-        raise yaml.YAMLError(f"line {node.start_mark.line + 1}: unsupported tag {node.tag}")
-    if isinstance(node, yaml.MappingNode):
-        constructor.flatten_mapping(node)  # merge keys (<<)
-        out = {}
-        for key_node, value_node in node.value:
-            key = constructor.construct_object(key_node, deep=True)
-            lines[path + (key,)] = key_node.start_mark.line + 1
-            out[key] = _construct(value_node, path + (key,), lines, constructor)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, path + (index,), lines, constructor)
-                for index, item in enumerate(node.value)]
-    return constructor.construct_object(node, deep=True)
+class _Builder:
+    """Builds the document from its node tree, noting each key's line and counting values."""
+
+    def __init__(self, constructor: _Loader):
+        self.constructor, self.lines, self.values = constructor, {}, 0
+
+    def construct(self, node: yaml.Node, path: KeyPath) -> Any:
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise yaml.YAMLError(f"line {node.start_mark.line + 1}: the document expands to "
+                                 f"more than {MAX_VALUES:,} values through its aliases (*name); "
+                                 "write the values out or use fewer aliases")
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.CollectionNode) and node.tag not in _PLAIN_TAGS:
+            raise yaml.YAMLError(f"line {node.start_mark.line + 1}: unsupported tag {node.tag}")
+        if isinstance(node, yaml.MappingNode):
+            self.constructor.flatten_mapping(node)  # merge keys (<<)
+            out = {}
+            for key_node, value_node in node.value:
+                key = self.constructor.construct_object(key_node, deep=True)
+                self.lines[path + (key,)] = key_node.start_mark.line + 1
+                out[key] = self.construct(value_node, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.construct(item, path + (index,))
+                    for index, item in enumerate(node.value)]
+        return self.constructor.construct_object(node, deep=True)

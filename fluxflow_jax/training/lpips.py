@@ -37,9 +37,9 @@ import safetensors.numpy
 from flax import nnx
 
 from fluxflow_jax.models import init
+from fluxflow_jax.pinned import cache_dir
 
 WEIGHTS_FILE = "lpips_vgg16.safetensors"
-CACHE_ENV = "FLUXFLOW_JAX_CACHE"
 CONVERT_COMMAND = "fluxflow-jax lpips-weights"
 
 # lpips' ScalingLayer: inputs in [-1, 1] to the ImageNet statistics VGG was trained on.
@@ -90,9 +90,8 @@ def weight_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def default_weights_path() -> Path:
-    """``$FLUXFLOW_JAX_CACHE/lpips_vgg16.safetensors``, else under ``~/.cache/fluxflow_jax``."""
-    cache = os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "fluxflow_jax")
-    return Path(cache).expanduser() / WEIGHTS_FILE
+    """``lpips_vgg16.safetensors`` in the user cache (``fluxflow_jax.pinned.cache_dir``)."""
+    return cache_dir() / WEIGHTS_FILE
 
 
 def convert_command(path: str | os.PathLike | None = None) -> str:

