@@ -135,6 +135,28 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    """Print (and with --json write) the held-out metrics of a run or checkpoint."""
+    import json
+
+    from fluxflow_jax.evaluation.checkpoint import evaluate_checkpoint
+
+    if args.samples is not None and args.samples < 1:
+        raise _Usage(f"--samples must be at least 1, got {args.samples}")
+    metrics = evaluate_checkpoint(args.path, ema=args.ema, config=args.config,
+                                  samples=args.samples, lpips_weights=args.lpips_weights,
+                                  use_lpips=not args.no_lpips)
+    width = max(map(len, metrics))
+    for name, value in metrics.items():
+        print(f"{name:<{width}}  {value:.4f}")
+    if args.json is not None:
+        from fluxflow_jax.atomic import atomic_write
+
+        atomic_write(args.json, (json.dumps(metrics, indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _load_run_config(args: argparse.Namespace):
     """The config file (if any) with the command-line flags applied."""
     from fluxflow_jax.pipeline.config import apply_overrides, load_config, read_config
@@ -275,6 +297,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ema", action="store_true",
                      help="a training run directory's averaged weights (its latest checkpoint)")
     gen.set_defaults(run=_generate)
+    evaluation = commands.add_parser(
+        "evaluate", help="held-out metrics of a training run or checkpoint")
+    evaluation.add_argument("path", type=Path, metavar="RUN_DIR|CHECKPOINT",
+                            help="a training output directory (its newest weights) or a "
+                                 "checkpoint directory or .safetensors file")
+    evaluation.add_argument("--ema", action="store_true",
+                            help="a run directory's averaged weights")
+    evaluation.add_argument("--json", type=Path, metavar="FILE",
+                            help="also write the metrics to FILE as JSON")
+    evaluation.add_argument("--config", type=Path,
+                            help="the training config whose data to hold samples out of "
+                                 "(default: the data the run recorded)")
+    evaluation.add_argument("--samples", type=int, default=None,
+                            help="held-out samples (default: data.validation_samples)")
+    evaluation.add_argument("--lpips_weights", type=Path, default=None,
+                            help="LPIPS weights file (default: as fluxflow-jax lpips-weights "
+                                 "writes it)")
+    evaluation.add_argument("--no_lpips", action="store_true", help="skip LPIPS")
+    evaluation.set_defaults(run=_evaluate)
     _add_train_commands(commands)
     return parser
 
@@ -322,12 +363,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fluxflow_jax.pipeline.config import ConfigError
     from fluxflow_jax.pipeline.yaml_file import YamlFileError
     from fluxflow_jax.sampling.prompts import PromptError
+    from fluxflow_jax.training.lpips import LPIPSWeightsError
 
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (CheckpointError, TokenizerError, PromptError, _Usage, ConfigError, YamlFileError,
-            RunCheckpointError, DataConfigError) as err:
+            RunCheckpointError, DataConfigError, LPIPSWeightsError) as err:
         print(f"fluxflow-jax {args.command}: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading

@@ -80,11 +80,13 @@ _OPTIONAL_POSITIVE_INT = optional(integer_at_least(1))
 @dataclass(frozen=True)
 class TransitionConfig:
     """When a step hands over to the next: after its epochs (``epoch``), or as soon as the
-    smoothed ``metric`` stays below ``threshold`` (``loss_threshold``)."""
+    smoothed ``metric`` stays below (or, with ``comparison: ">"``, above) ``threshold``
+    (``loss_threshold``)."""
 
     mode: str = "epoch"
     metric: str | None = None
     threshold: float | None = None
+    comparison: str = "<"  # ">" for metrics that grow as the model learns (val_psnr)
     min_epochs: int = 0  # epochs before the threshold is looked at
     max_epochs: int | None = None  # None: the step's n_epochs
     patience: int = 1  # consecutive epoch ends the threshold must hold at
@@ -92,7 +94,7 @@ class TransitionConfig:
 
 TRANSITION_CHECKS: dict[str, Check] = {
     "mode": one_of(("epoch", "loss_threshold")), "metric": optional(check_str),
-    "threshold": optional(in_interval("(-inf, inf)", 0.01)),
+    "threshold": optional(in_interval("(-inf, inf)", 0.01)), "comparison": one_of(("<", ">")),
     "min_epochs": integer_at_least(0), "max_epochs": _OPTIONAL_POSITIVE_INT,
     "patience": integer_at_least(1)}
 
@@ -195,6 +197,7 @@ class DataConfig:
     tfds_caption_key: str = "caption"
     use_demo: bool = False  # the built-in synthetic dataset
     demo_samples: int = 256
+    validation_samples: int = 32  # held out for evaluation (demo: the indices after demo_samples)
     img_size: int = 1024  # short side of the training images
     fixed_size: bool = False  # square img_size crops instead of aspect buckets
     reduced_min_sizes: tuple[int, ...] = ()
@@ -217,6 +220,7 @@ DATA_CHECKS: dict[str, Check] = {
     **{key: check_bool for key in ("use_webdataset", "use_demo", "fixed_size")},
     "webdataset_size": _OPTIONAL_POSITIVE_INT,
     "webdataset_samples_per_shard": integer_at_least(1), "demo_samples": integer_at_least(1),
+    "validation_samples": integer_at_least(1),
     "img_size": integer_at_least(16), "reduced_min_sizes": check_int_list,
     "channels": integer_at_least(1), "max_length": integer_at_least(2),
     "seed": integer_at_least(0), "on_bad_sample": one_of(("skip", "error")),
@@ -230,6 +234,7 @@ class OutputConfig:
     output_path: str = "outputs"
     log_interval: int = 10  # batches between console lines and metrics records
     checkpoint_save_interval: int = 50  # batches between checkpoints
+    validation_interval: int | None = None  # batches between held-out validations; None: off
     keep_last: int = 3  # run checkpoints kept
     generate_diagrams: bool = True  # training graphs at every step end
     samples_per_checkpoint: int = 1
@@ -245,6 +250,7 @@ class OutputConfig:
 OUTPUT_CHECKS: dict[str, Check] = {
     "output_path": check_str, "log_interval": integer_at_least(1),
     "checkpoint_save_interval": integer_at_least(1), "keep_last": integer_at_least(1),
+    "validation_interval": _OPTIONAL_POSITIVE_INT,
     "generate_diagrams": check_bool, "samples_per_checkpoint": integer_at_least(0),
     "no_samples": check_bool, "test_image_address": check_str_list,
     "sample_captions": check_str_list, "sample_sizes": optional(_check_sizes),
@@ -395,24 +401,25 @@ def _build(cls: type, values: Mapping[str, Any]) -> Any:
     return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
 
-_TRANSITION_TEXT = re.compile(r"\s*([A-Za-z_]\w*)\s*<\s*([-+0-9.eE]+)\s*")
+_TRANSITION_TEXT = re.compile(r"\s*([A-Za-z_]\w*)\s*([<>])\s*([-+0-9.eE]+)\s*")
 
 
 def _read_transition(reader: _Reader, value: Any, path: KeyPath) -> TransitionConfig:
-    """A transition mapping, or the short form ``"loss_recon < 0.01"``."""
+    """A transition mapping, or the short form ``"loss_recon < 0.01"`` / ``"val_psnr > 24"``."""
     if isinstance(value, str):
         match = _TRANSITION_TEXT.fullmatch(value)
         try:
-            threshold = float(match.group(2)) if match else None
+            threshold = float(match.group(3)) if match else None
         except ValueError:
             threshold = None
         if threshold is None:
             reader.problem(path, f"'{_dotted(path)}' must be a mapping such as {{mode: "
                                  f"loss_threshold, metric: loss_recon, threshold: 0.01}} or "
-                                 f"the short form \"loss_recon < 0.01\", got {value!r}")
+                                 f"the short form \"loss_recon < 0.01\" (or \"val_psnr > "
+                                 f"24\"), got {value!r}")
             return TransitionConfig()
         return TransitionConfig(mode="loss_threshold", metric=match.group(1),
-                                threshold=threshold)
+                                threshold=threshold, comparison=match.group(2))
     values = reader.fields(reader.mapping(value, path), path, TRANSITION_CHECKS,
                            ignored=("value",))
     return _build(TransitionConfig, values)

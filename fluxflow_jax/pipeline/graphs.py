@@ -1,8 +1,9 @@
 """Training graphs and summaries drawn from the metrics files, written beside them.
 
 For each ``graph/training_metrics[_<step>].jsonl``: ``training_losses_<step>.png``,
-``kl_<step>.png``, ``learning_rates_<step>.png`` and ``batch_times_<step>.png`` (each only when
-the file holds something to draw) and ``training_summary_<step>.txt``; plus
+``kl_<step>.png``, ``validation_<step>.png`` (held-out metrics),
+``learning_rates_<step>.png`` and ``batch_times_<step>.png`` (each only when the file holds
+something to draw) and ``training_summary_<step>.txt``; plus
 ``training_overview.png``, every step's losses on one global-step axis with the stage
 boundaries marked. The plain ``training_metrics.jsonl`` gives names without ``_<step>``.
 
@@ -24,7 +25,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fluxflow_jax.atomic import atomic_write
-from fluxflow_jax.pipeline.metrics_log import MetricsFileError, read_metrics, session_path
+from fluxflow_jax.pipeline.metrics_log import (VALIDATION_PREFIX, MetricsFileError,
+                                               read_metrics, session_path)
 
 DPI = 150
 PREFIX = "training_metrics"
@@ -142,6 +144,36 @@ def _draw_kl(series: StepSeries) -> Figure | None:
         twin.set_ylabel("kl_beta")
         handles = axes.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
         axes.legend(handles=handles, fontsize=8)
+    return figure
+
+
+def _validation_panel(name: str) -> str:
+    """Which panel a validation metric goes on: one per kind (PSNR, SSIM, LPIPS, accuracy
+    with its chance level)."""
+    kind = name.removeprefix(VALIDATION_PREFIX)
+    return "accuracy" if kind.endswith(("_accuracy", "_chance")) else kind.split("_")[0]
+
+
+def _draw_validation(series: StepSeries) -> Figure | None:
+    """The held-out metrics (``val_*``; their losses are on the loss graph), one panel per
+    kind, chance levels dashed."""
+    panels: dict[str, dict[str, np.ndarray]] = {}
+    for name, values in series.metrics.items():
+        if name.startswith(VALIDATION_PREFIX) and not _is_loss(name) and _has_data(values):
+            panels.setdefault(_validation_panel(name), {})[name] = values
+    if not panels:
+        return None
+    figure = Figure(figsize=(10, 3 * len(panels)), layout="constrained")
+    FigureCanvasAgg(figure)
+    for row, (panel, curves) in enumerate(sorted(panels.items())):
+        axes = figure.add_subplot(len(panels), 1, row + 1)
+        axes.set(title=_title(f"Validation: {panel}", series.name), xlabel="global step",
+                 ylabel=panel)
+        axes.grid(alpha=0.3)
+        for name, values in curves.items():
+            _plot(axes, series.steps, values, label=name,
+                  linestyle="--" if name.endswith("_chance") else "-")
+        _legend(axes)
     return figure
 
 
@@ -279,6 +311,7 @@ def write_graphs(output_path: Path | str) -> list[Path]:
     for series in all_series:
         suffix = f"_{series.name}" if series.name else ""
         for stem, draw in (("training_losses", _draw_losses), ("kl", _draw_kl),
+                           ("validation", _draw_validation),
                            ("learning_rates", _draw_learning_rates),
                            ("batch_times", _draw_batch_times)):
             figure = draw(series)

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Mapping
 from fluxflow_jax.atomic import atomic_write
 
 LR_PREFIX = "lr_"  # metrics with this prefix go to the record's "learning_rates"
+VALIDATION_PREFIX = "val_"  # held-out metrics (fluxflow_jax.pipeline.validation)
 
 
 class MetricsFileError(ValueError):

@@ -21,6 +21,7 @@ from fluxflow_jax.pipeline.config import ConfigError, RunConfig
 from fluxflow_jax.pipeline.setup import (check_text_inputs, load_lpips, make_loader,
                                          make_mesh, model_config)
 from fluxflow_jax.pipeline.stages import Stage, build_stages
+from fluxflow_jax.pipeline.validation import Validation
 
 
 class Plan(NamedTuple):
@@ -50,6 +51,8 @@ def check_run(config: RunConfig) -> Plan:
     attempt(lambda: load_lpips(config, stages))
     if loader is not None and model is not None:
         attempt(lambda: check_text_inputs(model, config.data, loader.tokenizer, stages))
+    if loader is not None and config.output.validation_interval is not None:
+        attempt(lambda: Validation(config, loader.tokenizer, lpips=None))
     return Plan(loader, stages, model, problems)
 
 

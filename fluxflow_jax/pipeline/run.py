@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 
 from fluxflow_jax import parallel
 from fluxflow_jax.data import DataLoader, prefetch_to_device
+from fluxflow_jax.evaluation.checkpoint import data_record
 from fluxflow_jax.interop import save_fluxflow, save_step_files
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.pipeline.checkpoints import RunCheckpoints
@@ -44,6 +45,8 @@ from fluxflow_jax.pipeline.setup import (check_text_inputs, initial_models, load
                                          make_loader, make_mesh)
 from fluxflow_jax.pipeline.speed import Speed, SpeedMeter
 from fluxflow_jax.pipeline.stages import Stage, build_stages
+from fluxflow_jax.pipeline import validation
+from fluxflow_jax.pipeline.validation import Validation
 from fluxflow_jax.training.performance import peak_flops
 from fluxflow_jax.training.state import PackedState, TrainState, write_to_models
 from fluxflow_jax.training.train_step import TrainStep
@@ -103,12 +106,15 @@ def transition_due(stage: Stage, position: Position) -> tuple[bool, str]:
         values = position.history[-SMOOTHING:]
         if values:
             smoothed = sum(values) / len(values)
-            position.met = position.met + 1 if smoothed < rule.threshold else 0
+            met = smoothed > rule.threshold if rule.comparison == ">" else \
+                smoothed < rule.threshold
+            position.met = position.met + 1 if met else 0
             if position.met >= rule.patience:
-                return True, (f"{rule.metric}={smoothed:.4f} < {rule.threshold} at "
-                              f"{position.met} epoch end(s) in a row (threshold met)")
-            status = (f"{rule.metric}={smoothed:.4f} (target < {rule.threshold}, epoch "
-                      f"{position.epoch}/{stage.epochs})")
+                return True, (f"{rule.metric}={smoothed:.4f} {rule.comparison} "
+                              f"{rule.threshold} at {position.met} epoch end(s) in a row "
+                              "(threshold met)")
+            status = (f"{rule.metric}={smoothed:.4f} (target {rule.comparison} "
+                      f"{rule.threshold}, epoch {position.epoch}/{stage.epochs})")
     if position.epoch >= stage.epochs:
         return True, f"completed {position.epoch} epoch(s)"
     return False, status
@@ -133,6 +139,8 @@ class Run:
         check_text_inputs(self.models.config, config.data, self.loader.tokenizer,
                           self.stages)
         self.lpips = load_lpips(config, self.stages)
+        self.validation = (None if config.output.validation_interval is None
+                           else Validation(config, self.loader.tokenizer, self.lpips))
         output = config.output
         self.samples = (None if output.no_samples or output.samples_per_checkpoint == 0
                         else Samples(config, self.loader, self.models.config))
@@ -271,11 +279,21 @@ class Run:
                               speed.read())
                 loader_state = batch.loader_state
                 shown_at = (position.epoch + 1, position.batch)  # for sample names
+                validated = bool(self.validation) and self.validation.due(
+                    stage.transition, position.stage_batches, epoch_end)
+                if validated:
+                    bar.clear()
+                    with speed.excluded():
+                        self._validate(stage, state, position, metrics_log)
                 if epoch_end:
                     done, reason = self._close_epoch(stage, position, started)
                     loader_state = self.loader.position_state(position.data_epoch)
                 if capped and not done:
                     done, reason = True, f"reached max_steps ({stage.max_batches} batches)"
+                if done and self.validation and not validated:  # the stage's end
+                    bar.clear()
+                    with speed.excluded():
+                        self._validate(stage, state, position, metrics_log, at=shown_at)
                 if done and not epoch_end:  # the next stage starts a fresh data epoch
                     position.data_epoch += 1
                     loader_state = self.loader.position_state(position.data_epoch)
@@ -325,6 +343,20 @@ class Run:
         if reason and not done:
             self.echo(f"Transition check: {reason}")
         return done, reason
+
+    def _validate(self, stage: Stage, state: PackedState, position: Position,
+                  metrics_log: MetricsLog | None, at: tuple[int, int] | None = None) -> None:
+        """The held-out metrics of the current weights: logged, shown, and the newest
+        value of a transition metric among them. ``at``: the 1-based epoch and batch
+        they were measured after, when the position has moved past that epoch's end."""
+        values = self.validation(write_to_models(state.unpack(), self.models), stage.config)
+        epoch, batch = at or (position.epoch + 1, position.batch)
+        if metrics_log:
+            metrics_log.log(epoch - 1, batch - 1, position.global_step, values)
+        self.echo(validation.summary(values))
+        metric = stage.transition.metric
+        if metric in values:
+            position.history = [values[metric]]
 
     def _samples_due(self, position: Position) -> bool:
         """At every samples_per_checkpoint-th interval checkpoint of the stage."""
@@ -393,7 +425,8 @@ class Run:
 
     def _finish_stage(self, stage: Stage, state: TrainState, position: Position) -> None:
         """Export the stage's weights; the position moves on to the next stage."""
-        info = {"step": stage.label, "global_step": position.global_step}
+        info = {"step": stage.label, "global_step": position.global_step,
+                **data_record(self.config.data)}
         # Every process gathers the weights (a computation over all devices); one writes.
         if stage.name and stage.ema_components:  # the averages, for `export --step --ema`
             averaged = write_to_models(state, self.models, ema=True)

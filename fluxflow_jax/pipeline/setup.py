@@ -161,9 +161,10 @@ def initial_models(run: RunConfig) -> FluxFlowModels:
 
 
 def load_lpips(run: RunConfig, stages: list[Stage]) -> LPIPS | None:
-    """The LPIPS network if any stage's reconstruction loss uses it."""
-    if not any(s.config.vae and s.config.vae.train_reconstruction and s.config.vae.use_lpips
-               for s in stages):
+    """The LPIPS network if any stage's reconstruction loss or validation uses it."""
+    if run.output.validation_interval is None and not any(
+            s.config.vae and s.config.vae.train_reconstruction and s.config.vae.use_lpips
+            for s in stages):
         return None
     path = Path(run.training.lpips_weights).expanduser() if run.training.lpips_weights \
         else None

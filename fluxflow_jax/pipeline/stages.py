@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fluxflow_jax.pipeline import validation
 from fluxflow_jax.pipeline.config import (FLOW_LOSS_KEYS, VAE_LOSS_KEYS, ConfigError,
                                           RunConfig, StepConfig, TransitionConfig)
 from fluxflow_jax.suggest import did_you_mean
@@ -143,8 +144,10 @@ def _epochs(step: StepConfig) -> int:
     return min(epochs, step.transition_on.max_epochs or epochs)
 
 
-def _transition(step: StepConfig, stage: StageConfig, problems: list[str]
-                ) -> TransitionConfig:
+def _transition(step: StepConfig, stage: StageConfig, validated: tuple[str, ...],
+                problems: list[str]) -> TransitionConfig:
+    """The step's transition rule, its metric one the stage reports (``validated``: its
+    validation metrics)."""
     rule = step.transition_on
     if rule.min_epochs > _epochs(step):
         problems.append(f"transition_on.min_epochs ({rule.min_epochs}) is more than the "
@@ -155,7 +158,7 @@ def _transition(step: StepConfig, stage: StageConfig, problems: list[str]
             problems.append(f"transition_on.{stray[0]} only applies with mode: "
                             "loss_threshold (add it, or remove the key)")
         return rule
-    reported = [m for m in metric_names(stage) if m != "skipped"]
+    reported = [m for m in metric_names(stage) if m != "skipped"] + list(validated)
     if rule.metric is None:
         problems.append("a loss-threshold transition needs 'metric' (one of "
                         f"{reported})")
@@ -165,8 +168,11 @@ def _transition(step: StepConfig, stage: StageConfig, problems: list[str]
         return rule
     metric = METRIC_ALIASES.get(rule.metric, rule.metric)
     if metric not in reported:
+        hint = (" (validation metrics need output.validation_interval)"
+                if metric.startswith(validation.PREFIX) and not validated else "")
         problems.append(f"transition metric '{rule.metric}' is not reported by this step"
-                        f"{did_you_mean(rule.metric, reported)}; it reports {reported}")
+                        f"{did_you_mean(rule.metric, reported)}; it reports {reported}"
+                        f"{hint}")
     return dataclasses.replace(rule, metric=metric)
 
 
@@ -229,7 +235,7 @@ def build_stages(run: RunConfig, batches_per_epoch: int) -> list[Stage]:
                              gradient_clip_norm=clip)
         if vae is not None or flow is not None:
             problems += config.problems()
-        transition = _transition(step, config, problems)
+        transition = _transition(step, config, validation.names(run, config), problems)
         if vae is not None or flow is not None:
             ema += [c for c in ema_components(config) if c not in ema]
         all_problems += [f"{step.origin or run.source}: step '{name or 'standard'}' "
