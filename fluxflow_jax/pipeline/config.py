@@ -103,7 +103,8 @@ _VAE_MODE_FIELDS = ("train_reconstruction", "use_gan", "train_spade", "use_lpips
 VAE_LOSS_KEYS = tuple(f.name for f in dataclasses.fields(VAEOptions)
                       if f.name not in _VAE_MODE_FIELDS)
 FLOW_LOSS_KEYS = {"lambda_align": "lambda_align", "cfg_dropout_prob": "cfg_dropout_prob",
-                  "flow_ema_decay": "ema_decay"}  # step key -> FlowOptions field
+                  "flow_ema_decay": "ema_decay", "timestep_sampling": "timestep_sampling",
+                  "flow_loss": "flow_loss"}  # step key -> FlowOptions field
 
 
 def _option_checks() -> dict[str, Check]:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fluxflow_jax.checks import field_problems, in_interval, optional
+from fluxflow_jax.checks import field_problems, in_interval, one_of, optional
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.training import diffusion, losses
 from fluxflow_jax.training.groups import OptimizerGroup, global_norm
@@ -34,9 +34,13 @@ class FlowOptions:
     lambda_align: float = 0.0
     cfg_dropout_prob: float = 0.0  # share of samples trained with a zero text embedding
     ema_decay: float | None = 0.9999
+    timestep_sampling: str = "cosine"  # diffusion.TIMESTEP_SAMPLING
+    flow_loss: str = "mse"  # "mse" | "smooth_l1" (losses.v_prediction_loss)
 
     def problems(self) -> list[str]:
         return field_problems(self, {
+            "timestep_sampling": one_of(diffusion.TIMESTEP_SAMPLING),
+            "flow_loss": one_of(("mse", "smooth_l1")),
             "lambda_align": in_interval("[0, inf)", 0.1),
             "cfg_dropout_prob": in_interval("[0, 1)", 0.1),
             "ema_decay": optional(in_interval("(0, 1]", 0.9999))})
@@ -69,7 +73,7 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
     packed = nets.outputs(jax.lax.stop_gradient(
         compressor.encode(nets.inputs(images), key=k_latent).packed))
     x0, hw_token = packed[:, :-1], packed[:, -1:]
-    t = diffusion.sample_timesteps(k_time, x0.shape[0])
+    t = diffusion.sample_timesteps(k_time, x0.shape[0], options.timestep_sampling)
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     noisy = jnp.concatenate([diffusion.add_noise(x0, noise, t), hw_token], axis=1)
     target = diffusion.v_target(x0, noise, t)
@@ -89,7 +93,7 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
         processor = nets.bind("flow_processor", params, state.buffers)
         prediction = nets.outputs(processor(nets.inputs(noisy), nets.inputs(embeddings),
                                             diffusion.model_time(t), hw=hw)[:, :-1])
-        diff = jnp.mean((prediction - target) ** 2)
+        diff = losses.v_prediction_loss(prediction, target, x0, options.flow_loss)
         align = (losses.alignment_loss(prediction, embeddings) if use_alignment
                  else jnp.zeros([], diff.dtype))
         return diff + options.lambda_align * align, (diff, align, prediction)
