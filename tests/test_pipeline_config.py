@@ -680,8 +680,8 @@ def test_default_optimizers_and_step_lr(tmp_path):
     [run_lr] = stages(tmp_path, [step("a", train_diff=True)], training={"lr": 2e-4})
     assert run_lr.config.optimizers["flow"]["lr"] == 2e-4
     assert plain.config.optimizers["flow"] == {
-        "type": "AdamW", "lr": 5e-7, "betas": [0.9, 0.999], "weight_decay": 0.0}
-    assert plain.config.optimizers["text_encoder"]["lr"] == 5e-8
+        "type": "AdamW", "lr": 5e-4, "betas": [0.9, 0.999], "weight_decay": 0.0}
+    assert plain.config.optimizers["text_encoder"]["lr"] == pytest.approx(5e-5)
     assert {g: o["lr"] for g, o in tuned.config.optimizers.items()} == pytest.approx({
         "vae": 3e-4, "discriminator": 3e-4, "flow": 3e-4, "text_encoder": 3e-5})
     assert tuned.config.optimizers["flow"]["type"] == "AdamW"

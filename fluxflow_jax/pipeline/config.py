@@ -267,7 +267,7 @@ class TrainingConfig:
     n_epochs: int = 1
     batch_size: int = 2
     workers: int = 1
-    lr: float = 5e-7
+    lr: float = 5e-4  # the reference's 5e-7 trains nothing in practice (docs/learning.md)
     lr_min: float = 0.1
     preserve_lr: bool = False  # accepted for reference configs: resume restores schedules
     training_steps: int = 1  # updates per batch
