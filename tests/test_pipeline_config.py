@@ -709,6 +709,21 @@ def test_standard_mode_builds_one_unnamed_stage(tmp_path):
     assert stage.config.optimizers["text_encoder"]["lr"] == pytest.approx(1e-4)
 
 
+def test_flow_steps_choose_timestep_sampling_and_loss(tmp_path):
+    plain, chosen = stages(tmp_path, [
+        step("plain", train_diff=True),
+        step("chosen", train_diff=True, timestep_sampling="uniform", flow_loss="smooth_l1")])
+    assert (plain.config.flow.timestep_sampling, plain.config.flow.flow_loss) == (
+        "cosine", "mse")
+    assert (chosen.config.flow.timestep_sampling, chosen.config.flow.flow_loss) == (
+        "uniform", "smooth_l1")
+    with pytest.raises(ConfigError) as err:
+        stages(tmp_path, [step("a", train_diff=True, timestep_sampling="cos2",
+                               flow_loss="l1")])
+    assert "'timestep_sampling' must be one of ['cosine', 'uniform'], got 'cos2'" in str(err.value)
+    assert "'flow_loss' must be one of ['mse', 'smooth_l1'], got 'l1'" in str(err.value)
+
+
 def test_standard_mode_refuses_pipeline_only_keys(tmp_path):
     assert config_problems(tmp_path, document(training={"train_vae": True, "name": "x"})) == [
         "unknown key 'training.name'"]
