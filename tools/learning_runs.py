@@ -46,28 +46,35 @@ def flow_step(batches: int, **keys: Any) -> dict[str, Any]:
             "freeze_vae": True, "cfg_dropout_prob": 0.1, **keys}
 
 
-def config(steps: list[dict], *, img_size: int = 32, samples: int = 256, batch: int = 4,
-           lr: float | None = None, checkpoint: str | None = None,
-           training: dict | None = None) -> dict[str, Any]:
+def config(steps: list[dict], *, lr: float | None = None,
+           checkpoint: Path | None = None) -> dict[str, Any]:
+    """256 demo samples at 32 px, batches of 4; the quickstart's widths, or ``checkpoint``'s
+    model."""
     document = {
-        "data": {"use_demo": True, "demo_samples": samples, "img_size": img_size,
-                 "max_length": 32},
-        "training": {"batch_size": batch, "devices": 1, "seed": 0, **(training or {}),
+        "data": {"use_demo": True, "demo_samples": 256, "img_size": 32, "max_length": 32},
+        "training": {"batch_size": 4, "devices": 1, "seed": 0,
                      "pipeline": {"defaults": {} if lr is None else {"lr": lr},
                                   "steps": steps}},
         "output": {"log_interval": 25, "checkpoint_save_interval": 100000,
                    "generate_diagrams": False, "no_samples": True}}
     if checkpoint:
-        document["model_checkpoint"] = checkpoint
+        document["model_checkpoint"] = str(checkpoint)
     else:
         document["model"] = QUICKSTART_MODEL
     return document
 
 
-VAE_RUN = "/tmp/learning_runs/vae_base"  # the autoencoder every flow experiment starts from
-EXPERIMENTS: dict[str, Callable[[], dict[str, Any]]] = {
-    # --- autoencoder: 400 batches of 4 at 32 px, lr 5e-4 unless named
-    "vae_base": lambda: config([vae_step(400)], lr=5e-4),
+# name -> config, given the directory that holds every experiment's run
+EXPERIMENTS: dict[str, Callable[[Path], dict[str, Any]]] = {
+    # the autoencoder: 400 batches at lr 5e-4
+    "vae_base": lambda out: config([vae_step(400)], lr=5e-4),
+    # a flow of the default settings on vae_base's autoencoder (run vae_base first)
+    "flow_default": lambda out: config([flow_step(300)], checkpoint=out / "vae_base"),
+    # the same with the reference's flow optimizer at the reference's learning rate
+    "flow_reference": lambda out: config(
+        [flow_step(300, optimizers={"flow": {
+            "type": "Lion", "betas": [0.9, 0.95], "weight_decay": 0.01,
+            "decoupled_weight_decay": True}})], lr=5e-7, checkpoint=out / "vae_base"),
 }
 
 
@@ -104,7 +111,7 @@ def last_records(run_dir: Path, document: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(name: str, out_root: Path, record: Path) -> dict[str, Any]:
-    document = EXPERIMENTS[name]()
+    document = EXPERIMENTS[name](out_root)
     run_dir = out_root / name
     document["output"]["output_path"] = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
