@@ -809,7 +809,7 @@ def test_describe_prints_the_plan(tmp_path):
     assert "  runs: up to 3 batches; ends after 1 epoch(s) or 3 batches" in lines
     assert "  frozen: compressor, expander" in lines
     flow_line = next(line for line in lines if line.startswith("  flow: trains"))
-    assert flow_line.endswith("with Lion lr 1e-05, CosineAnnealingLR")
+    assert flow_line.endswith("with AdamW lr 1e-05, CosineAnnealingLR")
 
 
 def test_cli_validate_prints_the_plan(tmp_path, capsys):
