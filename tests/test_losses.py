@@ -150,6 +150,28 @@ def test_timestep_distribution_favours_low_noise():
     assert np.all(np.diff(weights) < 0)
 
 
+def test_uniform_timesteps_cover_the_schedule_evenly():
+    t = np.asarray(diffusion.sample_timesteps(jax.random.key(0), 20000, "uniform"))
+    assert t.min() == 0 and t.max() == 999
+    assert t.mean() == pytest.approx(499.5, abs=8)
+    assert np.mean(t < 300) == pytest.approx(0.30, abs=0.015)
+
+
+def test_smooth_l1_v_loss_is_torchs_on_std_normalised_values():
+    rng = np.random.default_rng(0)
+    pred, target, clean = (rng.normal(size=(2, 9, 4)).astype(np.float32) * s
+                           for s in (0.3, 0.5, 0.02))
+    scale = torch.from_numpy(clean).std() + 1e-8
+    expected = F.smooth_l1_loss(torch.from_numpy(pred) / scale,
+                                torch.from_numpy(target) / scale, beta=0.01)
+    got = losses.v_prediction_loss(jnp.asarray(pred), jnp.asarray(target),
+                                   jnp.asarray(clean), "smooth_l1")
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5)
+    mse = losses.v_prediction_loss(jnp.asarray(pred), jnp.asarray(target),
+                                   jnp.asarray(clean), "mse")
+    np.testing.assert_allclose(mse, np.mean((pred - target) ** 2), rtol=1e-6)
+
+
 def test_model_time_indexes_every_timestep_exactly():
     """The flow processor embeds index trunc(t_float * 999): it must give back t."""
     t = jnp.arange(1000)

@@ -44,7 +44,7 @@ def test_merging_follows_the_reference(tmp_path):
 
 def test_no_file_gives_every_default_at_the_run_lr():
     merged = per_model_optimization(None, lr=2e-4)
-    assert merged.optimizers["flow"]["type"] == "Lion" and merged.optimizers["flow"]["lr"] == 2e-4
+    assert merged.optimizers["flow"]["type"] == "AdamW" and merged.optimizers["flow"]["lr"] == 2e-4
     assert merged.optimizers["text_encoder"]["lr"] == pytest.approx(2e-5)
     assert merged.schedulers == {m: default_scheduler_config(m) for m in MODELS}
 

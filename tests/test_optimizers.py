@@ -345,12 +345,7 @@ def test_bad_learning_rate_argument():
 
 def test_per_model_defaults():
     assert default_optimizer_config("flow") == {
-        "type": "Lion",
-        "lr": 5e-7,
-        "betas": [0.9, 0.95],
-        "weight_decay": 0.01,
-        "decoupled_weight_decay": True,
-    }
+        "type": "AdamW", "lr": 5e-7, "betas": [0.9, 0.999], "weight_decay": 0.0}
     assert default_optimizer_config("vae") == {
         "type": "AdamW",
         "lr": 5e-7,

@@ -693,12 +693,11 @@ def test_default_optimizers_and_step_lr(tmp_path):
     [run_lr] = stages(tmp_path, [step("a", train_diff=True)], training={"lr": 2e-4})
     assert run_lr.config.optimizers["flow"]["lr"] == 2e-4
     assert plain.config.optimizers["flow"] == {
-        "type": "Lion", "lr": 5e-7, "betas": [0.9, 0.95], "weight_decay": 0.01,
-        "decoupled_weight_decay": True}
-    assert plain.config.optimizers["text_encoder"]["lr"] == 5e-8
+        "type": "AdamW", "lr": 5e-4, "betas": [0.9, 0.999], "weight_decay": 0.0}
+    assert plain.config.optimizers["text_encoder"]["lr"] == pytest.approx(5e-5)
     assert {g: o["lr"] for g, o in tuned.config.optimizers.items()} == pytest.approx({
         "vae": 3e-4, "discriminator": 3e-4, "flow": 3e-4, "text_encoder": 3e-5})
-    assert tuned.config.optimizers["flow"]["type"] == "Lion"
+    assert tuned.config.optimizers["flow"]["type"] == "AdamW"
     assert tuned.config.schedulers["flow"] == {"type": "CosineAnnealingLR",
                                                "eta_min_factor": 0.2}
 
@@ -721,6 +720,21 @@ def test_standard_mode_builds_one_unnamed_stage(tmp_path):
     # The reference's standard mode: the run's lr, a tenth of it for the text encoder.
     assert stage.config.optimizers["flow"]["lr"] == 1e-3
     assert stage.config.optimizers["text_encoder"]["lr"] == pytest.approx(1e-4)
+
+
+def test_flow_steps_choose_timestep_sampling_and_loss(tmp_path):
+    plain, chosen = stages(tmp_path, [
+        step("plain", train_diff=True),
+        step("chosen", train_diff=True, timestep_sampling="uniform", flow_loss="smooth_l1")])
+    assert (plain.config.flow.timestep_sampling, plain.config.flow.flow_loss) == (
+        "cosine", "mse")
+    assert (chosen.config.flow.timestep_sampling, chosen.config.flow.flow_loss) == (
+        "uniform", "smooth_l1")
+    with pytest.raises(ConfigError) as err:
+        stages(tmp_path, [step("a", train_diff=True, timestep_sampling="cos2",
+                               flow_loss="l1")])
+    assert "'timestep_sampling' must be one of ['cosine', 'uniform'], got 'cos2'" in str(err.value)
+    assert "'flow_loss' must be one of ['mse', 'smooth_l1'], got 'l1'" in str(err.value)
 
 
 def test_standard_mode_refuses_pipeline_only_keys(tmp_path):
@@ -825,7 +839,7 @@ def test_describe_prints_the_plan(tmp_path):
     assert "  runs: up to 3 batches; ends after 1 epoch(s) or 3 batches" in lines
     assert "  frozen: compressor, expander" in lines
     flow_line = next(line for line in lines if line.startswith("  flow: trains"))
-    assert flow_line.endswith("with Lion lr 1e-05, CosineAnnealingLR")
+    assert flow_line.endswith("with AdamW lr 1e-05, CosineAnnealingLR")
 
 
 def test_cli_validate_prints_the_plan(tmp_path, capsys):

@@ -79,8 +79,7 @@ LIST_CHECKS: tuple[Check, ...] = (check_str_list, check_int_list)
 # by name (not as typos) so that a 0.8.1 config says what it is missing.
 LATER_KEYS = ("datasets", "default_dataset", "dataset", "use_ema", "train_kl",
               "train_colorstats", "train_histogram", "train_contrast", "train_coarseness",
-              "spade_training_mode", "num_train_timesteps", "start_step",
-              "gradient_accumulation_steps")
+              "spade_training_mode", "num_train_timesteps", "start_step")
 
 _POSITIVE = in_interval("(0, inf)", 1.0)
 _OPTIONAL_POSITIVE_INT = optional(integer_at_least(1))
@@ -114,7 +113,8 @@ _VAE_MODE_FIELDS = ("train_reconstruction", "use_gan", "train_spade", "use_lpips
 VAE_LOSS_KEYS = tuple(f.name for f in dataclasses.fields(VAEOptions)
                       if f.name not in _VAE_MODE_FIELDS)
 FLOW_LOSS_KEYS = {"lambda_align": "lambda_align", "cfg_dropout_prob": "cfg_dropout_prob",
-                  "flow_ema_decay": "ema_decay"}  # step key -> FlowOptions field
+                  "flow_ema_decay": "ema_decay", "timestep_sampling": "timestep_sampling",
+                  "flow_loss": "flow_loss"}  # step key -> FlowOptions field
 
 
 def _option_checks() -> dict[str, Check]:
@@ -280,7 +280,7 @@ class TrainingConfig:
     n_epochs: int = 1
     batch_size: int = 2
     workers: int = 1
-    lr: float = 5e-7
+    lr: float = 5e-4  # the reference's 5e-7 trains nothing in practice (docs/learning.md)
     lr_min: float = 0.1
     preserve_lr: bool = False  # accepted for reference configs: resume restores schedules
     training_steps: int = 1  # updates per batch

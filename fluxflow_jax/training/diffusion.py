@@ -33,9 +33,15 @@ def timestep_log_weights(num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
     return np.log(np.maximum(weights / weights.sum(), np.finfo(np.float64).tiny))
 
 
-def sample_timesteps(key: jax.Array, batch: int,
+TIMESTEP_SAMPLING = ("cosine", "uniform")
+
+
+def sample_timesteps(key: jax.Array, batch: int, sampling: str = "cosine",
                      num_timesteps: int = NUM_TIMESTEPS) -> jax.Array:
-    """Integer timesteps [B] drawn from the cos^2 weights, with replacement."""
+    """Integer timesteps [B], with replacement: from the cos^2 weights ("cosine", the
+    reference's), or uniformly ("uniform")."""
+    if sampling == "uniform":
+        return jax.random.randint(key, (batch,), 0, num_timesteps)
     logits = jnp.asarray(timestep_log_weights(num_timesteps), jnp.float32)
     return jax.random.categorical(key, logits, shape=(batch,))
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fluxflow_jax.checks import field_problems, in_interval, optional
+from fluxflow_jax.checks import field_problems, in_interval, one_of, optional
 from fluxflow_jax.models.compressor import Posterior
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.training import diffusion, losses
@@ -39,9 +39,13 @@ class FlowOptions:
     lambda_align: float = 0.0
     cfg_dropout_prob: float = 0.0  # share of samples trained with a zero text embedding
     ema_decay: float | None = 0.9999
+    timestep_sampling: str = "cosine"  # diffusion.TIMESTEP_SAMPLING
+    flow_loss: str = "mse"  # "mse" | "smooth_l1" (losses.v_prediction_loss)
 
     def problems(self) -> list[str]:
         return field_problems(self, {
+            "timestep_sampling": one_of(diffusion.TIMESTEP_SAMPLING),
+            "flow_loss": one_of(("mse", "smooth_l1")),
             "lambda_align": in_interval("[0, inf)", 0.1),
             "cfg_dropout_prob": in_interval("[0, 1)", 0.1),
             "ema_decay": optional(in_interval("(0, 1]", 0.9999))})
@@ -86,7 +90,7 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
         **source, "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
         "latent_noise": jax.random.normal(
             k_latent, latent.mu.shape, jnp.promote_types(latent.mu.dtype, jnp.float32)),
-        "t": diffusion.sample_timesteps(k_time, rows),
+        "t": diffusion.sample_timesteps(k_time, rows, options.timestep_sampling),
         "noise": jax.random.normal(k_noise, (rows, x0_shape.shape[1] - 1, x0_shape.shape[2]),
                                    x0_shape.dtype),
         "keep_text": jax.random.bernoulli(k_cfg, 1.0 - options.cfg_dropout_prob, (rows, 1)),
@@ -117,7 +121,7 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
             processor = nets.bind("flow_processor", params, state.buffers)
             prediction = nets.outputs(processor(nets.inputs(noisy), nets.inputs(embeddings),
                                                 diffusion.model_time(t), hw=hw)[:, :-1])
-            diff = jnp.mean((prediction - target) ** 2)
+            diff = losses.v_prediction_loss(prediction, target, x0, options.flow_loss)
             align = (losses.alignment_loss(prediction, embeddings) if use_alignment
                      else jnp.zeros([], diff.dtype))
             return diff + options.lambda_align * align, (diff, align, prediction)

@@ -45,6 +45,22 @@ def kl_divergence(mu: jax.Array, logvar: jax.Array, free_bits: float = 0.0,
     return jnp.mean(jnp.sum(per_element.reshape(per_element.shape[0], -1), axis=1))
 
 
+def smooth_l1(pred: jax.Array, target: jax.Array, beta: float) -> jax.Array:
+    """Mean Huber loss as torch's ``smooth_l1_loss``: quadratic below ``beta``, linear above."""
+    error = jnp.abs(pred - target)
+    return jnp.mean(jnp.where(error < beta, 0.5 * error**2 / beta, error - 0.5 * beta))
+
+
+def v_prediction_loss(prediction: jax.Array, target: jax.Array, clean: jax.Array,
+                      kind: Literal["mse", "smooth_l1"]) -> jax.Array:
+    """The flow's loss: "mse", or "smooth_l1" (beta 0.01) on prediction and target divided
+    by the clean latent's standard deviation, as the 0.8.1 PyTorch trainer does for v060."""
+    if kind == "smooth_l1":
+        scale = jax.lax.stop_gradient(jnp.std(clean, ddof=1)) + 1e-8
+        return smooth_l1(prediction / scale, target / scale, 0.01)
+    return jnp.mean((prediction - target) ** 2)
+
+
 def kl_beta(step: jax.Array, beta: float, warmup_steps: int) -> jax.Array:
     """Cosine warm-up of the KL weight from 0 to ``beta`` over ``warmup_steps``."""
     if warmup_steps <= 0:
