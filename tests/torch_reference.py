@@ -78,8 +78,8 @@ def packed_latents(cfg, image_shape, torch_dtype, seed=1):
     b, h, w = image_shape
     lh, lw = h // 2**cfg.downscales, w // 2**cfg.downscales
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(b, lh * lw, cfg.vae_dim, generator=gen, dtype=torch.float64)
-    hw = torch.zeros(b, 1, cfg.vae_dim, dtype=torch.float64)
+    tokens = torch.randn(b, lh * lw, cfg.latent_width, generator=gen, dtype=torch.float64)
+    hw = torch.zeros(b, 1, cfg.latent_width, dtype=torch.float64)
     hw[:, 0, 0], hw[:, 0, 1] = lh / cfg.max_hw, lw / cfg.max_hw
     return torch.cat([tokens, hw], 1).to(torch_dtype)
 
