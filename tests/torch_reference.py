@@ -141,11 +141,18 @@ def pipeline(cfg: FluxFlowConfig, seed: int) -> FluxPipeline:
 
 def load_export(path: Path, version: str) -> FluxPipeline:
     """The call a PyTorch user makes to load a fluxflow-jax export of ``version``: the
-    versioned loader builds v030 classes only (it refuses a "0.6.0" label), the legacy
-    ``from_pretrained`` on the weights file builds v060 ones."""
-    if version == "0.3.0":
+    versioned loader builds v030 classes for a "0.3.0" label and v070 ones for "0.7.0" (it
+    refuses "0.6.0"), the legacy ``from_pretrained`` on the weights file builds v060 ones."""
+    if version in ("0.3.0", "0.7.0"):
         return load_versioned_checkpoint(path, "cpu")
     return FluxPipeline.from_pretrained(str(Path(path) / "flxflow_final.safetensors"), "cpu")
+
+
+def save_label(version: str) -> str:
+    """The model_version a PyTorch user passes to ``save_versioned_checkpoint`` for a
+    pipeline of ``version``: "0.7.0" has a loader of its own, v060 pipelines get the default
+    "0.3.0" (no "0.6.0" loader exists)."""
+    return version if version == "0.7.0" else "0.3.0"
 
 
 def text_encoder(cfg: FluxFlowConfig, seed: int) -> BertTextEncoder:
