@@ -232,7 +232,8 @@ V070 = DEFAULT.replace(model_version="0.7.0")
     (PatchDiscriminator, DEFAULT.replace(disc_ctx_dim=1024), 46_022_977),
     (PatchDiscriminator, DEFAULT.replace(disc_ctx_dim=0), 43_923_777),
 ], ids=["compressor_v060", "flow_v060", "expander_v060", "compressor_v030", "flow_v030",
-        "expander_v030", "compressor_v070", "flow_v070", "expander_v070", "text_encoder", "disc_ctx1024", "disc_unconditioned"])
+        "expander_v030", "compressor_v070", "flow_v070", "expander_v070", "text_encoder",
+        "disc_ctx1024", "disc_unconditioned"])
 def test_parameter_count_matches_pytorch(cls, config, expected):
     assert param_count(cls, config) == expected
 
