@@ -55,6 +55,10 @@ class Architecture:
     # Without context the expander's SPADE still applies its GroupNorm (else it is skipped).
     spade_norm_without_context: bool = False
 
+    def latent_width(self, vae_dim: int) -> int:
+        """Width of a packed latent token: vae_dim plus the context channels."""
+        return vae_dim + self.context_dims
+
 
 ARCHITECTURES = {
     "0.3.0": Architecture(bounded_tokens=False, expander_context_mixer=True),
@@ -132,8 +136,7 @@ class FluxFlowConfig:
 
     @property
     def latent_width(self) -> int:
-        """Width of a packed latent token: vae_dim plus the version's context channels."""
-        return self.vae_dim + self.architecture.context_dims
+        return self.architecture.latent_width(self.vae_dim)
 
     @property
     def discriminator_ctx_dim(self) -> int:
