@@ -21,7 +21,7 @@ from fluxflow_jax.models import FluxFlowConfig
 from fluxflow_jax.models.config import ARCHITECTURES
 from fluxflow_jax.models.geometry import latent_grid
 
-FLOAT64_TOL = 1e-6  # measured: <= 3e-13 with weights no float32 value can represent
+FLOAT64_TOL = 1e-6  # measured: <= 2.2e-12 with weights no float32 value can represent
 # float32: both libraries round differently (reduction order in convolutions, attention and
 # norms), and the stacked tanh/sigmoid/silu Bezier stages amplify it. Measured on single
 # modules: <= 1.1e-5 (spec: 1e-7..5e-5 for independent float32 implementations); a real
