@@ -188,15 +188,23 @@ def v030_checkpoint(models, tmp_path_factory):
     return save_fluxflow(tmp_path_factory.mktemp("v030"), v030)
 
 
+@pytest.fixture(scope="module")
+def v070_checkpoint(tmp_path_factory):
+    v070 = FluxFlowModels.create(TINY.replace(model_version="0.7.0"), nnx.Rngs(5))
+    return save_fluxflow(tmp_path_factory.mktemp("v070"), v070)
+
+
 @pytest.mark.parametrize("label", ["0.3.0", "0.6.0", "0.7.0", "legacy"])
-def test_the_keys_decide_the_version_over_the_label(checkpoint, v030_checkpoint, tmp_path,
-                                                    label):
+def test_the_keys_decide_the_version_over_the_label(checkpoint, v030_checkpoint,
+                                                    v070_checkpoint, tmp_path, label):
     """PyTorch's save_versioned_checkpoint labels v060 pipelines "0.3.0"."""
     v060 = load_fluxflow(_relabel(checkpoint, tmp_path / "v060", label))
     assert v060.config.model_version == "0.6.0"
     v030 = load_fluxflow(_relabel(v030_checkpoint, tmp_path / "v030", label))
     assert v030.config.model_version == "0.3.0"
     assert "context_mixer" in vars(v030.expander) and "final_norm" not in vars(v030.compressor)
+    v070 = load_fluxflow(_relabel(v070_checkpoint, tmp_path / "v070", label))
+    assert v070.config == TINY.replace(model_version="0.7.0")
 
 
 def test_the_label_decides_what_the_keys_leave_open(models, tmp_path):
@@ -216,14 +224,16 @@ def test_the_label_decides_what_the_keys_leave_open(models, tmp_path):
         load_fluxflow(relabelled)
 
 
-def _add_v070_context_projection(tensors):
+def _add_v080_pillar_attention(tensors):
     tensors["diffuser.compressor.context_proj.weight"] = np.zeros((5, 16), np.float32)
     tensors["diffuser.compressor.context_proj.bias"] = np.zeros(5, np.float32)
+    key = "diffuser.flow_processor.transformer_blocks.0.pillar_cross_attn.q_proj.weight"
+    tensors[key] = np.zeros((32, 32), np.float32)
 
 
 @pytest.mark.parametrize("edit,message", [
-    (_add_v070_context_projection, "holds a PyTorch fluxflow 0.7.0 model, which fluxflow-jax "
-                                   r"does not implement yet \(it reads 0.3.0, 0.6.0\)"),
+    (_add_v080_pillar_attention, "holds a PyTorch fluxflow 0.8.0 model, which fluxflow-jax "
+                                 r"does not implement yet \(it reads 0.3.0, 0.6.0, 0.7.0\)"),
     (lambda t: t.update({"diffuser.expander.context_mixer.cls": np.zeros((1, 1, 16),
                                                                           np.float32)}),
      r"mixes architecture versions: compressor.final_norm \(0.6.0\); "

@@ -142,10 +142,10 @@ def _save_prefixed(module: torch.nn.Module, prefix: str, path) -> None:
 
 
 def test_pytorch_checkpoint_runs_in_jax(tmp_path, inputs, torch_models, cfg):
-    """save_versioned_checkpoint's directory, labelled "0.3.0" whatever the version (the
-    keys decide), with prefixed text encoder and discriminator files beside it."""
+    """save_versioned_checkpoint's directory, labelled as a PyTorch user can (v060 as
+    "0.3.0": the keys decide), with prefixed text encoder and discriminator files beside it."""
     pipe, text_encoder, discriminator = torch_models
-    save_versioned_checkpoint(pipe, tmp_path)
+    save_versioned_checkpoint(pipe, tmp_path, model_version=ref.save_label(cfg.model_version))
     _save_prefixed(text_encoder, "text_encoder.", tmp_path / "text_encoder.safetensors")
     _save_prefixed(discriminator, "D_img.", tmp_path / "D_img.safetensors")
     assert (tmp_path / "model.safetensors").is_file()
@@ -201,21 +201,25 @@ def fluxflow_utils():
         sys.modules["fluxflow.utils"] = previous
 
 
-@pytest.mark.parametrize("model_config", [None, {"model_type": "bezier",
-                                                 "model_version": "0.6.0", "vae_dim": 16}],
-                         ids=["legacy_trainer", "factory_trainer"])
+@pytest.mark.parametrize("model_config", [
+    None, {"model_type": "bezier", "model_version": "0.6.0", "vae_dim": 16},
+    {"model_type": "bezier", "model_version": "0.7.0", "vae_dim": 16}],
+    ids=["legacy_trainer", "factory_trainer", "factory_trainer_v070"])
 def test_trainer_output_runs_in_jax(tmp_path, inputs, model_config, fluxflow_utils):
-    """The fluxflow-training 0.8.1 trainer's output directory (v060, its default). Its
-    discriminator is another network than ours: left out, with a warning."""
-    pipe, text_encoder = ref.pipeline(BASE, seed=31), ref.text_encoder(BASE, seed=32)
-    trainer_d = TrainerDiscriminator(ctx_dim=BASE.vae_dim)
+    """The fluxflow-training 0.8.1 trainer's output directory (v060, its default, or the
+    version its model factory was asked for). Its discriminator is another network than
+    ours: left out, with a warning."""
+    version = (model_config or {}).get("model_version", "0.6.0")
+    cfg = BASE.replace(model_version=version)
+    pipe, text_encoder = ref.pipeline(cfg, seed=31), ref.text_encoder(cfg, seed=32)
+    trainer_d = TrainerDiscriminator(ctx_dim=cfg.latent_width)
     checkpoints = _source_file("fluxflow_training", "training/checkpoint_manager.py",
                                "fluxflow_training_checkpoints")
     checkpoints.CheckpointManager(tmp_path).save_models(
         pipe, text_encoder, discriminators={"D_img": trainer_d}, model_config=model_config)
     with pytest.warns(UserWarning, match="D_img.* is fluxflow-training 0.8.1's discriminator"):
         models = load_fluxflow(tmp_path)
-    assert models.config.model_version == "0.6.0" and models.discriminator is None
+    assert models.config.model_version == version and models.discriminator is None
     assert_same(jax_outputs(models, inputs), torch_outputs(pipe, text_encoder, None, inputs))
 
 

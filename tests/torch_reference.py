@@ -21,7 +21,7 @@ from fluxflow_jax.models import FluxFlowConfig
 from fluxflow_jax.models.config import ARCHITECTURES
 from fluxflow_jax.models.geometry import latent_grid
 
-FLOAT64_TOL = 1e-6  # measured: <= 3e-13 with weights no float32 value can represent
+FLOAT64_TOL = 1e-6  # measured: <= 2.2e-12 with weights no float32 value can represent
 # float32: both libraries round differently (reduction order in convolutions, attention and
 # norms), and the stacked tanh/sigmoid/silu Bezier stages amplify it. Measured on single
 # modules: <= 1.1e-5 (spec: 1e-7..5e-5 for independent float32 implementations); a real
@@ -29,7 +29,8 @@ FLOAT64_TOL = 1e-6  # measured: <= 3e-13 with weights no float32 value can repre
 FLOAT32_TOL = 5e-5
 # Whole compressor -> flow -> expander chains feed the flow's float32 output into SPADE's
 # context at every upscale, multiplying the per-module rounding by up to ~100x: measured
-# <= 4.7e-4 in v030, <= 6.6e-4 in v060.
+# <= 4.7e-4 in v030, <= 6.6e-4 in v060, <= 1.6e-3 in v070 (config "a" without context: its
+# SPADE then still normalises the flow's output, 1.2e-3 with context).
 FLOAT32_CHAIN_TOL = 2e-3
 
 # Two sets of widths, both with non-square images; each runs in every architecture version.
@@ -78,8 +79,8 @@ def packed_latents(cfg, image_shape, torch_dtype, seed=1):
     b, h, w = image_shape
     lh, lw = h // 2**cfg.downscales, w // 2**cfg.downscales
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(b, lh * lw, cfg.vae_dim, generator=gen, dtype=torch.float64)
-    hw = torch.zeros(b, 1, cfg.vae_dim, dtype=torch.float64)
+    tokens = torch.randn(b, lh * lw, cfg.latent_width, generator=gen, dtype=torch.float64)
+    hw = torch.zeros(b, 1, cfg.latent_width, dtype=torch.float64)
     hw[:, 0, 0], hw[:, 0, 1] = lh / cfg.max_hw, lw / cfg.max_hw
     return torch.cat([tokens, hw], 1).to(torch_dtype)
 
@@ -141,11 +142,18 @@ def pipeline(cfg: FluxFlowConfig, seed: int) -> FluxPipeline:
 
 def load_export(path: Path, version: str) -> FluxPipeline:
     """The call a PyTorch user makes to load a fluxflow-jax export of ``version``: the
-    versioned loader builds v030 classes only (it refuses a "0.6.0" label), the legacy
-    ``from_pretrained`` on the weights file builds v060 ones."""
-    if version == "0.3.0":
+    versioned loader builds v030 classes for a "0.3.0" label and v070 ones for "0.7.0" (it
+    refuses "0.6.0"), the legacy ``from_pretrained`` on the weights file builds v060 ones."""
+    if version in ("0.3.0", "0.7.0"):
         return load_versioned_checkpoint(path, "cpu")
     return FluxPipeline.from_pretrained(str(Path(path) / "flxflow_final.safetensors"), "cpu")
+
+
+def save_label(version: str) -> str:
+    """The model_version a PyTorch user passes to ``save_versioned_checkpoint`` for a
+    pipeline of ``version``: "0.7.0" has a loader of its own, v060 pipelines get the default
+    "0.3.0" (no "0.6.0" loader exists)."""
+    return version if version == "0.7.0" else "0.3.0"
 
 
 def text_encoder(cfg: FluxFlowConfig, seed: int) -> BertTextEncoder:

@@ -1,4 +1,5 @@
-"""FluxFlowProcessor: the flow transformer (fluxflow 0.8.1 architectures v030 and v060 share it).
+"""FluxFlowProcessor: the flow transformer of fluxflow 0.8.1's v030, v060 and v070 (v070's
+tokens carry its context channels too, so its projections are that much wider).
 
 It predicts, for noisy latent tokens, a v-prediction conditioned on a pooled text embedding
 and a timestep. Blocks carry four "pillar" streams that feed a Bezier activation; a
@@ -106,7 +107,7 @@ class FluxFlowProcessor(nnx.Module):
     def __init__(self, config: FluxFlowConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.remat = False  # recompute block activations in backward passes
-        df, dv, emb = config.flow_dim, config.vae_dim, config.text_embed_dim
+        df, dv, emb = config.flow_dim, config.latent_width, config.text_embed_dim
         self.vae_to_dmodel = layers.linear(dv, df, rngs=rngs)
         self.dmodel_to_vae = layers.linear(df, dv, rngs=rngs)
         self.ctx_mixer = ContextAttentionMixer(df, max(1, df // 128), rngs=rngs)
@@ -141,7 +142,8 @@ class FluxFlowProcessor(nnx.Module):
 
     def __call__(self, packed: jax.Array, text_embeddings: jax.Array, timesteps: jax.Array,
                  hw: tuple[int, int] | None = None) -> jax.Array:
-        """v-prediction for the image tokens of ``packed`` [B, T+1, Dv]; hw token kept.
+        """v-prediction for the image tokens of ``packed`` [B, T+1, latent_width]; hw token
+        kept.
 
         ``timesteps`` [B] are floats in [0, 1]. ``hw`` is the latent grid (read from the hw
         token when omitted, which needs a concrete ``packed``).
