@@ -73,8 +73,9 @@ def test_bf16_step_tracks_float32_and_keeps_float32_state(models, name):
     step, state16, bf16 = one_step(models, name, precision="bf16")
     for key in COMPARED[name]:
         # bf16 keeps 8 bits of mantissa. Measured: losses within 2.2%, gradient norms (sums
-        # over every bf16 gradient) within 3.6%.
-        tolerance = 5e-2 if key.startswith("grad_norm") else 3e-2
+        # over every bf16 gradient) within 3.6% in v030 and 6.6% in v060, whose bounded
+        # tokens (LayerNorm + tanh) pass the rounding on to every gradient behind them.
+        tolerance = 8e-2 if key.startswith("grad_norm") else 3e-2
         assert bf16[key] == pytest.approx(fp32[key], rel=tolerance, abs=1e-4), key
     # Parameters, moments, averages and buffers stay float32: the same state structure.
     assert jax.tree.map(lambda x: x.dtype, state16) == jax.tree.map(lambda x: x.dtype, state32)

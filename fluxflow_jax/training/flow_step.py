@@ -77,14 +77,21 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
     cached = POSTERIOR_KEYS[0] in batch
     source = {k: batch[k] for k in (POSTERIOR_KEYS if cached else ("images",))}
 
-    def posterior(part) -> Posterior:
+    def posterior(module, part) -> Posterior:
         """The images' latent distribution: given (a cache's), or from the compressor."""
         if cached:
             return Posterior(*(nets.inputs(part[k]) for k in POSTERIOR_KEYS))
-        return compressor.posterior(nets.inputs(part["images"]))
+        return module.posterior(nets.inputs(part["images"]))
 
+    def sampled(weights, part):
+        # A copy of the compressor made inside the trace: an nnx transform (its remat)
+        # must not touch a module captured from outside ``jax.eval_shape``.
+        module = nnx.merge(graphdef, weights)
+        return module.sample(posterior(module, part), key=k_latent)
+
+    graphdef, weights = nnx.split(compressor)
     rows = source[next(iter(source))].shape[0]
-    latent = jax.eval_shape(lambda: compressor.sample(posterior(source), key=k_latent))
+    latent = jax.eval_shape(sampled, weights, source)
     hw = latent.mu.shape[1:3]
     x0_shape = jax.eval_shape(nets.outputs, latent.packed)
     draws = {  # for the effective batch, as one batch of its size draws them
@@ -105,7 +112,7 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
 
     def micro_batch(part):
         packed = nets.outputs(jax.lax.stop_gradient(compressor.sample(
-            posterior(part), noise=part["latent_noise"]).packed))
+            posterior(compressor, part), noise=part["latent_noise"]).packed))
         x0, hw_token = packed[:, :-1], packed[:, -1:]
         t, noise = part["t"], part["noise"]
         noisy = jnp.concatenate([diffusion.add_noise(x0, noise, t), hw_token], axis=1)
