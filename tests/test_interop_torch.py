@@ -110,7 +110,7 @@ def test_jax_checkpoint_runs_in_pytorch(tmp_path, inputs, cfg):
 
     users = ref.load_export(tmp_path, cfg.model_version)
     assert isinstance(users, FluxPipeline)
-    assert type(users.compressor) is ref.torch_classes(cfg).FluxCompressor
+    assert type(users.compressor) is ref.torch_classes(cfg.model_version).FluxCompressor
     assert_same(torch_outputs(users, torch_te, torch_d, inputs), expected)
 
     strict = FluxPipeline(ref.compressor(cfg), ref.flow_processor(cfg), ref.expander(cfg)).eval()

@@ -19,6 +19,7 @@ from flax import nnx
 from fluxflow_jax.models import (BertTextEncoder, Buffer, FluxCompressor, FluxExpander,
                                  FluxFlowConfig, FluxFlowProcessor, PatchDiscriminator,
                                  SpectralState)
+from fluxflow_jax.models.pillar_flow import PillarFilmFlowProcessor
 from tiny import TINY
 
 DEFAULT = FluxFlowConfig()
@@ -224,11 +225,12 @@ V030 = DEFAULT.replace(model_version="0.3.0")
     (FluxCompressor, V030, 12_580_553),
     (FluxFlowProcessor, V030, 5_373_824),
     (FluxExpander, V030, 93_483_215),
+    (PillarFilmFlowProcessor, DEFAULT, 7_490_309),
     (BertTextEncoder, DEFAULT, 70_973_440),
     (PatchDiscriminator, DEFAULT.replace(disc_ctx_dim=1024), 46_022_977),
     (PatchDiscriminator, DEFAULT.replace(disc_ctx_dim=0), 43_923_777),
 ], ids=["compressor_v060", "flow_v060", "expander_v060", "compressor_v030", "flow_v030",
-        "expander_v030", "text_encoder", "disc_ctx1024", "disc_unconditioned"])
+        "expander_v030", "flow_v080", "text_encoder", "disc_ctx1024", "disc_unconditioned"])
 def test_parameter_count_matches_pytorch(cls, config, expected):
     assert param_count(cls, config) == expected
 

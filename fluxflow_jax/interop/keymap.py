@@ -146,6 +146,20 @@ def flow_table(config: FluxFlowConfig) -> Table:
     return t
 
 
+def pillar_film_flow_table(config: FluxFlowConfig) -> Table:
+    """v080's flow processor: v070's tensors plus the FiLM and pillar-attention ones."""
+    t = flow_table(config)
+    t += _linear("text_cond_proj", ("text_cond_proj",))
+    for i in range(config.flow_transformer_layers):
+        key, path = f"transformer_blocks.{i}", ("transformer_blocks", i)
+        for p in range(4):
+            t += _linear(f"{key}.film_p{p}", (*path, "films", p, "proj"))
+        for proj in ("q_proj", "kv_proj", "out_proj"):
+            t += _linear(f"{key}.pillar_cross_attn.{proj}", (*path, "pillar_cross_attn", proj))
+        t += _norm(f"{key}.norm_pillar", (*path, "norm_pillar"))
+    return t
+
+
 def expander_table(config: FluxFlowConfig) -> Table:
     t: Table = []
     for i in range(config.upscales):

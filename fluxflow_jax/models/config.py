@@ -53,6 +53,8 @@ class Architecture:
 ARCHITECTURES = {"0.3.0": Architecture(bounded_tokens=False, expander_context_mixer=True),
                  "0.6.0": Architecture(bounded_tokens=True, expander_context_mixer=False)}
 DEFAULT_VERSION = "0.6.0"
+# Channels v070 and v080 append to every latent token (the VAE's context channels).
+CONTEXT_CHANNELS = 5
 # PyTorch fluxflow 0.8.1 versions fluxflow-jax does not build yet.
 NOT_IMPLEMENTED_VERSIONS = ("0.7.0", "0.8.0")
 
