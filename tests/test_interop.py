@@ -216,14 +216,16 @@ def test_the_label_decides_what_the_keys_leave_open(models, tmp_path):
         load_fluxflow(relabelled)
 
 
-def _add_v070_context_projection(tensors):
+def _add_v080_pillar_attention(tensors):
     tensors["diffuser.compressor.context_proj.weight"] = np.zeros((5, 16), np.float32)
     tensors["diffuser.compressor.context_proj.bias"] = np.zeros(5, np.float32)
+    key = "diffuser.flow_processor.transformer_blocks.0.pillar_cross_attn.q_proj.weight"
+    tensors[key] = np.zeros((32, 32), np.float32)
 
 
 @pytest.mark.parametrize("edit,message", [
-    (_add_v070_context_projection, "holds a PyTorch fluxflow 0.7.0 model, which fluxflow-jax "
-                                   r"does not implement yet \(it reads 0.3.0, 0.6.0\)"),
+    (_add_v080_pillar_attention, "holds a PyTorch fluxflow 0.8.0 model, which fluxflow-jax "
+                                 r"does not implement yet \(it reads 0.3.0, 0.6.0, 0.7.0\)"),
     (lambda t: t.update({"diffuser.expander.context_mixer.cls": np.zeros((1, 1, 16),
                                                                           np.float32)}),
      r"mixes architecture versions: compressor.final_norm \(0.6.0\); "

@@ -215,6 +215,7 @@ def param_count(cls, config: FluxFlowConfig) -> int:
 
 
 V030 = DEFAULT.replace(model_version="0.3.0")
+V070 = DEFAULT.replace(model_version="0.7.0")
 
 
 # PyTorch fluxflow 0.8.1's counts at these widths (sum of numel over its module parameters).
@@ -225,26 +226,31 @@ V030 = DEFAULT.replace(model_version="0.3.0")
     (FluxCompressor, V030, 12_580_553),
     (FluxFlowProcessor, V030, 5_373_824),
     (FluxExpander, V030, 93_483_215),
+    (FluxCompressor, V070, 12_581_454),
+    (FluxFlowProcessor, V070, 5_375_109),
+    (FluxExpander, V070, 92_849_743),
     (PillarFilmFlowProcessor, DEFAULT, 7_490_309),
     (BertTextEncoder, DEFAULT, 70_973_440),
     (PatchDiscriminator, DEFAULT.replace(disc_ctx_dim=1024), 46_022_977),
     (PatchDiscriminator, DEFAULT.replace(disc_ctx_dim=0), 43_923_777),
 ], ids=["compressor_v060", "flow_v060", "expander_v060", "compressor_v030", "flow_v030",
-        "expander_v030", "flow_v080", "text_encoder", "disc_ctx1024", "disc_unconditioned"])
+        "expander_v030", "compressor_v070", "flow_v070", "expander_v070", "flow_v080",
+        "text_encoder", "disc_ctx1024", "disc_unconditioned"])
 def test_parameter_count_matches_pytorch(cls, config, expected):
     assert param_count(cls, config) == expected
 
 
 @pytest.mark.parametrize("config, expected", [
-    (DEFAULT, 111_371_160), (V030, 111_437_592), (SMALL, 7_110_080),
+    (DEFAULT, 111_371_160), (V030, 111_437_592), (V070, 110_806_306), (SMALL, 7_110_080),
     (SMALL.replace(model_version="0.3.0"), 7_114_400)],
-    ids=["default_v060", "default_v030", "small_v060", "small_v030"])
+    ids=["default_v060", "default_v030", "default_v070", "small_v060", "small_v030"])
 def test_pipeline_parameter_total(config, expected):
     assert sum(param_count(cls, config) for cls in PIPELINE) == expected
 
 
-def test_discriminator_context_width_defaults_to_vae_dim():
+def test_discriminator_context_width_defaults_to_the_latent_token_width():
     assert DEFAULT.discriminator_ctx_dim == DEFAULT.vae_dim
+    assert V070.discriminator_ctx_dim == V070.vae_dim + 5
     assert (param_count(PatchDiscriminator, DEFAULT)
             == param_count(PatchDiscriminator, DEFAULT.replace(disc_ctx_dim=DEFAULT.vae_dim)))
 

@@ -15,6 +15,7 @@ from fluxflow.models.activations import TrainableBezier as TorchTrainableBezier
 from fluxflow.models.conditioning import SPADE as TorchSPADE
 from fluxflow.models.conditioning import ContextAttentionMixer as TorchMixer
 from fluxflow.models.conditioning import GatedContextInjection as TorchGated
+from fluxflow.models.v070.conditioning import SPADE as TorchSPADE070
 from flax import nnx
 
 import torch_reference as ref
@@ -310,9 +311,11 @@ def _load_by_table(module, torch_module, table):
                    dtype=jnp.float64)
 
 
-def test_spade_resizes_context_and_skips_without_it():
+@pytest.mark.parametrize("torch_spade", [TorchSPADE, TorchSPADE070], ids=["shared", "v070"])
+def test_spade_resizes_context_and_skips_without_it(torch_spade):
+    """One SPADE matches both fluxflow's shared one and v070's own copy."""
     with jax.enable_x64(True):
-        torch_model = ref.perturb(TorchSPADE(context_nc=5, num_features=24), seed=2).double()
+        torch_model = ref.perturb(torch_spade(context_nc=5, num_features=24), seed=2).double()
         model = SPADE(5, 24, rngs=nnx.Rngs(0))
         _load_by_table(model, torch_model, [
             Entry("mlp_shared.0.weight", ("mlp_shared", "kernel"), CONV),

@@ -77,12 +77,12 @@ def to_jax(x: torch.Tensor, dtype, channels_last: bool = False):
 
 
 def packed_latents(cfg, image_shape, torch_dtype, seed=1, extra_channels=0):
-    """Random latent tokens (vae_dim + ``extra_channels`` wide) with a correct hw token, as
+    """Random latent tokens (latent_width + ``extra_channels`` wide) with a correct hw token, as
     the flow and expander receive."""
     b, h, w = image_shape
     lh, lw = h // 2**cfg.downscales, w // 2**cfg.downscales
     gen = torch.Generator().manual_seed(seed)
-    width = cfg.vae_dim + extra_channels
+    width = cfg.latent_width + extra_channels
     tokens = torch.randn(b, lh * lw, width, generator=gen, dtype=torch.float64)
     hw = torch.zeros(b, 1, width, dtype=torch.float64)
     hw[:, 0, 0], hw[:, 0, 1] = lh / cfg.max_hw, lw / cfg.max_hw

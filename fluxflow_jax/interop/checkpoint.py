@@ -41,7 +41,7 @@ from fluxflow_jax.interop.state import (CheckpointError, check_coverage, export_
                                         import_tensors)
 from fluxflow_jax.interop.versions import detect_version
 from fluxflow_jax.models.bundle import COMPONENT_CLASSES, FluxFlowModels
-from fluxflow_jax.models.config import FluxFlowConfig
+from fluxflow_jax.models.config import ARCHITECTURES, FluxFlowConfig
 
 WEIGHT_FILES = ("model.safetensors", "flxflow_final.safetensors")
 TEXT_ENCODER_FILE = "text_encoder.safetensors"
@@ -255,8 +255,10 @@ def _count(keys, pattern: str) -> int:
     return len({m.group(1) for k in keys if (m := regex.fullmatch(k))})
 
 
-def _shape_facts(groups: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, list[int]]:
-    """Architecture fields each component's shapes imply (a field may be implied twice)."""
+def _shape_facts(groups: Mapping[str, Mapping[str, np.ndarray]], version: str
+                 ) -> dict[str, list[int]]:
+    """Architecture fields each component's shapes imply in ``version`` (a field may be
+    implied twice)."""
     facts: dict[str, list[int]] = {}
     add = lambda field, value: facts.setdefault(field, []).append(int(value))
     if (c := groups.get("compressor")) and "latent_proj.0.0.weight" in c:
@@ -265,9 +267,9 @@ def _shape_facts(groups: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, li
         add("downscales", _count(c, r"encoder_z\.(\d+)\.0\.weight"))
         add("vae_attn_layers", _count(c, r"token_attn\.(\d+)\.attn\.in_proj_weight"))
     if (f := groups.get("flow_processor")) and "vae_to_dmodel.weight" in f:
-        flow_dim, vae_dim = f["vae_to_dmodel.weight"].shape
+        flow_dim, latent_width = f["vae_to_dmodel.weight"].shape
         add("flow_dim", flow_dim)
-        add("vae_dim", vae_dim)
+        add("vae_dim", latent_width - ARCHITECTURES[version].context_dims)
         add("text_embed_dim", f["text_proj.weight"].shape[1])
         add("flow_transformer_layers", _count(f, r"transformer_blocks\.(\d+)\.self_attn\."
                                                  r"q_proj\.weight"))
@@ -316,7 +318,7 @@ def infer_config(groups: Mapping[str, Mapping[str, np.ndarray]], architecture: M
     fields: dict[str, Any] = {k: v for k, v in architecture.items() if k in known}
     fields["model_version"] = detect_version(groups, label, source)
     problems = []
-    for field, values in _shape_facts(groups).items():
+    for field, values in _shape_facts(groups, fields["model_version"]).items():
         if len(set(values)) > 1:
             problems.append(f"components disagree on {field}: {sorted(set(values))}")
             continue
@@ -326,7 +328,9 @@ def infer_config(groups: Mapping[str, Mapping[str, np.ndarray]], architecture: M
         fields[field] = values[0]
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
-    if fields.get("disc_ctx_dim") == fields.get("vae_dim", FluxFlowConfig.vae_dim):
+    latent_width = (fields.get("vae_dim", FluxFlowConfig.vae_dim)
+                    + ARCHITECTURES[fields["model_version"]].context_dims)
+    if fields.get("disc_ctx_dim") == latent_width:
         fields["disc_ctx_dim"] = None  # the canonical spelling of "conditioned on the latent"
     try:
         return FluxFlowConfig(**fields)

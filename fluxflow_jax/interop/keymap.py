@@ -110,6 +110,8 @@ def compressor_table(config: FluxFlowConfig) -> Table:
         t += _linear(f"{key}.ff.2", (*path, "ff_out"))
     if config.architecture.bounded_tokens:
         t += _norm("final_norm", ("final_norm",))
+    if config.architecture.context_dims:
+        t += _linear("context_proj", ("context_proj",))
     return t
 
 

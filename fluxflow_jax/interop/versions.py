@@ -58,7 +58,7 @@ def detect_version(groups: Mapping[str, Mapping[str, object]], label: object,
                    source: str) -> str:
     """The architecture version of a checkpoint's component tensors (keys unprefixed),
     with ``label`` (its metadata's model_version, or None) deciding only what keys leave
-    open; the default version when neither tells."""
+    open; the default version (or the earliest the keys fit) when neither tells."""
     evidence = _key_evidence(groups)
     candidates = set(KNOWN_VERSIONS)
     for _, versions in evidence:
@@ -74,8 +74,10 @@ def detect_version(groups: Mapping[str, Mapping[str, object]], label: object,
         [version] = candidates
     elif labelled in candidates:
         version = labelled
-    else:
+    elif DEFAULT_VERSION in candidates:
         version = DEFAULT_VERSION
+    else:  # e.g. a v070 VAE alone, which v080 shares: the earliest version it fits
+        version = min(candidates)
     if version in NOT_IMPLEMENTED_VERSIONS:
         raise CheckpointError(
             f"{source} holds a PyTorch fluxflow {version} model, which fluxflow-jax does not "

@@ -1,10 +1,12 @@
-"""FluxCompressor: the VAE encoder (architectures v030 and v060 of fluxflow 0.8.1).
+"""FluxCompressor: the VAE encoder (architectures v030, v060 and v070 of fluxflow 0.8.1).
 
 Images (NHWC, [-1, 1]) plus two coordinate channels go through ``downscales`` stride-2
 stages of Bezier-activated convolutions; the latent grid is projected to a mean and a
 log-variance, sampled, flattened into tokens, given position information and refined by
 self-attention. v060 then bounds the tokens with LayerNorm + tanh (v030 leaves them
-unbounded). The result is packed with a trailing "hw token" that records the grid size.
+unbounded). v070 bounds them before the attention, keeps them as the latent, and appends
+to each a few context channels projected from the attention output. The result is packed
+with a trailing "hw token" that records the grid size.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class FluxCompressor(nnx.Module):
             for _ in range(config.vae_attn_layers)])
         if config.architecture.bounded_tokens:
             self.final_norm = layers.layer_norm(dim, rngs=rngs)
+        if config.architecture.context_dims:
+            self.context_proj = layers.linear(dim, config.architecture.context_dims, rngs=rngs)
 
     def encode(self, images: jax.Array, *, noise: jax.Array | None = None,
                key: jax.Array | None = None) -> Encoded:
@@ -106,17 +110,30 @@ class FluxCompressor(nnx.Module):
         _, h, w, dim = latent.shape
         tokens = (z.reshape(b, h * w, dim) + sincos_table_2d(h, w, dim, z.dtype)[None]
                   + latent.reshape(b, h * w, dim))
+        if self.config.architecture.context_dims:
+            tokens = self._bounded(tokens)
+            context = self.context_proj(self._attended(tokens))
+            tokens = jnp.concatenate([tokens, context], axis=-1)
+        else:
+            tokens = self._attended(tokens)
+            if self.config.architecture.bounded_tokens:
+                tokens = self._bounded(tokens)
+        hw = hw_token(b, h, w, tokens.shape[-1], self.config.max_hw, tokens.dtype)
+        return Encoded(jnp.concatenate([tokens, hw], axis=1), mu, logvar)
+
+    def _attended(self, tokens: jax.Array) -> jax.Array:
         for block in self.token_attn:
             tokens = layers.checkpointed(TokenAttentionBlock.__call__, block, tokens,
                                          remat=self.remat)
-        if self.config.architecture.bounded_tokens:
-            tokens = jnp.tanh(self.final_norm(tokens))
-        hw = hw_token(b, h, w, dim, self.config.max_hw, tokens.dtype)
-        return Encoded(jnp.concatenate([tokens, hw], axis=1), mu, logvar)
+        return tokens
+
+    def _bounded(self, tokens: jax.Array) -> jax.Array:
+        """LayerNorm + tanh: tokens in [-1, 1]."""
+        return jnp.tanh(self.final_norm(tokens))
 
     def __call__(self, images: jax.Array, *, noise: jax.Array | None = None,
                  key: jax.Array | None = None) -> jax.Array:
-        """Packed latent tokens [B, h*w + 1, vae_dim] for images [B, H, W, C] in [-1, 1]."""
+        """Packed latent tokens [B, h*w + 1, latent_width] for images [B, H, W, C] in [-1, 1]."""
         return self.encode(images, noise=noise, key=key).packed
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int]:

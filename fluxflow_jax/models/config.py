@@ -5,7 +5,7 @@
 build. The widths default to the reference training defaults: VAE latent width 128, flow
 width 128, text embedding 1024, 4 down/up scales, 4 compressor attention layers, 10 flow
 blocks. That pipeline (compressor + flow processor + expander) has 111,371,160 parameters
-in v060 and 111,437,592 in v030.
+in v060, 111,437,592 in v030 and 110,806,306 in v070.
 """
 
 from __future__ import annotations
@@ -48,15 +48,25 @@ class Architecture:
     bounded_tokens: bool
     # The expander holds a ContextAttentionMixer whose parameters its forward never reads.
     expander_context_mixer: bool
+    # Channels of SPADE context appended to every latent token (0: none). The compressor
+    # bounds its tokens before attention and projects the attention output to this context
+    # (``context_proj``); the expander's SPADE reads it instead of the latent features.
+    context_dims: int = 0
+    # Without context the expander's SPADE still applies its GroupNorm (else it is skipped).
+    spade_norm_without_context: bool = False
 
 
-ARCHITECTURES = {"0.3.0": Architecture(bounded_tokens=False, expander_context_mixer=True),
-                 "0.6.0": Architecture(bounded_tokens=True, expander_context_mixer=False)}
+ARCHITECTURES = {
+    "0.3.0": Architecture(bounded_tokens=False, expander_context_mixer=True),
+    "0.6.0": Architecture(bounded_tokens=True, expander_context_mixer=False),
+    "0.7.0": Architecture(bounded_tokens=True, expander_context_mixer=False, context_dims=5,
+                          spade_norm_without_context=True),
+}
 DEFAULT_VERSION = "0.6.0"
 # Channels v070 and v080 append to every latent token (the VAE's context channels).
 CONTEXT_CHANNELS = 5
 # PyTorch fluxflow 0.8.1 versions fluxflow-jax does not build yet.
-NOT_IMPLEMENTED_VERSIONS = ("0.7.0", "0.8.0")
+NOT_IMPLEMENTED_VERSIONS = ("0.8.0",)
 
 
 _TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number",
@@ -106,7 +116,7 @@ class FluxFlowConfig:
     # Discriminator (spectral-norm PatchDiscriminator of the training framework)
     disc_base_channels: int = 64
     disc_depth: int = 4
-    disc_ctx_dim: int | None = field(default=None)  # None: the VAE latent width
+    disc_ctx_dim: int | None = field(default=None)  # None: the latent token width
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -123,8 +133,13 @@ class FluxFlowConfig:
         return self.downscales
 
     @property
+    def latent_width(self) -> int:
+        """Width of a packed latent token: vae_dim plus the version's context channels."""
+        return self.vae_dim + self.architecture.context_dims
+
+    @property
     def discriminator_ctx_dim(self) -> int:
-        return self.vae_dim if self.disc_ctx_dim is None else self.disc_ctx_dim
+        return self.latent_width if self.disc_ctx_dim is None else self.disc_ctx_dim
 
     def problems(self) -> list[str]:
         """Every inconsistency in the fields, each phrased with its fix."""
@@ -143,7 +158,7 @@ class FluxFlowConfig:
                 for name in ("text_dropout", "text_attention_dropout")
                 if not 0 <= getattr(self, name) < 1]
         if self.disc_ctx_dim is not None and self.disc_ctx_dim < 0:
-            out.append(f"disc_ctx_dim must be >= 0, or None for vae_dim "
+            out.append(f"disc_ctx_dim must be >= 0, or None for the latent token width "
                        f"(got {self.disc_ctx_dim})")
         if out:
             return out

@@ -1,4 +1,6 @@
-"""FluxFlowProcessor: the flow transformer of fluxflow 0.8.1's v030 and v060 (v080: pillar_flow).
+"""FluxFlowProcessor: the flow transformer of fluxflow 0.8.1's v030, v060 and v070 (v070's
+tokens carry its context channels too, so its projections are that much wider; v080:
+pillar_flow).
 
 It predicts, for noisy latent tokens, a v-prediction conditioned on a pooled text embedding
 and a timestep. Blocks carry four "pillar" streams that feed a Bezier activation; a
@@ -128,7 +130,7 @@ class FluxFlowProcessor(nnx.Module):
         self.config = config
         self.remat = False  # recompute block activations in backward passes
         df, emb = config.flow_dim, config.text_embed_dim
-        dv = config.vae_dim + self.extra_token_channels
+        dv = config.latent_width + self.extra_token_channels
         self.vae_to_dmodel = layers.linear(dv, df, rngs=rngs)
         self.dmodel_to_vae = layers.linear(df, dv, rngs=rngs)
         self.ctx_mixer = ContextAttentionMixer(df, max(1, df // 128), rngs=rngs)
@@ -163,7 +165,8 @@ class FluxFlowProcessor(nnx.Module):
 
     def __call__(self, packed: jax.Array, text_embeddings: jax.Array, timesteps: jax.Array,
                  hw: tuple[int, int] | None = None) -> jax.Array:
-        """v-prediction for the image tokens of ``packed`` [B, T+1, Dv]; hw token kept.
+        """v-prediction for the image tokens of ``packed`` [B, T+1, latent_width]; hw token
+        kept.
 
         ``timesteps`` [B] are floats in [0, 1]. ``hw`` is the latent grid (read from the hw
         token when omitted, which needs a concrete ``packed``).
