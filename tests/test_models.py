@@ -19,6 +19,7 @@ from flax import nnx
 from fluxflow_jax.models import (BertTextEncoder, Buffer, FluxCompressor, FluxExpander,
                                  FluxFlowConfig, FluxFlowProcessor, PatchDiscriminator,
                                  SpectralState)
+from fluxflow_jax.models.bundle import flow_processor
 from fluxflow_jax.models.pillar_flow import PillarFilmFlowProcessor
 from tiny import TINY
 
@@ -26,7 +27,7 @@ DEFAULT = FluxFlowConfig()
 # The "small" reference configuration of the PyTorch project.
 SMALL = FluxFlowConfig(vae_dim=32, flow_dim=32, text_embed_dim=32, flow_attn_heads=8,
                        flow_transformer_layers=2, vae_attn_layers=2)
-PIPELINE = (FluxCompressor, FluxFlowProcessor, FluxExpander)
+PIPELINE = (FluxCompressor, flow_processor, FluxExpander)  # the flow of the config's version
 
 BATCH, HEIGHT, WIDTH = 2, 32, 48
 GRID = (8, 12)  # TINY's latent grid for 32x48 images: two stride-2 stages
@@ -216,6 +217,7 @@ def param_count(cls, config: FluxFlowConfig) -> int:
 
 V030 = DEFAULT.replace(model_version="0.3.0")
 V070 = DEFAULT.replace(model_version="0.7.0")
+V080 = DEFAULT.replace(model_version="0.8.0")
 
 
 # PyTorch fluxflow 0.8.1's counts at these widths (sum of numel over its module parameters).
@@ -229,7 +231,7 @@ V070 = DEFAULT.replace(model_version="0.7.0")
     (FluxCompressor, V070, 12_581_454),
     (FluxFlowProcessor, V070, 5_375_109),
     (FluxExpander, V070, 92_849_743),
-    (PillarFilmFlowProcessor, DEFAULT, 7_490_309),
+    (PillarFilmFlowProcessor, V080, 7_490_309),
     (BertTextEncoder, DEFAULT, 70_973_440),
     (PatchDiscriminator, DEFAULT.replace(disc_ctx_dim=1024), 46_022_977),
     (PatchDiscriminator, DEFAULT.replace(disc_ctx_dim=0), 43_923_777),
@@ -241,9 +243,11 @@ def test_parameter_count_matches_pytorch(cls, config, expected):
 
 
 @pytest.mark.parametrize("config, expected", [
-    (DEFAULT, 111_371_160), (V030, 111_437_592), (V070, 110_806_306), (SMALL, 7_110_080),
-    (SMALL.replace(model_version="0.3.0"), 7_114_400)],
-    ids=["default_v060", "default_v030", "default_v070", "small_v060", "small_v030"])
+    (DEFAULT, 111_371_160), (V030, 111_437_592), (V070, 110_806_306), (V080, 112_921_506),
+    (SMALL, 7_110_080), (SMALL.replace(model_version="0.3.0"), 7_114_400),
+    (SMALL.replace(model_version="0.8.0"), 7_012_682)],
+    ids=["default_v060", "default_v030", "default_v070", "default_v080", "small_v060",
+         "small_v030", "small_v080"])
 def test_pipeline_parameter_total(config, expected):
     assert sum(param_count(cls, config) for cls in PIPELINE) == expected
 

@@ -20,14 +20,11 @@ from flax import nnx
 
 import torch_reference as ref
 from fluxflow_jax.interop import component_from_tensors
-from fluxflow_jax.interop.keymap import (CONV, CONV_TRANSPOSE, LINEAR, Entry,
-                                         pillar_film_flow_table)
-from fluxflow_jax.interop.state import check_coverage, import_tensors
+from fluxflow_jax.interop.keymap import CONV, CONV_TRANSPOSE, LINEAR, Entry
+from fluxflow_jax.interop.state import import_tensors
 from fluxflow_jax.models import layers
-from fluxflow_jax.models.pillar_flow import PillarFilmFlowProcessor
 from fluxflow_jax.models import (SPADE, ContextAttentionMixer, FluxFlowConfig,
-                                 FluxFlowProcessor, GatedContextInjection, TrainableBezier,
-                                 bezier_activation)
+                                 GatedContextInjection, TrainableBezier, bezier_activation)
 
 @pytest.fixture(params=list(ref.PRECISIONS))
 def precision(request):
@@ -67,48 +64,15 @@ def test_compressor(case, precision):
     assert ref.relative_error(encoded.logvar, ref.nchw(logvar)) <= tol
 
 
-@pytest.fixture(scope="module", params=[(name, version)
-                                        for version in ref.VERSIONS + ref.FLOW_ONLY_VERSIONS
-                                        for name in ref.CONFIGS],
-                ids=lambda param: f"{param[0]}-v{param[1].replace('.', '')}")
-def flow_case(request):
-    """(config, image shape, perturbed PyTorch flow processor, its version)."""
-    name, version = request.param
-    cfg, image_shape = ref.CONFIGS[name]
-    if version in ref.VERSIONS:
-        cfg = cfg.replace(model_version=version)
-    seed = len(name) + ord(name)
-    torch.manual_seed(seed)
-    return cfg, image_shape, ref.perturb(ref.flow_processor(cfg, version), seed), version
-
-
-def _flow_component(version, cfg, torch_module, jax_dtype):
-    if version in ref.VERSIONS:
-        return _component("flow_processor", cfg, torch_module, jax_dtype)
-    module = nnx.eval_shape(lambda: PillarFilmFlowProcessor(cfg, rngs=nnx.Rngs(0)))
-    table = pillar_film_flow_table(cfg)
-    check_coverage(module, table)
-    import_tensors(module, table, ref.state_numpy(torch_module), source="test",
-                   dtype=jax_dtype)
-    return module
-
-
-def _flow_inputs(flow_case, torch_dtype):
-    cfg, image_shape, torch_model, version = flow_case
-    model_class = PillarFilmFlowProcessor if version == "0.8.0" else FluxFlowProcessor
-    return ref.packed_latents(cfg, image_shape, torch_dtype,
-                              extra_channels=model_class.extra_token_channels)
-
-
-def test_flow_processor(flow_case, precision):
-    cfg, image_shape, torch_model, version = flow_case
+def test_flow_processor(case, precision):
+    cfg, image_shape, pipe = case
     torch_dtype, jax_dtype, tol = precision
     _, _, text, t = ref.inputs(cfg, image_shape, torch_dtype)
-    packed = _flow_inputs(flow_case, torch_dtype)
-    torch_model = ref.cast(torch_model, torch_dtype)
+    packed = ref.packed_latents(cfg, image_shape, torch_dtype)
+    torch_model = ref.cast(pipe.flow_processor, torch_dtype)
     with torch.no_grad():
         expected = torch_model(packed, text, t)
-    model = _flow_component(version, cfg, torch_model, jax_dtype)
+    model = _component("flow_processor", cfg, torch_model, jax_dtype)
     hw = ref.grid(packed, cfg)
     flow = nnx.jit(lambda m, x, e, t: m(x, e, t, hw=hw))
     actual = flow(model, ref.to_jax(packed, jax_dtype), ref.to_jax(text, jax_dtype),
@@ -118,17 +82,17 @@ def test_flow_processor(flow_case, precision):
 
 @pytest.mark.parametrize("t,grid_scale", [(0.0, 1), (1.0, 1), (0.5, 2)],
                          ids=["t0", "t1", "grid_larger_than_tokens"])
-def test_flow_processor_edge_cases(flow_case, t, grid_scale):
+def test_flow_processor_edge_cases(case, t, grid_scale):
     """Batch of one, both ends of the time range, and an hw token announcing more tokens
     than the sequence holds (the side branch then falls back to a square-ish grid)."""
-    cfg, image_shape, torch_model, version = flow_case
+    cfg, image_shape, pipe = case
     with jax.enable_x64(True):
-        packed = _flow_inputs(flow_case, torch.float64)[:1]
+        packed = ref.packed_latents(cfg, image_shape, torch.float64)[:1]
         packed[:, -1, :2] *= grid_scale
         text = torch.randn(1, cfg.text_embed_dim, dtype=torch.float64)
         times = torch.tensor([t], dtype=torch.float64)
-        torch_model = ref.cast(torch_model, torch.float64)
-        model = _flow_component(version, cfg, torch_model, jnp.float64)
+        torch_model = ref.cast(pipe.flow_processor, torch.float64)
+        model = _component("flow_processor", cfg, torch_model, jnp.float64)
         run = lambda: model(ref.to_jax(packed, jnp.float64), ref.to_jax(text, jnp.float64),
                             ref.to_jax(times, jnp.float64))
         tokens = packed.shape[1] - 1

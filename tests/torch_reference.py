@@ -42,9 +42,6 @@ CONFIGS = {
           (2, 24, 40)),
 }
 VERSIONS = tuple(ARCHITECTURES)
-# Versions whose flow processor fluxflow-jax builds while their VAE is still missing: the
-# flow is tested alone (model_version keeps refusing them).
-FLOW_ONLY_VERSIONS = ("0.8.0",)
 PRECISIONS = {"float64": (torch.float64, jnp.float64, FLOAT64_TOL),
               "float32": (torch.float32, jnp.float32, FLOAT32_TOL)}
 
@@ -76,15 +73,13 @@ def to_jax(x: torch.Tensor, dtype, channels_last: bool = False):
     return jnp.asarray(array, dtype=dtype)
 
 
-def packed_latents(cfg, image_shape, torch_dtype, seed=1, extra_channels=0):
-    """Random latent tokens (latent_width + ``extra_channels`` wide) with a correct hw token, as
-    the flow and expander receive."""
+def packed_latents(cfg, image_shape, torch_dtype, seed=1):
+    """Random latent tokens with a correct hw token, as the flow and expander receive."""
     b, h, w = image_shape
     lh, lw = h // 2**cfg.downscales, w // 2**cfg.downscales
     gen = torch.Generator().manual_seed(seed)
-    width = cfg.latent_width + extra_channels
-    tokens = torch.randn(b, lh * lw, width, generator=gen, dtype=torch.float64)
-    hw = torch.zeros(b, 1, width, dtype=torch.float64)
+    tokens = torch.randn(b, lh * lw, cfg.latent_width, generator=gen, dtype=torch.float64)
+    hw = torch.zeros(b, 1, cfg.latent_width, dtype=torch.float64)
     hw[:, 0, 0], hw[:, 0, 1] = lh / cfg.max_hw, lw / cfg.max_hw
     return torch.cat([tokens, hw], 1).to(torch_dtype)
 
@@ -113,28 +108,27 @@ def cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module
 
 
-def torch_classes(version: str):
-    """fluxflow's module of an architecture version (e.g. fluxflow.models.v060)."""
-    return importlib.import_module("fluxflow.models.v" + version.replace(".", ""))
+def torch_classes(cfg: FluxFlowConfig):
+    """fluxflow's module of ``cfg.model_version`` (e.g. fluxflow.models.v060)."""
+    return importlib.import_module("fluxflow.models.v" + cfg.model_version.replace(".", ""))
 
 
 def compressor(cfg: FluxFlowConfig) -> nn.Module:
-    return torch_classes(cfg.model_version).FluxCompressor(
+    return torch_classes(cfg).FluxCompressor(
         in_channels=cfg.in_channels, d_model=cfg.vae_dim, downscales=cfg.downscales,
         max_hw=cfg.max_hw, attn_layers=cfg.vae_attn_layers, attn_heads=cfg.vae_attn_heads,
         attn_ff_mult=cfg.vae_ff_mult, use_gradient_checkpointing=False)
 
 
-def flow_processor(cfg: FluxFlowConfig, version: str | None = None) -> nn.Module:
-    """The flow processor of ``version`` (default: cfg.model_version) at cfg's widths."""
-    return torch_classes(version or cfg.model_version).FluxFlowProcessor(
+def flow_processor(cfg: FluxFlowConfig) -> nn.Module:
+    return torch_classes(cfg).FluxFlowProcessor(
         d_model=cfg.flow_dim, vae_dim=cfg.vae_dim, embedding_size=cfg.text_embed_dim,
         n_head=cfg.flow_attn_heads, n_layers=cfg.flow_transformer_layers, max_hw=cfg.max_hw,
         ctx_tokens=cfg.ctx_tokens)
 
 
 def expander(cfg: FluxFlowConfig) -> nn.Module:
-    return torch_classes(cfg.model_version).FluxExpander(
+    return torch_classes(cfg).FluxExpander(
         d_model=cfg.vae_dim, upscales=cfg.upscales, max_hw=cfg.max_hw,
         ctx_tokens=cfg.ctx_tokens, use_gradient_checkpointing=False)
 
@@ -145,11 +139,16 @@ def pipeline(cfg: FluxFlowConfig, seed: int) -> FluxPipeline:
     return perturb(pipe, seed)
 
 
+# Versions with a loader of their own in PyTorch's load_versioned_checkpoint (it refuses a
+# "0.6.0" label) and save_versioned_checkpoint.
+VERSIONED_LOADERS = ("0.3.0", "0.8.0")
+
+
 def load_export(path: Path, version: str) -> FluxPipeline:
     """The call a PyTorch user makes to load a fluxflow-jax export of ``version``: the
-    versioned loader builds v030 classes only (it refuses a "0.6.0" label), the legacy
-    ``from_pretrained`` on the weights file builds v060 ones."""
-    if version == "0.3.0":
+    versioned loader where it has one for the version, else the legacy ``from_pretrained``
+    on the weights file, which builds v060 classes."""
+    if version in VERSIONED_LOADERS:
         return load_versioned_checkpoint(path, "cpu")
     return FluxPipeline.from_pretrained(str(Path(path) / "flxflow_final.safetensors"), "cpu")
 

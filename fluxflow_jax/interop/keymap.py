@@ -140,6 +140,10 @@ def flow_table(config: FluxFlowConfig) -> Table:
                 t += _linear(f"{key}.p{p}.{layer}.0", (*path, "pillars", p, "layers", layer))
         t += _linear(f"{key}.ffn.0", (*path, "ffn"))
         t.append(Entry(f"{key}.rotary_pe.inv_freq", (*path, "inv_freq")))
+        if config.architecture.pillar_film:
+            t += _pillar_film(key, path)
+    if config.architecture.pillar_film:
+        t += _linear("text_cond_proj", ("text_cond_proj",))
     t += _conv("flow_predictor.0", ("predictor_conv1",))
     t += _trainable_bezier("flow_predictor.1", ("predictor_activation",), (df, 1, 1))
     t += _conv("flow_predictor.2", ("predictor_conv2",))
@@ -148,18 +152,13 @@ def flow_table(config: FluxFlowConfig) -> Table:
     return t
 
 
-def pillar_film_flow_table(config: FluxFlowConfig) -> Table:
-    """v080's flow processor: v070's tensors plus the FiLM and pillar-attention ones."""
-    t = flow_table(config)
-    t += _linear("text_cond_proj", ("text_cond_proj",))
-    for i in range(config.flow_transformer_layers):
-        key, path = f"transformer_blocks.{i}", ("transformer_blocks", i)
-        for p in range(4):
-            t += _linear(f"{key}.film_p{p}", (*path, "films", p, "proj"))
-        for proj in ("q_proj", "kv_proj", "out_proj"):
-            t += _linear(f"{key}.pillar_cross_attn.{proj}", (*path, "pillar_cross_attn", proj))
-        t += _norm(f"{key}.norm_pillar", (*path, "norm_pillar"))
-    return t
+def _pillar_film(key: str, path: Path) -> Iterator[Entry]:
+    """A v080 flow block's FiLM projections and pillar attention."""
+    for p in range(4):
+        yield from _linear(f"{key}.film_p{p}", (*path, "films", p, "proj"))
+    for proj in ("q_proj", "kv_proj", "out_proj"):
+        yield from _linear(f"{key}.pillar_cross_attn.{proj}", (*path, "pillar_cross_attn", proj))
+    yield from _norm(f"{key}.norm_pillar", (*path, "norm_pillar"))
 
 
 def expander_table(config: FluxFlowConfig) -> Table:

@@ -123,14 +123,11 @@ class FluxTransformerBlock(nnx.Module):
 
 class FluxFlowProcessor(nnx.Module):
     block_type = FluxTransformerBlock
-    # Channels each latent token carries beyond vae_dim.
-    extra_token_channels = 0
 
     def __init__(self, config: FluxFlowConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.remat = False  # recompute block activations in backward passes
-        df, emb = config.flow_dim, config.text_embed_dim
-        dv = config.latent_width + self.extra_token_channels
+        df, dv, emb = config.flow_dim, config.latent_width, config.text_embed_dim
         self.vae_to_dmodel = layers.linear(dv, df, rngs=rngs)
         self.dmodel_to_vae = layers.linear(df, dv, rngs=rngs)
         self.ctx_mixer = ContextAttentionMixer(df, max(1, df // 128), rngs=rngs)

@@ -3,7 +3,7 @@
 v070's flow carries the text signal to the pillars only through the image tokens. v080
 gives each pillar the pooled text + time conditioning directly: a FiLM scale and shift of
 its gate, and a cross-attention of all pillar outputs to the text tokens. Its tokens are
-v070's latents, which carry CONTEXT_CHANNELS channels beyond vae_dim.
+v070's latents (with their context channels).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fluxflow_jax.models import layers
-from fluxflow_jax.models.config import CONTEXT_CHANNELS, FluxFlowConfig
+from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.models.flow import (FluxFlowProcessor, FluxTransformerBlock,
                                       ParallelAttention, Rope)
 
@@ -63,7 +63,6 @@ class PillarFilmFlowProcessor(FluxFlowProcessor):
     projected to the flow width."""
 
     block_type = PillarFilmBlock
-    extra_token_channels = CONTEXT_CHANNELS
 
     def __init__(self, config: FluxFlowConfig, *, rngs: nnx.Rngs):
         super().__init__(config, rngs=rngs)
