@@ -190,23 +190,32 @@ def v030_checkpoint(models, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def v070_checkpoint(tmp_path_factory):
+    v070 = FluxFlowModels.create(TINY.replace(model_version="0.7.0"), nnx.Rngs(5))
+    return save_fluxflow(tmp_path_factory.mktemp("v070"), v070)
+
+
+@pytest.fixture(scope="module")
 def v080_checkpoint(tmp_path_factory):
-    v080 = FluxFlowModels.create(TINY.replace(model_version="0.8.0"), nnx.Rngs(5),
+    v080 = FluxFlowModels.create(TINY.replace(model_version="0.8.0"), nnx.Rngs(6),
                                  ("compressor", "flow_processor", "expander"))
     return save_fluxflow(tmp_path_factory.mktemp("v080"), v080)
 
 
 @pytest.mark.parametrize("label", ["0.3.0", "0.6.0", "0.7.0", "legacy"])
 def test_the_keys_decide_the_version_over_the_label(checkpoint, v030_checkpoint,
-                                                    v080_checkpoint, tmp_path, label):
+                                                    v070_checkpoint, v080_checkpoint, tmp_path,
+                                                    label):
     """PyTorch's save_versioned_checkpoint labels v060 pipelines "0.3.0"."""
     v060 = load_fluxflow(_relabel(checkpoint, tmp_path / "v060", label))
     assert v060.config.model_version == "0.6.0"
     v030 = load_fluxflow(_relabel(v030_checkpoint, tmp_path / "v030", label))
     assert v030.config.model_version == "0.3.0"
     assert "context_mixer" in vars(v030.expander) and "final_norm" not in vars(v030.compressor)
+    v070 = load_fluxflow(_relabel(v070_checkpoint, tmp_path / "v070", label))
+    assert v070.config == TINY.replace(model_version="0.7.0")
     v080 = load_fluxflow(_relabel(v080_checkpoint, tmp_path / "v080", label))
-    assert v080.config.model_version == "0.8.0"
+    assert v080.config == TINY.replace(model_version="0.8.0")
     assert "pillar_cross_attn" in vars(v080.flow_processor.transformer_blocks[0])
 
 

@@ -142,12 +142,10 @@ def _save_prefixed(module: torch.nn.Module, prefix: str, path) -> None:
 
 
 def test_pytorch_checkpoint_runs_in_jax(tmp_path, inputs, torch_models, cfg):
-    """save_versioned_checkpoint's directory, labelled with the version where PyTorch has a
-    loader for it, else "0.3.0" (its default, whatever the version: the keys decide), with
-    prefixed text encoder and discriminator files beside it."""
+    """save_versioned_checkpoint's directory, labelled as a PyTorch user can (v060 as
+    "0.3.0": the keys decide), with prefixed text encoder and discriminator files beside it."""
     pipe, text_encoder, discriminator = torch_models
-    label = cfg.model_version if cfg.model_version in ref.VERSIONED_LOADERS else "0.3.0"
-    save_versioned_checkpoint(pipe, tmp_path, model_version=label)
+    save_versioned_checkpoint(pipe, tmp_path, model_version=ref.save_label(cfg.model_version))
     _save_prefixed(text_encoder, "text_encoder.", tmp_path / "text_encoder.safetensors")
     _save_prefixed(discriminator, "D_img.", tmp_path / "D_img.safetensors")
     assert (tmp_path / "model.safetensors").is_file()

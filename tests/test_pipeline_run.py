@@ -14,7 +14,8 @@ from fluxflow_jax.interop import load_fluxflow
 from fluxflow_jax.pipeline.config import ConfigError, load_config
 from fluxflow_jax.pipeline.run import Position, Run, transition_due
 from fluxflow_jax.pipeline.stages import build_stages
-from pipeline_helpers import VAE_THEN_FLOW, records, same_prefix, tensors, write_config
+from pipeline_helpers import (TINY_MODEL, VAE_THEN_FLOW, records, same_prefix, tensors,
+                              write_config)
 from tiny import TINY
 
 # ----------------------------------------------------------------------------- stages
@@ -191,3 +192,36 @@ def test_resuming_with_other_steps_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds checkpoints of another run" in err and "--no_resume" in err
     assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- versions
+
+@pytest.mark.parametrize("version", ["0.7.0", "0.8.0"])
+def test_a_context_channel_run_trains_samples_averages_and_restarts_from_its_output(
+        tmp_path, version):
+    """v070's latents (v080's too, whose flow adds pillar FiLM) carry 5 context channels:
+    the VAE-GAN step (its discriminator conditioned on the 21-wide mean token), the flow
+    step predicting all 21 channels, its samples, the averages and a new run started from
+    the output all work on them."""
+    model = {**TINY_MODEL, "model_version": version}
+    output = {"no_samples": False, "sample_sizes": [32], "sample_steps": 2,
+              "sample_captions": ["a red circle"]}
+    config = write_config(tmp_path, VAE_THEN_FLOW, model=model, output=output)
+    Run(load_config(config), echo=lambda line: None).run()
+    out = tmp_path / "run"
+    for step in ("vae", "flow"):
+        logged = [m for r in records(out, step) for m in r["metrics"].values()]
+        assert len(records(out, step)) == 3 and np.all(np.isfinite(logged)), step
+    assert {p.name for p in (out / "samples").iterdir()} == {
+        "sample_vae_epoch_1_batch_3_vae.png", "sample_flow_epoch_1_batch_3_32x32.png"}
+    flow_ema = tensors(out / "flxflow_step_flow_ema.safetensors")
+    assert flow_ema["diffuser.flow_processor.dmodel_to_vae.weight"].shape == (16 + 5, 16)
+    loaded = load_fluxflow(out)
+    assert loaded.config.model_version == version
+    assert loaded.discriminator.ctx_proj[0].linear.kernel.shape[0] == 16 + 5
+
+    again = write_config(tmp_path, VAE_THEN_FLOW[1:], name="again", model=model,
+                         model_checkpoint=str(out))
+    Run(load_config(again), echo=lambda line: None).run()
+    assert all(np.isfinite(list(r["metrics"].values())).all()
+               for r in records(tmp_path / "again", "flow"))

@@ -141,7 +141,7 @@ def pipeline(cfg: FluxFlowConfig, seed: int) -> FluxPipeline:
 
 # Versions with a loader of their own in PyTorch's load_versioned_checkpoint (it refuses a
 # "0.6.0" label) and save_versioned_checkpoint.
-VERSIONED_LOADERS = ("0.3.0", "0.8.0")
+VERSIONED_LOADERS = ("0.3.0", "0.7.0", "0.8.0")
 
 
 def load_export(path: Path, version: str) -> FluxPipeline:
@@ -151,6 +151,12 @@ def load_export(path: Path, version: str) -> FluxPipeline:
     if version in VERSIONED_LOADERS:
         return load_versioned_checkpoint(path, "cpu")
     return FluxPipeline.from_pretrained(str(Path(path) / "flxflow_final.safetensors"), "cpu")
+
+
+def save_label(version: str) -> str:
+    """The model_version a PyTorch user passes to ``save_versioned_checkpoint`` for a
+    pipeline of ``version``: its own where it has a loader, else (v060) the default "0.3.0"."""
+    return version if version in VERSIONED_LOADERS else "0.3.0"
 
 
 def text_encoder(cfg: FluxFlowConfig, seed: int) -> BertTextEncoder:

@@ -1,8 +1,8 @@
 """Reading and writing PyTorch ``fluxflow`` checkpoint files.
 
 Layout written by ``save_fluxflow``, in the model's architecture version (v060:
-``FluxPipeline.from_pretrained`` on the weights file; v030: ``load_versioned_checkpoint``
-on the directory; both load every key strictly):
+``FluxPipeline.from_pretrained`` on the weights file; v030 and v070:
+``load_versioned_checkpoint`` on the directory; each loads every key):
 
     flxflow_final.safetensors   diffuser.compressor.* / diffuser.flow_processor.* /
                                 diffuser.expander.*
@@ -328,8 +328,8 @@ def infer_config(groups: Mapping[str, Mapping[str, np.ndarray]], architecture: M
         fields[field] = values[0]
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
-    latent_width = (fields.get("vae_dim", FluxFlowConfig.vae_dim)
-                    + ARCHITECTURES[fields["model_version"]].context_dims)
+    latent_width = ARCHITECTURES[fields["model_version"]].latent_width(
+        fields.get("vae_dim", FluxFlowConfig.vae_dim))
     if fields.get("disc_ctx_dim") == latent_width:
         fields["disc_ctx_dim"] = None  # the canonical spelling of "conditioned on the latent"
     try:

@@ -58,6 +58,10 @@ class Architecture:
     # the text tokens (models/pillar_flow.py).
     pillar_film: bool = False
 
+    def latent_width(self, vae_dim: int) -> int:
+        """Width of a packed latent token: vae_dim plus the context channels."""
+        return vae_dim + self.context_dims
+
 
 ARCHITECTURES = {
     "0.3.0": Architecture(bounded_tokens=False, expander_context_mixer=True),
@@ -135,8 +139,7 @@ class FluxFlowConfig:
 
     @property
     def latent_width(self) -> int:
-        """Width of a packed latent token: vae_dim plus the version's context channels."""
-        return self.vae_dim + self.architecture.context_dims
+        return self.architecture.latent_width(self.vae_dim)
 
     @property
     def discriminator_ctx_dim(self) -> int:

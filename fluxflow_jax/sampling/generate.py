@@ -54,7 +54,7 @@ def _generate(graphdefs, states, input_ids, attention_mask, null_ids, null_mask,
     text_encoder, flow, expander = (nnx.merge(g, s) for g, s in zip(graphdefs, states, strict=True))
     cond = text_encoder(input_ids, attention_mask)
     batch, (h, w) = cond.shape[0], grid
-    dim = expander.config.vae_dim
+    dim = expander.config.latent_width
     hw = hw_token(batch, h, w, dim, expander.config.max_hw, jnp.float32)
 
     if guided:
@@ -92,7 +92,7 @@ def generate(models: FluxFlowModels, input_ids: jax.Array, attention_mask: jax.A
     v = v_null + guidance * (v_cond - v_null); the null embedding is the zero vector (what
     training's CFG dropout substitutes) or, for ``null="empty"``, the text encoder applied to
     ``empty_ids`` / ``empty_mask`` (an empty prompt, [1, L'] or [B, L']). The starting noise
-    [B, h * w, vae_dim] is drawn from ``key`` or given as ``noise`` (to reproduce a run
+    [B, h * w, latent_width] is drawn from ``key`` or given as ``noise`` (to reproduce a run
     elsewhere). Networks run in eval mode; ``models`` is not changed.
     """
     if sampler not in SAMPLERS:
@@ -107,7 +107,7 @@ def generate(models: FluxFlowModels, input_ids: jax.Array, attention_mask: jax.A
     if empty_ids is not None and empty_mask is None:
         empty_mask = jnp.ones(jnp.shape(empty_ids), bool)
     grid = latent_grid(models.config, height, width)
-    shape = (len(input_ids), grid[0] * grid[1], models.config.vae_dim)
+    shape = (len(input_ids), grid[0] * grid[1], models.config.latent_width)
     if (key is None) == (noise is None):
         raise ValueError("pass exactly one of key= (a PRNG key) or noise= (an array "
                          f"shaped {shape})")

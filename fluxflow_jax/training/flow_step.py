@@ -43,14 +43,15 @@ class FlowOptions:
 
     def alignment_active(self, config: FluxFlowConfig) -> bool:
         """Whether the alignment term can run: it compares the mean predicted latent token
-        (vae_dim wide) with the text embedding (text_embed_dim wide). Warns once, at stage
-        construction, when it is requested but cannot."""
+        (latent_width wide: vae_dim plus the version's context channels) with the text
+        embedding (text_embed_dim wide). Warns once, at stage construction, when it is
+        requested but cannot."""
         if self.lambda_align <= 0:
             return False
-        if config.vae_dim != config.text_embed_dim:
+        if config.latent_width != config.text_embed_dim:
             warnings.warn(
                 f"lambda_align={self.lambda_align} is ignored: the alignment loss compares "
-                f"latent tokens (vae_dim={config.vae_dim}) with text embeddings "
+                f"latent tokens ({config.latent_width} wide) with text embeddings "
                 f"(text_embed_dim={config.text_embed_dim}), which need equal widths",
                 stacklevel=3)
             return False
