@@ -201,21 +201,25 @@ def fluxflow_utils():
         sys.modules["fluxflow.utils"] = previous
 
 
-@pytest.mark.parametrize("model_config", [None, {"model_type": "bezier",
-                                                 "model_version": "0.6.0", "vae_dim": 16}],
-                         ids=["legacy_trainer", "factory_trainer"])
+@pytest.mark.parametrize("model_config", [
+    None, {"model_type": "bezier", "model_version": "0.6.0", "vae_dim": 16},
+    {"model_type": "bezier", "model_version": "0.7.0", "vae_dim": 16}],
+    ids=["legacy_trainer", "factory_trainer", "factory_trainer_v070"])
 def test_trainer_output_runs_in_jax(tmp_path, inputs, model_config, fluxflow_utils):
-    """The fluxflow-training 0.8.1 trainer's output directory (v060, its default). Its
-    discriminator is another network than ours: left out, with a warning."""
-    pipe, text_encoder = ref.pipeline(BASE, seed=31), ref.text_encoder(BASE, seed=32)
-    trainer_d = TrainerDiscriminator(ctx_dim=BASE.vae_dim)
+    """The fluxflow-training 0.8.1 trainer's output directory (v060, its default, or the
+    version its model factory was asked for). Its discriminator is another network than
+    ours: left out, with a warning."""
+    version = (model_config or {}).get("model_version", "0.6.0")
+    cfg = BASE.replace(model_version=version)
+    pipe, text_encoder = ref.pipeline(cfg, seed=31), ref.text_encoder(cfg, seed=32)
+    trainer_d = TrainerDiscriminator(ctx_dim=cfg.latent_width)
     checkpoints = _source_file("fluxflow_training", "training/checkpoint_manager.py",
                                "fluxflow_training_checkpoints")
     checkpoints.CheckpointManager(tmp_path).save_models(
         pipe, text_encoder, discriminators={"D_img": trainer_d}, model_config=model_config)
     with pytest.warns(UserWarning, match="D_img.* is fluxflow-training 0.8.1's discriminator"):
         models = load_fluxflow(tmp_path)
-    assert models.config.model_version == "0.6.0" and models.discriminator is None
+    assert models.config.model_version == version and models.discriminator is None
     assert_same(jax_outputs(models, inputs), torch_outputs(pipe, text_encoder, None, inputs))
 
 
