@@ -46,7 +46,8 @@ def _read(path):
 
 @pytest.mark.parametrize("name", list(COMPONENT_TABLES))
 @pytest.mark.parametrize("config", [TINY, TINY.replace(downscales=3, upscales=1,
-                                                        vae_attn_layers=3, disc_ctx_dim=0)])
+                                                        vae_attn_layers=3, disc_ctx_dim=0),
+                                    TINY.replace(model_version="0.8.0")])
 def test_key_table_names_every_variable_once(name, config):
     module = nnx.eval_shape(lambda: COMPONENT_CLASSES[name](config, rngs=nnx.Rngs(0)))
     check_coverage(module, COMPONENT_TABLES[name][1](config))
@@ -194,9 +195,17 @@ def v070_checkpoint(tmp_path_factory):
     return save_fluxflow(tmp_path_factory.mktemp("v070"), v070)
 
 
+@pytest.fixture(scope="module")
+def v080_checkpoint(tmp_path_factory):
+    v080 = FluxFlowModels.create(TINY.replace(model_version="0.8.0"), nnx.Rngs(6),
+                                 ("compressor", "flow_processor", "expander"))
+    return save_fluxflow(tmp_path_factory.mktemp("v080"), v080)
+
+
 @pytest.mark.parametrize("label", ["0.3.0", "0.6.0", "0.7.0", "legacy"])
 def test_the_keys_decide_the_version_over_the_label(checkpoint, v030_checkpoint,
-                                                    v070_checkpoint, tmp_path, label):
+                                                    v070_checkpoint, v080_checkpoint, tmp_path,
+                                                    label):
     """PyTorch's save_versioned_checkpoint labels v060 pipelines "0.3.0"."""
     v060 = load_fluxflow(_relabel(checkpoint, tmp_path / "v060", label))
     assert v060.config.model_version == "0.6.0"
@@ -205,6 +214,9 @@ def test_the_keys_decide_the_version_over_the_label(checkpoint, v030_checkpoint,
     assert "context_mixer" in vars(v030.expander) and "final_norm" not in vars(v030.compressor)
     v070 = load_fluxflow(_relabel(v070_checkpoint, tmp_path / "v070", label))
     assert v070.config == TINY.replace(model_version="0.7.0")
+    v080 = load_fluxflow(_relabel(v080_checkpoint, tmp_path / "v080", label))
+    assert v080.config == TINY.replace(model_version="0.8.0")
+    assert "pillar_cross_attn" in vars(v080.flow_processor.transformer_blocks[0])
 
 
 def test_the_label_decides_what_the_keys_leave_open(models, tmp_path):
@@ -224,16 +236,14 @@ def test_the_label_decides_what_the_keys_leave_open(models, tmp_path):
         load_fluxflow(relabelled)
 
 
-def _add_v080_pillar_attention(tensors):
-    tensors["diffuser.compressor.context_proj.weight"] = np.zeros((5, 16), np.float32)
-    tensors["diffuser.compressor.context_proj.bias"] = np.zeros(5, np.float32)
+def _add_pillar_attention(tensors):
     key = "diffuser.flow_processor.transformer_blocks.0.pillar_cross_attn.q_proj.weight"
     tensors[key] = np.zeros((32, 32), np.float32)
 
 
 @pytest.mark.parametrize("edit,message", [
-    (_add_v080_pillar_attention, "holds a PyTorch fluxflow 0.8.0 model, which fluxflow-jax "
-                                 r"does not implement yet \(it reads 0.3.0, 0.6.0, 0.7.0\)"),
+    (_add_pillar_attention, r"mixes architecture versions: compressor.final_norm "
+                                 r"\(0.6.0\); .*; flow_processor pillar attention \(0.8.0\)"),
     (lambda t: t.update({"diffuser.expander.context_mixer.cls": np.zeros((1, 1, 16),
                                                                           np.float32)}),
      r"mixes architecture versions: compressor.final_norm \(0.6.0\); "

@@ -19,13 +19,15 @@ from flax import nnx
 from fluxflow_jax.models import (BertTextEncoder, Buffer, FluxCompressor, FluxExpander,
                                  FluxFlowConfig, FluxFlowProcessor, PatchDiscriminator,
                                  SpectralState)
+from fluxflow_jax.models.bundle import flow_processor
+from fluxflow_jax.models.pillar_flow import PillarFilmFlowProcessor
 from tiny import TINY
 
 DEFAULT = FluxFlowConfig()
 # The "small" reference configuration of the PyTorch project.
 SMALL = FluxFlowConfig(vae_dim=32, flow_dim=32, text_embed_dim=32, flow_attn_heads=8,
                        flow_transformer_layers=2, vae_attn_layers=2)
-PIPELINE = (FluxCompressor, FluxFlowProcessor, FluxExpander)
+PIPELINE = (FluxCompressor, flow_processor, FluxExpander)  # the flow of the config's version
 
 BATCH, HEIGHT, WIDTH = 2, 32, 48
 GRID = (8, 12)  # TINY's latent grid for 32x48 images: two stride-2 stages
@@ -215,6 +217,7 @@ def param_count(cls, config: FluxFlowConfig) -> int:
 
 V030 = DEFAULT.replace(model_version="0.3.0")
 V070 = DEFAULT.replace(model_version="0.7.0")
+V080 = DEFAULT.replace(model_version="0.8.0")
 
 
 # PyTorch fluxflow 0.8.1's counts at these widths (sum of numel over its module parameters).
@@ -228,20 +231,23 @@ V070 = DEFAULT.replace(model_version="0.7.0")
     (FluxCompressor, V070, 12_581_454),
     (FluxFlowProcessor, V070, 5_375_109),
     (FluxExpander, V070, 92_849_743),
+    (PillarFilmFlowProcessor, V080, 7_490_309),
     (BertTextEncoder, DEFAULT, 70_973_440),
     (PatchDiscriminator, DEFAULT.replace(disc_ctx_dim=1024), 46_022_977),
     (PatchDiscriminator, DEFAULT.replace(disc_ctx_dim=0), 43_923_777),
 ], ids=["compressor_v060", "flow_v060", "expander_v060", "compressor_v030", "flow_v030",
-        "expander_v030", "compressor_v070", "flow_v070", "expander_v070", "text_encoder",
-        "disc_ctx1024", "disc_unconditioned"])
+        "expander_v030", "compressor_v070", "flow_v070", "expander_v070", "flow_v080",
+        "text_encoder", "disc_ctx1024", "disc_unconditioned"])
 def test_parameter_count_matches_pytorch(cls, config, expected):
     assert param_count(cls, config) == expected
 
 
 @pytest.mark.parametrize("config, expected", [
-    (DEFAULT, 111_371_160), (V030, 111_437_592), (V070, 110_806_306), (SMALL, 7_110_080),
-    (SMALL.replace(model_version="0.3.0"), 7_114_400)],
-    ids=["default_v060", "default_v030", "default_v070", "small_v060", "small_v030"])
+    (DEFAULT, 111_371_160), (V030, 111_437_592), (V070, 110_806_306), (V080, 112_921_506),
+    (SMALL, 7_110_080), (SMALL.replace(model_version="0.3.0"), 7_114_400),
+    (SMALL.replace(model_version="0.8.0"), 7_012_682)],
+    ids=["default_v060", "default_v030", "default_v070", "default_v080", "small_v060",
+         "small_v030", "small_v080"])
 def test_pipeline_parameter_total(config, expected):
     assert sum(param_count(cls, config) for cls in PIPELINE) == expected
 

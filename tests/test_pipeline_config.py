@@ -325,10 +325,10 @@ def test_model_version_defaults_to_v060_and_is_checked(tmp_path, capsys):
     assert problem == "model: invalid FluxFlowConfig: model_version must be a string, got 0.6"
     path = write(tmp_path, document(training={"train_vae": True}))
     code, _, err = cli(capsys, "train", "--config", str(path), "--validate-pipeline",
-                       "--model_version", "0.8.0")
+                       "--model_version", "0.9.0")
     assert code == 2 and "Traceback" not in err
-    assert ("model_version '0.8.0' (a PyTorch fluxflow architecture) is not implemented by "
-            "fluxflow-jax yet; use one of ['0.3.0', '0.6.0', '0.7.0']") in err
+    assert ("model_version must be one of ['0.3.0', '0.6.0', '0.7.0', '0.8.0'] (PyTorch "
+            "fluxflow's architecture versions; default '0.6.0'), got '0.9.0'") in err
 
 
 def test_alias_and_canonical_name_together_are_an_error(tmp_path):

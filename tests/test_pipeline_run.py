@@ -199,11 +199,14 @@ def test_resuming_with_other_steps_is_refused(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- versions
 
-def test_a_v070_run_trains_samples_averages_and_restarts_from_its_output(tmp_path):
-    """v070's latents carry 5 context channels: the VAE-GAN step (its discriminator
-    conditioned on the 21-wide mean token), the flow step predicting all 21 channels, its
-    samples, the averages and a new run started from the output all work on them."""
-    model = {**TINY_MODEL, "model_version": "0.7.0"}
+@pytest.mark.parametrize("version", ["0.7.0", "0.8.0"])
+def test_a_context_channel_run_trains_samples_averages_and_restarts_from_its_output(
+        tmp_path, version):
+    """v070's latents (v080's too, whose flow adds pillar FiLM) carry 5 context channels:
+    the VAE-GAN step (its discriminator conditioned on the 21-wide mean token), the flow
+    step predicting all 21 channels, its samples, the averages and a new run started from
+    the output all work on them."""
+    model = {**TINY_MODEL, "model_version": version}
     output = {"no_samples": False, "sample_sizes": [32], "sample_steps": 2,
               "sample_captions": ["a red circle"]}
     config = write_config(tmp_path, VAE_THEN_FLOW, model=model, output=output)
@@ -217,7 +220,7 @@ def test_a_v070_run_trains_samples_averages_and_restarts_from_its_output(tmp_pat
     flow_ema = tensors(out / "flxflow_step_flow_ema.safetensors")
     assert flow_ema["diffuser.flow_processor.dmodel_to_vae.weight"].shape == (16 + 5, 16)
     loaded = load_fluxflow(out)
-    assert loaded.config.model_version == "0.7.0"
+    assert loaded.config.model_version == version
     assert loaded.discriminator.ctx_proj[0].linear.kernel.shape[0] == 16 + 5
 
     again = write_config(tmp_path, VAE_THEN_FLOW[1:], name="again", model=model,

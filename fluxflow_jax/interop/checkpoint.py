@@ -1,7 +1,7 @@
 """Reading and writing PyTorch ``fluxflow`` checkpoint files.
 
 Layout written by ``save_fluxflow``, in the model's architecture version (v060:
-``FluxPipeline.from_pretrained`` on the weights file; v030 and v070:
+``FluxPipeline.from_pretrained`` on the weights file; v030, v070 and v080:
 ``load_versioned_checkpoint`` on the directory; each loads every key):
 
     flxflow_final.safetensors   diffuser.compressor.* / diffuser.flow_processor.* /

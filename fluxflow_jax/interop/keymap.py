@@ -140,12 +140,25 @@ def flow_table(config: FluxFlowConfig) -> Table:
                 t += _linear(f"{key}.p{p}.{layer}.0", (*path, "pillars", p, "layers", layer))
         t += _linear(f"{key}.ffn.0", (*path, "ffn"))
         t.append(Entry(f"{key}.rotary_pe.inv_freq", (*path, "inv_freq")))
+        if config.architecture.pillar_film:
+            t += _pillar_film(key, path)
+    if config.architecture.pillar_film:
+        t += _linear("text_cond_proj", ("text_cond_proj",))
     t += _conv("flow_predictor.0", ("predictor_conv1",))
     t += _trainable_bezier("flow_predictor.1", ("predictor_activation",), (df, 1, 1))
     t += _conv("flow_predictor.2", ("predictor_conv2",))
     t += _conv("context_final.0", ("context_conv",))
     t += _trainable_bezier("context_final.1", ("context_activation",), (df, 1, 1))
     return t
+
+
+def _pillar_film(key: str, path: Path) -> Iterator[Entry]:
+    """A v080 flow block's FiLM projections and pillar attention."""
+    for p in range(4):
+        yield from _linear(f"{key}.film_p{p}", (*path, "films", p, "proj"))
+    for proj in ("q_proj", "kv_proj", "out_proj"):
+        yield from _linear(f"{key}.pillar_cross_attn.{proj}", (*path, "pillar_cross_attn", proj))
+    yield from _norm(f"{key}.norm_pillar", (*path, "norm_pillar"))
 
 
 def expander_table(config: FluxFlowConfig) -> Table:

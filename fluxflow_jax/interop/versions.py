@@ -14,10 +14,9 @@ from __future__ import annotations
 from typing import Mapping
 
 from fluxflow_jax.interop.state import CheckpointError
-from fluxflow_jax.models.config import (ARCHITECTURES, DEFAULT_VERSION,
-                                        NOT_IMPLEMENTED_VERSIONS)
+from fluxflow_jax.models.config import ARCHITECTURES, DEFAULT_VERSION
 
-KNOWN_VERSIONS = tuple(sorted((*ARCHITECTURES, *NOT_IMPLEMENTED_VERSIONS)))
+KNOWN_VERSIONS = tuple(sorted(ARCHITECTURES))
 
 
 def label_version(label: object) -> str | None:
@@ -78,8 +77,4 @@ def detect_version(groups: Mapping[str, Mapping[str, object]], label: object,
         version = DEFAULT_VERSION
     else:  # e.g. a v070 VAE alone, which v080 shares: the earliest version it fits
         version = min(candidates)
-    if version in NOT_IMPLEMENTED_VERSIONS:
-        raise CheckpointError(
-            f"{source} holds a PyTorch fluxflow {version} model, which fluxflow-jax does not "
-            f"implement yet (it reads {', '.join(ARCHITECTURES)})")
     return version

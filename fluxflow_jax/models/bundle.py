@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from flax import nnx
 
@@ -11,11 +12,21 @@ from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.models.discriminator import PatchDiscriminator
 from fluxflow_jax.models.expander import FluxExpander
 from fluxflow_jax.models.flow import FluxFlowProcessor
+from fluxflow_jax.models.pillar_flow import PillarFilmFlowProcessor
 from fluxflow_jax.models.text_encoder import BertTextEncoder
 
-COMPONENT_CLASSES: dict[str, type[nnx.Module]] = {
+
+def flow_processor(config: FluxFlowConfig, *, rngs: nnx.Rngs) -> FluxFlowProcessor:
+    """The flow processor of ``config``'s architecture version."""
+    if config.architecture.pillar_film:
+        return PillarFilmFlowProcessor(config, rngs=rngs)
+    return FluxFlowProcessor(config, rngs=rngs)
+
+
+# How each component is built from a config.
+COMPONENT_CLASSES: dict[str, Callable[..., nnx.Module]] = {
     "compressor": FluxCompressor,
-    "flow_processor": FluxFlowProcessor,
+    "flow_processor": flow_processor,
     "expander": FluxExpander,
     "text_encoder": BertTextEncoder,
     "discriminator": PatchDiscriminator,

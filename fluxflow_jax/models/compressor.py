@@ -1,4 +1,4 @@
-"""FluxCompressor: the VAE encoder (architectures v030, v060 and v070 of fluxflow 0.8.1).
+"""FluxCompressor: the VAE encoder (architectures v030, v060, v070 and v080 of fluxflow 0.8.1).
 
 Images (NHWC, [-1, 1]) plus two coordinate channels go through ``downscales`` stride-2
 stages of Bezier-activated convolutions; the latent grid is projected to a mean and a

@@ -5,7 +5,7 @@
 build. The widths default to the reference training defaults: VAE latent width 128, flow
 width 128, text embedding 1024, 4 down/up scales, 4 compressor attention layers, 10 flow
 blocks. That pipeline (compressor + flow processor + expander) has 111,371,160 parameters
-in v060, 111,437,592 in v030 and 110,806,306 in v070.
+in v060, 111,437,592 in v030, 110,806,306 in v070 and 112,921,506 in v080.
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ class Architecture:
     context_dims: int = 0
     # Without context the expander's SPADE still applies its GroupNorm (else it is skipped).
     spade_norm_without_context: bool = False
+    # The flow's pillars are FiLM-modulated by the text + time conditioning and attend to
+    # the text tokens (models/pillar_flow.py).
+    pillar_film: bool = False
 
     def latent_width(self, vae_dim: int) -> int:
         """Width of a packed latent token: vae_dim plus the context channels."""
@@ -65,10 +68,10 @@ ARCHITECTURES = {
     "0.6.0": Architecture(bounded_tokens=True, expander_context_mixer=False),
     "0.7.0": Architecture(bounded_tokens=True, expander_context_mixer=False, context_dims=5,
                           spade_norm_without_context=True),
+    "0.8.0": Architecture(bounded_tokens=True, expander_context_mixer=False, context_dims=5,
+                          spade_norm_without_context=True, pillar_film=True),
 }
 DEFAULT_VERSION = "0.6.0"
-# PyTorch fluxflow 0.8.1 versions fluxflow-jax does not build yet.
-NOT_IMPLEMENTED_VERSIONS = ("0.8.0",)
 
 
 _TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number",
@@ -212,8 +215,5 @@ class FluxFlowConfig:
 
 
 def _version_problem(version: str) -> str:
-    if version in NOT_IMPLEMENTED_VERSIONS:
-        return (f"model_version {version!r} (a PyTorch fluxflow architecture) is not "
-                f"implemented by fluxflow-jax yet; use one of {list(ARCHITECTURES)}")
     return (f"model_version must be one of {list(ARCHITECTURES)} (PyTorch fluxflow's "
             f"architecture versions; default {DEFAULT_VERSION!r}), got {version!r}")

@@ -1,4 +1,4 @@
-"""FluxExpander: the VAE decoder (architectures v030, v060 and v070 of fluxflow 0.8.1).
+"""FluxExpander: the VAE decoder (architectures v030, v060, v070 and v080 of fluxflow 0.8.1).
 
 Latent tokens are laid back onto their grid and doubled in size ``upscales`` times by
 residual blocks (SPADE conditioned on the latent grid itself, or in v070 on the context

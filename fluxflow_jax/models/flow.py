@@ -1,5 +1,6 @@
 """FluxFlowProcessor: the flow transformer of fluxflow 0.8.1's v030, v060 and v070 (v070's
-tokens carry its context channels too, so its projections are that much wider).
+tokens carry its context channels too, so its projections are that much wider; v080:
+pillar_flow).
 
 It predicts, for noisy latent tokens, a v-prediction conditioned on a pooled text embedding
 and a timestep. Blocks carry four "pillar" streams that feed a Bezier activation; a
@@ -46,9 +47,13 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def _rotate(x: jax.Array, rope: Rope | None) -> jax.Array:
+    return x if rope is None else apply_rotary(x, *rope)
+
+
 class ParallelAttention(nnx.Module):
     """Attention with queries from one sequence and keys/values (one fused kv projection)
-    from another, both rotated by their own positions."""
+    from another, each rotated by its own positions (or not at all, where rope is None)."""
 
     def __init__(self, d_model: int, heads: int, *, rngs: nnx.Rngs):
         self.heads = heads
@@ -56,11 +61,11 @@ class ParallelAttention(nnx.Module):
         self.kv_proj = layers.linear(d_model, 2 * d_model, xavier=True, rngs=rngs)
         self.out_proj = layers.linear(d_model, d_model, xavier=True, rngs=rngs)
 
-    def __call__(self, x_q: jax.Array, x_kv: jax.Array, rope_q: Rope, rope_k: Rope
-                 ) -> jax.Array:
+    def __call__(self, x_q: jax.Array, x_kv: jax.Array, rope_q: Rope | None,
+                 rope_k: Rope | None) -> jax.Array:
         k, v = jnp.split(self.kv_proj(x_kv), 2, axis=-1)
-        q = apply_rotary(layers.split_heads(self.q_proj(x_q), self.heads), *rope_q)
-        k = apply_rotary(layers.split_heads(k, self.heads), *rope_k)
+        q = _rotate(layers.split_heads(self.q_proj(x_q), self.heads), rope_q)
+        k = _rotate(layers.split_heads(k, self.heads), rope_k)
         out = layers.attention(q, k, layers.split_heads(v, self.heads))
         return self.out_proj(out.reshape(x_q.shape))
 
@@ -92,18 +97,33 @@ class FluxTransformerBlock(nnx.Module):
     def __call__(self, img: jax.Array, txt: jax.Array, rope_img: Rope, rope_txt: Rope,
                  previous_pillars: list[jax.Array | None]
                  ) -> tuple[jax.Array, list[jax.Array]]:
+        img = self.attend(img, txt, rope_img, rope_txt)
+        gate = jax.nn.sigmoid(img)
+        pillars = self.run_pillars([gate] * len(self.pillars), previous_pillars)
+        return self.mix(img, pillars), pillars
+
+    def attend(self, img: jax.Array, txt: jax.Array, rope_img: Rope, rope_txt: Rope
+               ) -> jax.Array:
+        """Self-attention over the image tokens, then cross-attention to the text tokens."""
         normed = self.norm1(img)
         img = img + self.self_attn(normed, normed, rope_img, rope_img)
-        img = img + self.cross_attn(self.norm2(img), self.norm2(txt), rope_img, rope_txt)
-        gate = jax.nn.sigmoid(img)
-        pillars = [pillar(gate if prev is None else gate * prev)
-                   for pillar, prev in zip(self.pillars, previous_pillars)]
+        return img + self.cross_attn(self.norm2(img), self.norm2(txt), rope_img, rope_txt)
+
+    def run_pillars(self, gates: list[jax.Array], previous_pillars: list[jax.Array | None]
+                    ) -> list[jax.Array]:
+        """Each pillar on its gate, times the same pillar's output of the previous block."""
+        return [pillar(gate if prev is None else gate * prev)
+                for pillar, gate, prev in zip(self.pillars, gates, previous_pillars)]
+
+    def mix(self, img: jax.Array, pillars: list[jax.Array]) -> jax.Array:
+        """Feed-forward residual, then the Bezier activation over the tokens and pillars."""
         img = img + self.ffn(self.norm3(img))
-        img = bezier_activation(jnp.concatenate([img, *pillars], axis=-1), "sigmoid", None)
-        return img, pillars
+        return bezier_activation(jnp.concatenate([img, *pillars], axis=-1), "sigmoid", None)
 
 
 class FluxFlowProcessor(nnx.Module):
+    block_type = FluxTransformerBlock
+
     def __init__(self, config: FluxFlowConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.remat = False  # recompute block activations in backward passes
@@ -118,7 +138,7 @@ class FluxFlowProcessor(nnx.Module):
         self.time_proj = layers.linear(df, emb, rngs=rngs)
         self.context_injection = GatedContextInjection(df, df, rngs=rngs)
         self.transformer_blocks = nnx.List([
-            FluxTransformerBlock(df, config.flow_attn_heads, rngs=rngs)
+            self.block_type(df, config.flow_attn_heads, rngs=rngs)
             for _ in range(config.flow_transformer_layers)])
         self.predictor_conv1 = layers.conv(df, df, 5, padding=2, rngs=rngs)
         self.predictor_activation = TrainableBezier(df, torch_shape=(df, 1, 1))
@@ -156,18 +176,24 @@ class FluxFlowProcessor(nnx.Module):
         cond = text_embeddings + self.time_conditioning(timesteps).astype(
             text_embeddings.dtype)
         txt = self.text_proj(cond)[:, None]
+        block_conditioning = self.block_conditioning(cond)
 
         inv_freq = self.transformer_blocks[0].inv_freq[...].astype(x.dtype)
         rope_img, rope_txt = rotary_tables(inv_freq, t_len), rotary_tables(inv_freq, 1)
         pillars = [None] * 4
         for block in self.transformer_blocks:
             x = self.context_injection(x, context)
-            x, pillars = layers.checkpointed(FluxTransformerBlock.__call__, block, x, txt,
-                                             rope_img, rope_txt, pillars, remat=self.remat)
+            x, pillars = layers.checkpointed(self.block_type.__call__, block, x, txt, rope_img,
+                                             rope_txt, pillars, *block_conditioning,
+                                             remat=self.remat)
             context = context + x.mean(axis=1)
         out = self.dmodel_to_vae(x)
         out = out + self._side_branch_update(x, h, w)
         return jnp.concatenate([out, hw_vec], axis=1)
+
+    def block_conditioning(self, cond: jax.Array) -> tuple[jax.Array, ...]:
+        """Inputs every block gets besides the tokens: none here."""
+        return ()
 
     def _side_branch_update(self, x: jax.Array, h: int, w: int) -> jax.Array:
         """Convolutional read-out of the token grid, added to the first ctx_tokens tokens."""
