@@ -203,8 +203,9 @@ def fluxflow_utils():
 
 @pytest.mark.parametrize("model_config", [
     None, {"model_type": "bezier", "model_version": "0.6.0", "vae_dim": 16},
-    {"model_type": "bezier", "model_version": "0.7.0", "vae_dim": 16}],
-    ids=["legacy_trainer", "factory_trainer", "factory_trainer_v070"])
+    {"model_type": "bezier", "model_version": "0.7.0", "vae_dim": 16},
+    {"model_type": "bezier", "model_version": "0.8.0", "vae_dim": 16}],
+    ids=["legacy_trainer", "factory_trainer", "factory_trainer_v070", "factory_trainer_v080"])
 def test_trainer_output_runs_in_jax(tmp_path, inputs, model_config, fluxflow_utils):
     """The fluxflow-training 0.8.1 trainer's output directory (v060, its default, or the
     version its model factory was asked for). Its discriminator is another network than
