@@ -73,7 +73,6 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
     """One flow (and text encoder) update of ``state`` from the batch's ``micro``-batches."""
     k_latent, k_time, k_noise, k_dropout, k_cfg = jax.random.split(key, 5)
     trained = {name: groups[name] for name in ("flow", "text_encoder") if name in groups}
-    compressor = nets.bind("compressor", state.params, state.buffers)
     cached = POSTERIOR_KEYS[0] in batch
     source = {k: batch[k] for k in (POSTERIOR_KEYS if cached else ("images",))}
 
@@ -83,15 +82,17 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
             return Posterior(*(nets.inputs(part[k]) for k in POSTERIOR_KEYS))
         return module.posterior(nets.inputs(part["images"]))
 
-    def sampled(weights, part):
-        # A copy of the compressor made inside the trace: an nnx transform (its remat)
-        # must not touch a module captured from outside ``jax.eval_shape``.
-        module = nnx.merge(graphdef, weights)
+    def compressor():
+        # Bound inside each trace that runs it (eval_shape, the micro-batch scan): an nnx
+        # transform (its remat) must not touch a module bound in an outer trace.
+        return nets.bind("compressor", state.params, state.buffers)
+
+    def sampled(part):
+        module = compressor()
         return module.sample(posterior(module, part), key=k_latent)
 
-    graphdef, weights = nnx.split(compressor)
     rows = source[next(iter(source))].shape[0]
-    latent = jax.eval_shape(sampled, weights, source)
+    latent = jax.eval_shape(sampled, source)
     hw = latent.mu.shape[1:3]
     x0_shape = jax.eval_shape(nets.outputs, latent.packed)
     draws = {  # for the effective batch, as one batch of its size draws them
@@ -111,8 +112,9 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
     trainable = {name: group.trainable(state.params) for name, group in trained.items()}
 
     def micro_batch(part):
-        packed = nets.outputs(jax.lax.stop_gradient(compressor.sample(
-            posterior(compressor, part), noise=part["latent_noise"]).packed))
+        module = compressor()
+        packed = nets.outputs(jax.lax.stop_gradient(module.sample(
+            posterior(module, part), noise=part["latent_noise"]).packed))
         x0, hw_token = packed[:, :-1], packed[:, -1:]
         t, noise = part["t"], part["noise"]
         noisy = jnp.concatenate([diffusion.add_noise(x0, noise, t), hw_token], axis=1)
