@@ -1293,7 +1293,8 @@ def test_transition_on_outside_a_step_is_an_error(tmp_path):
 def test_run_wide_keys_in_a_step_say_where_they_belong(tmp_path):
     problems = config_problems(tmp_path, document([step("a", train_vae=True, batch_size=4)]))
     assert problems == ["unknown key 'training.pipeline.steps[0].batch_size'; it is set for "
-                        "the whole run: training.batch_size"]
+                        "the whole run: training.batch_size, or per dataset "
+                        "(training.pipeline.datasets)"]
 
 
 def test_yaml_tags_on_collections_are_refused(tmp_path):

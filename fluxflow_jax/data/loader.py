@@ -150,6 +150,8 @@ class DataLoader:
         self.bad_samples = BadSampleReport()
         self._epoch, self._position = 0, 0
         self._streaming = hasattr(source, "iterate")
+        # Uncaptioned sources (noise) train with the empty caption.
+        self._captions_required = getattr(source, "captions_required", True)
         self._sizes = None if self._streaming else self._scan_sizes()
         if self.batches_per_epoch() == 0:
             raise DataConfigError(
@@ -338,7 +340,7 @@ class DataLoader:
         for member in planned.members:
             try:
                 sample = self._fetch(member)
-                if not sample.caption.strip():
+                if not sample.caption.strip() and self._captions_required:
                     raise BadSampleError(sample.key, "empty caption")
                 image = decode_image(sample)
                 if self.config.fixed_size:

@@ -77,8 +77,7 @@ LIST_CHECKS: tuple[Check, ...] = (check_str_list, check_int_list)
 
 # Keys of fluxflow-training 0.8.1 that this version does not implement yet. They are refused
 # by name (not as typos) so that a 0.8.1 config says what it is missing.
-LATER_KEYS = ("datasets", "default_dataset", "dataset", "use_ema", "train_kl",
-              "train_colorstats", "train_histogram", "train_contrast", "train_coarseness",
+LATER_KEYS = ("train_kl", "train_colorstats", "train_histogram", "train_contrast", "train_coarseness",
               "spade_training_mode", "num_train_timesteps", "start_step")
 
 _POSITIVE = in_interval("(0, inf)", 1.0)
@@ -161,6 +160,8 @@ class StepConfig:
     initial_clipping_norm: float | None = None  # None: the run's
     gradient_accumulation_steps: int | None = None  # None: the run's
     cache_latents: bool = False  # encode each image once (frozen compressor, flow only)
+    use_ema: bool = True  # false: the step keeps no averages (ema_decay and flow_ema_decay off)
+    dataset: str | None = None  # a name in training.pipeline.datasets; None: the default
     transition_on: TransitionConfig = TransitionConfig()
     origin: str = field(default="", compare=False)  # "file:line", for messages
 
@@ -178,15 +179,76 @@ STEP_CHECKS: dict[str, Check] = {
     "lr_min": optional(in_interval("[0, 1]", 0.1)),
     "initial_clipping_norm": optional(_POSITIVE),
     "gradient_accumulation_steps": _OPTIONAL_POSITIVE_INT, "cache_latents": check_bool,
-    **_option_checks()}
+    "use_ema": check_bool, "dataset": optional(check_str), **_option_checks()}
 MODE_KEYS = ("train_vae", "gan_training", "train_spade", "use_lpips", "train_diff",
              "train_diff_full", "train_flow", "train_reconstruction")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One named dataset of ``training.pipeline.datasets``: an image folder (``local``), tar
+    shards (``webdataset``) or synthetic Gaussian noise (``noise``), read with the data
+    section's image and caption settings, with its own batch size and workers if given."""
+
+    type: str = "local"
+    image_folder: str | None = None  # local
+    captions_file: str | None = None  # local
+    webdataset_url: str | None = None
+    webdataset_token: str | None = None
+    webdataset_image_key: str = "png"
+    webdataset_label_key: str = "json"
+    webdataset_caption_key: str = "prompt"
+    webdataset_size: int = 10000  # samples per epoch
+    webdataset_samples_per_shard: int = 1000
+    dimensions: tuple[int, ...] = (512, 512)  # noise: [height, width]
+    num_samples: int = 10000  # noise
+    noise_std: float = 1.0  # noise
+    batch_size: int | None = None  # None: training.batch_size
+    workers: int | None = None  # None: training.workers
+
+
+def _check_dimensions(key: str, value: Any) -> str | None:
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 16 for v in value):
+        return None
+    return f"'{key}' must be [height, width], two integers >= 16, got {value!r}"
+
+
+DATASET_TYPES = {  # type -> the keys that belong to it (the others are common)
+    "local": ("image_folder", "captions_file"),
+    "webdataset": ("webdataset_url", "webdataset_token", "webdataset_image_key",
+                   "webdataset_label_key", "webdataset_caption_key", "webdataset_size",
+                   "webdataset_samples_per_shard"),
+    "noise": ("dimensions", "num_samples", "noise_std")}
+DATASET_REQUIRED = {"local": ("image_folder", "captions_file"), "webdataset": ("webdataset_url",),
+                    "noise": ()}
+DATASET_CHECKS: dict[str, Check] = {
+    "type": one_of(tuple(DATASET_TYPES)),
+    **{key: optional(check_str) for key in ("image_folder", "captions_file", "webdataset_url",
+                                            "webdataset_token")},
+    **{key: check_str for key in ("webdataset_image_key", "webdataset_label_key",
+                                  "webdataset_caption_key")},
+    "webdataset_size": integer_at_least(1), "webdataset_samples_per_shard": integer_at_least(1),
+    "dimensions": _check_dimensions, "num_samples": integer_at_least(1),
+    "noise_std": in_interval("(0, inf)", 1.0),
+    "batch_size": _OPTIONAL_POSITIVE_INT, "workers": _OPTIONAL_POSITIVE_INT}
+
+
+@dataclass(frozen=True)
+class Feed:
+    """What a step reads: a named dataset (None: the data section) and its batching."""
+
+    dataset: str | None
+    batch_size: int
+    workers: int
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     steps: tuple[StepConfig, ...]
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    datasets: Mapping[str, DatasetConfig] = field(default_factory=dict)
+    default_dataset: str | None = None  # for steps without 'dataset'; None: the data section
 
 
 @dataclass(frozen=True)
@@ -330,7 +392,7 @@ RUN_ONLY_KEYS = ("batch_size", "workers", "use_fp16", "training_steps", "seed", 
                  "precision", "remat", "shard_params")
 # Step keys of a standard-mode run; name, description and transitions belong to pipelines.
 STANDARD_STEP_KEYS = tuple(k for k in STEP_CHECKS if k not in TRAINING_CHECKS
-                           and k not in ("name", "description"))
+                           and k not in ("name", "description", "dataset"))
 
 MODEL_ALIASES = {"feature_maps_dim": "flow_dim", "text_embedding_dim": "text_embed_dim"}
 MODEL_IGNORED = ("feature_maps_dim_disc",)  # the reference's unused image-encoder width
@@ -355,6 +417,15 @@ class RunConfig:
     def steps(self) -> tuple[StepConfig, ...]:
         """The steps to run: the pipeline's, or standard mode's one."""
         return self.training.pipeline.steps if self.is_pipeline else (self.training.step,)
+
+    def feed(self, step: StepConfig) -> Feed:
+        """The data ``step`` reads: its dataset, else the pipeline's default_dataset, else
+        the data section; batched by the dataset's batch_size and workers, else the run's."""
+        pipeline = self.training.pipeline
+        name = step.dataset or (pipeline.default_dataset if pipeline else None)
+        dataset = pipeline.datasets[name] if name else DatasetConfig()
+        return Feed(name, dataset.batch_size or self.training.batch_size,
+                    dataset.workers or self.training.workers)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -402,7 +473,11 @@ class _Reader:
             if name not in checks:
                 valid = [*checks, *aliases]
                 hint = (f"; it is set for the whole run: training.{key}"
+                        + (", or per dataset (training.pipeline.datasets)"
+                           if key in ("batch_size", "workers") else "")
                         if key in RUN_ONLY_KEYS and path[:1] == ("training",) and len(path) > 1
+                        else f"; it belongs in training.pipeline"
+                        if key in ("datasets", "default_dataset") and path == ("training",)
                         else did_you_mean(key, valid))
                 self.problem(here, f"unknown key '{_dotted(here)}'{hint}")
                 continue
@@ -479,11 +554,62 @@ def _make_step(reader: _Reader, fields: Mapping[str, Any], path: KeyPath) -> Ste
     return step
 
 
+def _read_dataset(reader: _Reader, value: Any, path: KeyPath) -> DatasetConfig:
+    """One named dataset; keys of another type than its own, or a missing required key, are
+    problems (the reference ignores the first and fails on the second when it trains)."""
+    if value is not None and not isinstance(value, Mapping):
+        reader.mapping(value, path)  # reports it
+        return DatasetConfig()
+    value = reader.mapping(value, path)
+    fields = reader.fields(value, path, DATASET_CHECKS)
+    kind = value.get("type", DatasetConfig.type)
+    if kind not in DATASET_TYPES:  # reported by the type check
+        return DatasetConfig()
+    for key in fields:
+        owner = next((t for t, keys in DATASET_TYPES.items() if key in keys), kind)
+        if owner != kind:
+            reader.problem(path + (key,), f"'{_dotted(path + (key,))}' applies to datasets of "
+                                          f"type {owner}, and this one is {kind}; remove it "
+                                          "or change 'type'")
+    for key in DATASET_REQUIRED[kind]:
+        if fields.get(key) is None:
+            reader.problem(path, f"'{_dotted(path)}' is of type {kind}, which needs "
+                                 f"'{key}'; add it")
+    return _build(DatasetConfig, fields)
+
+
+def _read_datasets(reader: _Reader, value: Mapping[str, Any]
+                   ) -> tuple[dict[str, DatasetConfig], str | None]:
+    """The pipeline's named datasets and its default_dataset, checked to be one of them."""
+    path = ("training", "pipeline")
+    datasets = {str(name): _read_dataset(reader, item, path + ("datasets", name))
+                for name, item in reader.mapping(value.get("datasets"),
+                                                 path + ("datasets",)).items()}
+    default = value.get("default_dataset")
+    if default is not None and not isinstance(default, str):
+        reader.problem(path + ("default_dataset",), f"'training.pipeline.default_dataset' "
+                                                    f"must be a dataset name, got {default!r}")
+        default = None
+    _check_dataset_name(reader, default, datasets, path + ("default_dataset",))
+    return datasets, default
+
+
+def _check_dataset_name(reader: _Reader, name: str | None, datasets: Mapping[str, Any],
+                        path: KeyPath) -> None:
+    if name is not None and name not in datasets:
+        known = (f"; the datasets are {sorted(datasets)}{did_you_mean(name, datasets)}"
+                 if datasets else "; define it under training.pipeline.datasets")
+        reader.problem(path, f"'{_dotted(path)}' names the dataset '{name}', which "
+                             f"training.pipeline.datasets does not define{known}")
+
+
 def _read_pipeline(reader: _Reader, value: Any, base: Mapping[str, Any]) -> PipelineConfig:
     path = ("training", "pipeline")
     value = reader.mapping(value, path)
-    reader.fields({k: v for k, v in value.items() if k not in ("defaults", "steps")},
+    own = ("defaults", "steps", "datasets", "default_dataset")
+    reader.fields({k: v for k, v in value.items() if k not in own},
                   path, {"mode": check_str})  # the reference's 'mode' key, unused
+    datasets, default_dataset = _read_datasets(reader, value)
     defaults = _read_step_fields(reader, reader.mapping(value.get("defaults"),
                                                         path + ("defaults",)),
                                  path + ("defaults",), STEP_CHECKS)
@@ -492,14 +618,17 @@ def _read_pipeline(reader: _Reader, value: Any, base: Mapping[str, Any]) -> Pipe
         reader.problem(path + ("steps",), "the pipeline has no steps: give "
                        "'training.pipeline.steps' as a list of steps, e.g. [{name: warmup, "
                        "n_epochs: 1, train_vae: true}]")
-        return PipelineConfig(steps=(), defaults=defaults)
+        return PipelineConfig(steps=(), defaults=defaults, datasets=datasets,
+                              default_dataset=default_dataset)
     steps = []
     for index, item in enumerate(steps_value):
         here = path + ("steps", index)
         fields = _read_step_fields(reader, reader.mapping(item, here), here, STEP_CHECKS)
         merged = {**base, **defaults, **fields}
+        _check_dataset_name(reader, merged.get("dataset"), datasets, here + ("dataset",))
         steps.append(_make_step(reader, merged, here))
-    return PipelineConfig(steps=tuple(steps), defaults=defaults)
+    return PipelineConfig(steps=tuple(steps), defaults=defaults, datasets=datasets,
+                          default_dataset=default_dataset)
 
 
 def _read_model(reader: _Reader, value: Any) -> dict[str, Any]:

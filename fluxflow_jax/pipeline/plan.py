@@ -8,7 +8,6 @@ stages for ``fluxflow-jax validate``.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,8 +19,8 @@ from fluxflow_jax.models.bundle import COMPONENT_CLASSES
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.pipeline.config import ConfigError, RunConfig
 from fluxflow_jax.pipeline.samples import sample_sizes, samples_enabled
-from fluxflow_jax.pipeline.setup import (check_output_path, check_text_inputs, load_lpips,
-                                         make_loader, make_mesh, model_config)
+from fluxflow_jax.pipeline.setup import (Loaders, check_output_path, check_text_inputs,
+                                         load_lpips, make_mesh, model_config)
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.pipeline.validation import Validation
 
@@ -45,10 +44,12 @@ def check_run(config: RunConfig) -> Plan:
             problems.extend(err.problems)
             return None
 
-    loader = attempt(lambda: make_loader(config))
-    loaders = functools.cache(lambda accumulation: make_loader(config, accumulation))
-    stages = attempt(lambda: build_stages(config, lambda accumulation: loaders(
-        accumulation).batches_per_epoch() if loader else 1)) or []
+    loaders = Loaders(config)
+    readable = {feed: attempt(lambda feed=feed: loaders.get(feed)) is not None
+                for feed in dict.fromkeys(config.feed(step) for step in config.steps())}
+    loader = loaders.get(config.feed(config.steps()[0])) if all(readable.values()) else None
+    stages = attempt(lambda: build_stages(config, lambda step, accumulation: loaders.for_step(
+        step, accumulation).batches_per_epoch() if readable[config.feed(step)] else 1)) or []
     model = attempt(lambda: model_config(config))
     attempt(lambda: make_mesh(config))
     attempt(lambda: check_output_path(config))
@@ -95,8 +96,19 @@ def _accumulation(config: RunConfig, stage: Stage) -> list[str]:
     count = stage.config.gradient_accumulation_steps
     if count == 1:
         return []
-    return [f"  batches: {count} micro-batches of {config.training.batch_size} per update "
-            f"(effective batch {count * config.training.batch_size})"]
+    size = stage.feed.batch_size
+    return [f"  batches: {count} micro-batches of {size} per update "
+            f"(effective batch {count * size})"]
+
+
+def _dataset(config: RunConfig, stage: Stage) -> list[str]:
+    """The line on a step's named dataset, if it reads one."""
+    name = stage.feed.dataset
+    if name is None:
+        return []
+    kind = config.training.pipeline.datasets[name].type
+    return [f"  data: dataset '{name}' ({kind}), {stage.batches_per_epoch} batches of "
+            f"{stage.feed.batch_size} per epoch"]
 
 
 def _transition(stage: Stage) -> str:
@@ -117,7 +129,7 @@ def describe(config: RunConfig, plan: Plan) -> str:
     counts = parameter_counts(plan.model)
     lines = [f"Config: {config.source} ({'pipeline' if config.is_pipeline else 'standard'} "
              f"mode, {len(stages)} step(s))",
-             f"Data: {loader.batches_per_epoch()} batches of {config.training.batch_size} "
+             f"Data: {loader.batches_per_epoch()} batches of {stages[0].feed.batch_size} "
              f"per epoch, images {config.data.img_size} px",
              "Parameters: " + ", ".join(f"{name} {count:,}" for name, count in counts.items())
              + f"; total {sum(counts.values()):,}",
@@ -138,7 +150,7 @@ def describe(config: RunConfig, plan: Plan) -> str:
         lines += [f"Step {stage.index + 1}/{len(stages)} '{stage.label}'"
                   + (f": {stage.step.description}" if stage.step.description else ""),
                   f"  runs: up to {stage.planned_batches()} batches; ends {_transition(stage)}",
-                  *_accumulation(config, stage),
+                  *_dataset(config, stage), *_accumulation(config, stage),
                   f"  losses: {', '.join(_losses(stage))}",
                   f"  frozen: {', '.join(sorted(stage.config.frozen)) or 'nothing'}"]
         lines += [f"  {note}" for note in stage.notes]

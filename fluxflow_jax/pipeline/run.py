@@ -48,8 +48,8 @@ from fluxflow_jax.pipeline.memory import TRAIN_LEVERS, check_fits
 from fluxflow_jax.pipeline.latent_cache import LatentCache
 from fluxflow_jax.pipeline.metrics_log import MetricsLog
 from fluxflow_jax.pipeline.samples import Samples, samples_enabled
-from fluxflow_jax.pipeline.setup import (check_output_path, check_text_inputs, initial_models,
-                                         load_lpips, make_loader, make_mesh)
+from fluxflow_jax.pipeline.setup import (Loaders, check_output_path, check_text_inputs,
+                                         initial_models, load_lpips, make_mesh)
 from fluxflow_jax.pipeline.speed import Speed, SpeedMeter
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.pipeline import validation
@@ -140,13 +140,15 @@ class Run:
         self.config, self.echo = config, echo if self.writer else (lambda line: None)
         self.output = Path(config.output.output_path)
         check_output_path(config)
-        self.loader: DataLoader = make_loader(config)
-        self.skips_reported = self.loader.bad_samples.count  # found by the header scan
-        if self.skips_reported:
-            self.echo(f"Before training: {self.loader.bad_samples.summary()}")
-        self._loaders = {1: self.loader}  # by accumulation steps (see loader_for)
-        self.stages = build_stages(
-            config, lambda accumulation: self.loader_for(accumulation).batches_per_epoch())
+        self.loaders = Loaders(config)  # per step's dataset and accumulation steps
+        self.loader: DataLoader = self.loaders.for_step(config.steps()[0], 1)
+        self.stages = build_stages(config, lambda step, accumulation: self.loaders.for_step(
+            step, accumulation).batches_per_epoch())
+        # Skipped samples reported so far, per loader (the header scans found the first).
+        self.skips_reported: dict[DataLoader, int] = {}
+        for line in dict.fromkeys(self._count_skips(loader) for loader in self.loaders.made()):
+            if line:
+                self.echo(f"Before training: {line}")
         self.mesh = make_mesh(config)
         self.models: FluxFlowModels = initial_models(config)
         check_text_inputs(self.models.config, config.data, self.loader.tokenizer,
@@ -230,15 +232,15 @@ class Run:
         state, _ = self.checkpoints.restore(like, step)
         return position, state, record
 
-    def loader_for(self, accumulation: int) -> DataLoader:
-        """The loader of steps with ``accumulation`` micro-batches per update (made once):
-        its batches are their effective batches."""
-        if accumulation not in self._loaders:
-            self._loaders[accumulation] = make_loader(self.config, accumulation)
-        return self._loaders[accumulation]
+    def _count_skips(self, loader: DataLoader) -> str:
+        """What ``loader`` skipped since the last report, in one line ("" for nothing)."""
+        report, reported = loader.bad_samples, self.skips_reported.get(loader, 0)
+        self.skips_reported[loader] = report.count
+        return report.summary(reported) if report.count > reported else ""
 
     def _stage_loader(self, stage: Stage) -> DataLoader:
-        return self.loader_for(stage.config.gradient_accumulation_steps)
+        """The loader of the stage's data; its batches are the stage's effective batches."""
+        return self.loaders.for_step(stage.step, stage.config.gradient_accumulation_steps)
 
     def _train_step(self, stage: Stage) -> TrainStep:
         return TrainStep(self.models, stage.config, lpips=self.lpips, mesh=self.mesh,
@@ -394,10 +396,9 @@ class Run:
         position.averages = {}  # the console window restarts every epoch
         self.echo(f"Epoch {position.epoch} completed in "
                   f"{format_duration(time.perf_counter() - started)}")
-        report = self.loader.bad_samples
-        if report.count > self.skips_reported:
-            self.echo(f"Epoch {position.epoch}: {report.summary(self.skips_reported)}")
-            self.skips_reported = report.count
+        skipped = self._count_skips(self._stage_loader(stage))
+        if skipped:
+            self.echo(f"Epoch {position.epoch}: {skipped}")
         done, reason = transition_due(stage, position)
         if reason and not done:
             self.echo(f"Transition check: {reason}")
@@ -437,8 +438,7 @@ class Run:
                 pending.append(metrics)
                 cost = step.cost(inputs).flops
                 flops = None if cost is None or flops is None else flops + cost
-        speed.batch(self.config.training.batch_size * stage.config.gradient_accumulation_steps,
-                    flops)
+        speed.batch(stage.feed.batch_size * stage.config.gradient_accumulation_steps, flops)
         return state
 
     def _compile(self, step: TrainStep, stage: Stage, state: PackedState, inputs: dict,
@@ -458,7 +458,7 @@ class Run:
         shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}"
                            for name, shape, _ in compilation.shapes if name == "images")
         check_fits(compilation.memory, self.devices,
-                   f"the train step of '{stage.label}' (batch_size {training.batch_size}, "
+                   f"the train step of '{stage.label}' (batch_size {stage.feed.batch_size}, "
                    f"{shapes}, img_size {self.config.data.img_size}, vae_dim "
                    f"{model.vae_dim}, flow_dim {model.flow_dim}, text_dim {model.text_dim}, "
                    f"precision {self.precision}, remat {str(training.remat).lower()}, "

@@ -14,12 +14,13 @@ from jax.sharding import Mesh
 
 from fluxflow_jax import parallel
 from fluxflow_jax.data import (CaptionedFolder, DataConfigError, DataLoader, DemoSource,
-                               LoaderConfig, TFDSSource, Tokenizer, TokenizerError,
-                               WebDatasetSource)
+                               LoaderConfig, NoiseSource, TFDSSource, Tokenizer,
+                               TokenizerError, WebDatasetSource)
 from fluxflow_jax.interop import CheckpointError, load_fluxflow
 from fluxflow_jax.models.bundle import COMPONENTS, FluxFlowModels
 from fluxflow_jax.models.config import FluxFlowConfig
-from fluxflow_jax.pipeline.config import ConfigError, DataConfig, RunConfig
+from fluxflow_jax.pipeline.config import (ConfigError, DataConfig, DatasetConfig, Feed,
+                                          RunConfig, StepConfig)
 from fluxflow_jax.pipeline.stages import Stage
 from fluxflow_jax.training.lpips import LPIPS, LPIPSWeightsError, default_weights_path
 from fluxflow_jax.training.lpips_weights import ConversionError, ensure_default_weights
@@ -68,29 +69,76 @@ def make_source(data: DataConfig):
     return CaptionedFolder(data.data_path, data.captions_file, data.fixed_prompt_prefix)
 
 
+def make_dataset_source(dataset: DatasetConfig, data: DataConfig):
+    """The source of one named dataset; images and captions are read with the data
+    section's settings (fixed_prompt_prefix, seed), as the reference does."""
+    if dataset.type == "noise":
+        height, width = dataset.dimensions
+        return NoiseSource(dataset.num_samples, height, width, dataset.noise_std, data.seed)
+    if dataset.type == "webdataset":
+        return WebDatasetSource(
+            dataset.webdataset_url, image_key=dataset.webdataset_image_key,
+            label_key=dataset.webdataset_label_key,
+            caption_key=dataset.webdataset_caption_key, token=dataset.webdataset_token,
+            samples_per_epoch=dataset.webdataset_size,
+            samples_per_shard=dataset.webdataset_samples_per_shard,
+            fixed_prompt_prefix=data.fixed_prompt_prefix)
+    return CaptionedFolder(dataset.image_folder, dataset.captions_file,
+                           data.fixed_prompt_prefix)
+
+
 def load_tokenizer(data: DataConfig) -> Tokenizer:
     name = data.tokenizer_name
     return Tokenizer.load(None if name is None or name in _DEFAULT_TOKENIZERS else name)
 
 
-def make_loader(run: RunConfig, accumulation: int = 1) -> DataLoader:
-    """The host's data loader (its share of every global batch) for steps of
-    ``accumulation`` micro-batches: its batches are the effective batches,
-    ``batch_size`` x ``accumulation`` samples."""
+def make_loader(run: RunConfig, accumulation: int = 1, feed: Feed | None = None
+                ) -> DataLoader:
+    """The host's data loader (its share of every global batch) of ``feed`` (None: the
+    data section at the run's batch size) for steps of ``accumulation`` micro-batches: its
+    batches are the effective batches, the feed's ``batch_size`` x ``accumulation``
+    samples."""
     data, hosts = run.data, jax.process_count()
-    if run.training.batch_size % hosts:
-        raise ConfigError([f"training.batch_size ({run.training.batch_size}) must be "
-                           f"divisible by the {hosts} hosts"])
+    feed = feed or Feed(None, run.training.batch_size, run.training.workers)
+    where = (f"training.pipeline.datasets.{feed.dataset}" if feed.dataset else "data")
+    if feed.batch_size % hosts:
+        size_key = f"{where}.batch_size" if feed.dataset else "training.batch_size"
+        raise ConfigError([f"{size_key} ({feed.batch_size}) must be divisible by the "
+                           f"{hosts} hosts"])
     try:
-        return DataLoader(make_source(data), load_tokenizer(data), LoaderConfig(
-            batch_size=run.training.batch_size // hosts * accumulation,
+        source = (make_dataset_source(run.training.pipeline.datasets[feed.dataset], data)
+                  if feed.dataset else make_source(data))
+        return DataLoader(source, load_tokenizer(data), LoaderConfig(
+            batch_size=feed.batch_size // hosts * accumulation,
             image_size=data.img_size,
             fixed_size=data.fixed_size, reduced_min_sizes=data.reduced_min_sizes,
-            max_length=data.max_length, seed=data.seed, workers=run.training.workers,
+            max_length=data.max_length, seed=data.seed, workers=feed.workers,
             on_bad_sample=data.on_bad_sample, shard_index=jax.process_index(),
             shard_count=hosts))
     except (DataConfigError, TokenizerError) as err:
-        raise ConfigError([f"data: {err}"]) from None
+        raise ConfigError([f"{where}: {err}"]) from None
+
+
+class Loaders:
+    """The run's data loaders, one per (feed, accumulation steps), each made on first need:
+    steps reading the same dataset with the same effective batch share one loader (and its
+    position)."""
+
+    def __init__(self, run: RunConfig):
+        self.run = run
+        self._made: dict[tuple[Feed, int], DataLoader] = {}
+
+    def get(self, feed: Feed, accumulation: int = 1) -> DataLoader:
+        if (feed, accumulation) not in self._made:
+            self._made[feed, accumulation] = make_loader(self.run, accumulation, feed)
+        return self._made[feed, accumulation]
+
+    def for_step(self, step: StepConfig, accumulation: int) -> DataLoader:
+        return self.get(self.run.feed(step), accumulation)
+
+    def made(self) -> list[DataLoader]:
+        """Every loader made so far."""
+        return list(self._made.values())
 
 
 def check_text_inputs(config: FluxFlowConfig, data: DataConfig, tokenizer: Tokenizer,
@@ -131,11 +179,22 @@ def make_mesh(run: RunConfig) -> Mesh | None:
                            "devices are available"])
     if count == 1:
         return None
-    if run.training.batch_size % count:
-        raise ConfigError([f"training.batch_size ({run.training.batch_size}) must be "
-                           f"divisible by the {count} devices; change it or set "
-                           "training.devices"])
+    problems = [f"{key} ({size}) must be divisible by the {count} devices; change it or "
+                "set training.devices" for key, size in _batch_sizes(run).items()
+                if size % count]
+    if problems:
+        raise ConfigError(problems)
     return parallel.data_mesh(devices[:count])
+
+
+def _batch_sizes(run: RunConfig) -> dict[str, int]:
+    """Each batch size the run's steps train with, by the key that sets it."""
+    sizes = {}
+    for feed in {run.feed(step) for step in run.steps()}:
+        key = (f"training.pipeline.datasets.{feed.dataset}.batch_size"
+               if feed.batch_size != run.training.batch_size else "training.batch_size")
+        sizes[key] = feed.batch_size
+    return dict(sorted(sizes.items()))
 
 
 def _checkpoint_models(run: RunConfig) -> FluxFlowModels:

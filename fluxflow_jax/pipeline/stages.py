@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fluxflow_jax.pipeline import validation
-from fluxflow_jax.pipeline.config import (FLOW_LOSS_KEYS, VAE_LOSS_KEYS, ConfigError,
+from fluxflow_jax.pipeline.config import (FLOW_LOSS_KEYS, VAE_LOSS_KEYS, ConfigError, Feed,
                                           RunConfig, StepConfig, TransitionConfig)
 from fluxflow_jax.suggest import did_you_mean
 from fluxflow_jax.training.flow_step import FlowOptions
@@ -54,6 +54,7 @@ class Stage:
     batches_per_epoch: int
     transition: TransitionConfig  # metric resolved to the train step's name
     ema_components: tuple[str, ...]  # averages kept in the state (this and earlier stages)
+    feed: Feed  # the data the stage reads, and its batch size
     notes: tuple[str, ...] = ()  # what the stage does that its config does not say outright
 
     @property
@@ -102,16 +103,19 @@ def _frozen_after(step: StepConfig, before: frozenset[str], problems: list[str]
 
 
 def _options(step: StepConfig) -> tuple[VAEOptions | None, FlowOptions | None]:
+    """The step's loss options; ``use_ema: false`` turns off both groups' averages."""
+    averages = {} if step.use_ema else {"ema_decay": None}
     vae = flow = None
     if step.train_vae or step.gan_training or step.train_spade:
         reconstruction = (step.train_vae if step.train_reconstruction is None
                           else step.train_reconstruction)
         vae = VAEOptions(train_reconstruction=reconstruction, use_gan=step.gan_training,
                          train_spade=step.train_spade, use_lpips=step.use_lpips,
-                         **{k: v for k, v in step.losses.items() if k in VAE_LOSS_KEYS})
+                         **{**{k: v for k, v in step.losses.items() if k in VAE_LOSS_KEYS},
+                            **averages})
     if step.train_diff or step.train_diff_full or step.train_flow:
-        flow = FlowOptions(**{FLOW_LOSS_KEYS[k]: v for k, v in step.losses.items()
-                              if k in FLOW_LOSS_KEYS})
+        flow = FlowOptions(**{**{FLOW_LOSS_KEYS[k]: v for k, v in step.losses.items()
+                                 if k in FLOW_LOSS_KEYS}, **averages})
     return vae, flow
 
 
@@ -200,14 +204,14 @@ def _step_problems(step: StepConfig, pipeline: bool) -> list[str]:
     return problems
 
 
-def build_stages(run: RunConfig, batches_per_epoch: int | Callable[[int], int]
-                 ) -> list[Stage]:
+def build_stages(run: RunConfig,
+                 batches_per_epoch: int | Callable[[StepConfig, int], int]) -> list[Stage]:
     """The run's stages, checked; ``ConfigError`` lists every problem of every step.
 
-    ``batches_per_epoch(n)``: the epoch's batches of ``n`` accumulation steps' effective
-    batch (an int: the same for every ``n``)."""
+    ``batches_per_epoch(step, n)``: the epoch's batches of the step's data with ``n``
+    accumulation steps' effective batch (an int: the same for every step and ``n``)."""
     if isinstance(batches_per_epoch, int):
-        batches_per_epoch = lambda n, batches=batches_per_epoch: batches
+        batches_per_epoch = lambda step, n, batches=batches_per_epoch: batches
     all_problems: list[str] = []
     stages: list[Stage] = []
     frozen: frozenset[str] = frozenset()
@@ -245,7 +249,7 @@ def build_stages(run: RunConfig, batches_per_epoch: int | Callable[[int], int]
         optimizers, schedulers = _optimization(run, step, problems)
         epochs = _epochs(step)
         accumulation = accumulation_steps(run, step)
-        epoch_batches = batches_per_epoch(accumulation)
+        epoch_batches = batches_per_epoch(step, accumulation)
         caps = [c for c in (step.max_steps, run.training.max_steps) if c]
         max_batches = min(caps) if caps else None
         batches = epochs * epoch_batches
@@ -263,7 +267,7 @@ def build_stages(run: RunConfig, batches_per_epoch: int | Callable[[int], int]
         all_problems += [f"{step.origin or run.source}: step '{name or 'standard'}' "
                          f"({index + 1}/{len(steps)}): {p}" for p in problems]
         stages.append(Stage(index, name, step, config, epochs, max_batches, epoch_batches,
-                            transition, tuple(ema), notes))
+                            transition, tuple(ema), run.feed(step), notes))
     if all_problems:
         raise ConfigError(all_problems)
     return stages
