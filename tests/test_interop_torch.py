@@ -6,9 +6,6 @@ Text encoder and discriminator included."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from fluxflow.exceptions import CheckpointError as TorchCheckpointError
 from fluxflow.models.discriminators import PatchDiscriminator as TrainerDiscriminator
 from fluxflow.models.versioning import load_versioned_checkpoint, save_versioned_checkpoint
 
+import reference_source
 import torch_reference as ref
 from fluxflow_jax.interop import FluxFlowModels, load_fluxflow, save_fluxflow
 
@@ -171,34 +169,11 @@ def test_single_file_without_metadata_runs_in_jax(tmp_path, inputs, torch_models
                                                            inputs))
 
 
-def _source_file(package: str, path: str, name: str) -> types.ModuleType:
-    """Run one file of an installed package as module ``name``, without the package's
-    __init__ (fluxflow.utils' imports torchvision, which never installs beside the CPU torch;
-    fluxflow_training's pulls in the whole trainer)."""
-    spec = importlib.util.find_spec(package)
-    assert spec is not None, f"{package} is not installed (see .ci/run)"
-    location = Path(spec.submodule_search_locations[0]) / path
-    module = importlib.util.module_from_spec(
-        importlib.util.spec_from_file_location(name, location))
-    module.__spec__.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def fluxflow_utils():
-    """fluxflow.utils' io and logging functions, the real files, without its visualisation
-    module; installed as ``fluxflow.utils`` while the tests that save through it run."""
-    utils = types.ModuleType("fluxflow.utils")
-    for part in ("io", "logger"):
-        vars(utils).update(vars(_source_file("fluxflow", f"utils/{part}.py",
-                                             f"fluxflow.utils.{part}")))
-    previous = sys.modules.get("fluxflow.utils")
-    sys.modules["fluxflow.utils"] = utils
-    yield utils
-    if previous is None:
-        del sys.modules["fluxflow.utils"]
-    else:
-        sys.modules["fluxflow.utils"] = previous
+    """fluxflow.utils installed while the tests that save through it run."""
+    with reference_source.fluxflow_utils() as utils:
+        yield utils
 
 
 @pytest.mark.parametrize("model_config", [
@@ -214,8 +189,9 @@ def test_trainer_output_runs_in_jax(tmp_path, inputs, model_config, fluxflow_uti
     cfg = BASE.replace(model_version=version)
     pipe, text_encoder = ref.pipeline(cfg, seed=31), ref.text_encoder(cfg, seed=32)
     trainer_d = TrainerDiscriminator(ctx_dim=cfg.latent_width)
-    checkpoints = _source_file("fluxflow_training", "training/checkpoint_manager.py",
-                               "fluxflow_training_checkpoints")
+    checkpoints = reference_source.source_file("fluxflow_training",
+                                               "training/checkpoint_manager.py",
+                                               "fluxflow_training_checkpoints")
     checkpoints.CheckpointManager(tmp_path).save_models(
         pipe, text_encoder, discriminators={"D_img": trainer_d}, model_config=model_config)
     with pytest.warns(UserWarning, match="D_img.* is fluxflow-training 0.8.1's discriminator"):

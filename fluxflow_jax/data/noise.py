@@ -16,6 +16,12 @@ from fluxflow_jax.data.samples import RawSample
 CLIP = 3.0  # standard deviations kept; the rest clipped
 
 
+def noise_pixels(noise: np.ndarray) -> np.ndarray:
+    """uint8 pixels of Gaussian ``noise``: clipped to [-3, 3], mapped onto 0..255 and
+    truncated."""
+    return ((np.clip(noise, -CLIP, CLIP) + CLIP) / (2 * CLIP) * 255).astype(np.uint8)
+
+
 class NoiseSource:
     """``length`` noise images of ``height`` x ``width``, each with the empty caption."""
 
@@ -45,5 +51,4 @@ class NoiseSource:
         self._check(index)
         rng = np.random.default_rng([self.seed, index])
         noise = rng.standard_normal((*self.size, 3)) * self.noise_std
-        pixels = (np.clip(noise, -CLIP, CLIP) + CLIP) / (2 * CLIP) * 255
-        return RawSample(key=f"noise/{index}", image=pixels.astype(np.uint8), caption="")
+        return RawSample(key=f"noise/{index}", image=noise_pixels(noise), caption="")

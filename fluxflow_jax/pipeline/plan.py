@@ -8,6 +8,7 @@ stages for ``fluxflow-jax validate``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -63,8 +64,9 @@ def check_run(config: RunConfig) -> Plan:
     return Plan(loader, stages, model, problems)
 
 
+@functools.cache  # tracing the full-size model takes seconds; a process may plan it often
 def parameter_counts(model: FluxFlowConfig) -> dict[str, int]:
-    """Parameters per component of an architecture (nothing allocated)."""
+    """Parameters per component of an architecture (nothing allocated); do not modify."""
     counts = {}
     for name, cls in COMPONENT_CLASSES.items():
         module = nnx.eval_shape(lambda cls=cls: cls(model, rngs=nnx.Rngs(0)))
