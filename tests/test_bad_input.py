@@ -138,6 +138,13 @@ CONFIG_CASES = [
     Case("negative learning rate", validate(training={"lr": -1.0}), ("'training.lr'",)),
     Case("seed past 32 bits", validate(training={"seed": 2**70}), ("'training.seed'",)),
     Case("data seed negative", validate(data={"seed": -1}), ("'data.seed'",)),
+    Case("a step names an unknown dataset", validate(training={"pipeline": {
+        "steps": [{**STEP, "dataset": "faces"}], "datasets": {"face": {"type": "noise"}}}}),
+         ("'training.pipeline.steps[0].dataset'", "did you mean 'face'")),
+    Case("a named dataset's folder is missing", lambda d, c: ["validate", str(config(
+        d, training={"pipeline": {"steps": [{**STEP, "dataset": "x"}], "datasets": {"x": {
+            "image_folder": str(d / "nowhere"), "captions_file": str(d / "c.txt")}}}}))],
+         ("training.pipeline.datasets.x", "nowhere")),
     Case("step without n_epochs", validate(**_steps({"name": "a", "train_vae": True})),
          ("step 'a'", "n_epochs is required")),
     Case("step without a mode", validate(**_steps({"name": "a", "n_epochs": 1})),
@@ -197,10 +204,10 @@ CONFIG_CASES = [
          ("none.yaml",)),
     Case("config file is a directory", lambda d, c: ["validate", str(d)],
          ("cannot read config",)),
-    Case("0.8.1 use_ema", validate(**_steps({**STEP, "use_ema": True})),
-         ("'training.pipeline.steps[0].use_ema'", "0.8.1")),
-    Case("0.8.1 datasets", validate(training={"pipeline": {"datasets": {}, "steps": [STEP]}}),
-         ("'training.pipeline.datasets'", "0.8.1")),
+    Case("use_ema not a bool", validate(**_steps({**STEP, "use_ema": "yes"})),
+         ("'training.pipeline.steps[0].use_ema' must be true or false",)),
+    Case("datasets outside the pipeline", validate(training={"datasets": {}}),
+         ("unknown key 'training.datasets'; it belongs in training.pipeline",)),
     Case("0.8.1 train_colorstats", validate(**_steps({**STEP, "train_colorstats": True})),
          ("train_colorstats", "0.8.1")),
     Case("duplicate step names", validate(**_steps(STEP, STEP)), ("step name 'vae'",)),

@@ -65,26 +65,31 @@ def write(tmp_path: Path, steps: list[dict], datasets: dict[str, dict], *,
 
 def test_each_step_reads_its_dataset_with_its_batching(tmp_path, folder):
     """A step's own dataset, else default_dataset; batch size and workers from the dataset,
-    else the run; loaders shared by steps reading the same data the same way."""
+    else the run; gradient accumulation multiplies the dataset's batch; loaders shared by
+    steps reading the same data the same way."""
     datasets = {"shapes": {"type": "local", **folder, "batch_size": 3, "workers": 2},
                 "noise": {"type": "noise", "dimensions": [32, 48], "num_samples": 8}}
     steps = [{"name": "a", "n_epochs": 1, "train_vae": True, "dataset": "shapes"},
              {"name": "b", "n_epochs": 1, "train_vae": True},
-             {"name": "c", "n_epochs": 1, "train_vae": True, "dataset": "shapes"}]
+             {"name": "c", "n_epochs": 1, "train_vae": True, "dataset": "shapes"},
+             {"name": "d", "n_epochs": 1, "train_vae": True, "dataset": "shapes",
+              "gradient_accumulation_steps": 2}]
     config = load_config(write(tmp_path, steps, datasets, default="noise", workers=4))
     plan = check_run(config)
     assert plan.problems == []
     assert [(s.feed.dataset, s.feed.batch_size, s.feed.workers) for s in plan.stages] == \
-        [("shapes", 3, 2), ("noise", 2, 4), ("shapes", 3, 2)]
+        [("shapes", 3, 2), ("noise", 2, 4), ("shapes", 3, 2), ("shapes", 3, 2)]
     loaders = Loaders(config)
-    shapes, noise = (loaders.for_step(step, 1) for step in config.steps()[:2])
-    assert loaders.for_step(config.steps()[2], 1) is shapes
+    shapes, noise, again = (loaders.for_step(step, 1) for step in config.steps()[:3])
+    accumulating = loaders.for_step(config.steps()[3], 2)
+    assert again is shapes and accumulating.config.batch_size == 6
     assert isinstance(noise.source, NoiseSource) and len(shapes.source) == SHAPES
     # The folder's two sizes are bucketed apart at its own batch size.
     batches = list(shapes.epoch(0))
     assert [b.images.shape[0] for b in batches] == [3] * len(batches)
     assert {b.images.shape[1:3] for b in batches} <= {(32, 32), (32, 48)}
-    assert [s.batches_per_epoch for s in plan.stages] == [len(batches), 4, len(batches)]
+    assert [s.batches_per_epoch for s in plan.stages] == \
+        [len(batches), 4, len(batches), accumulating.batches_per_epoch()]
 
 
 def test_without_a_dataset_a_step_reads_the_data_section(tmp_path, folder):

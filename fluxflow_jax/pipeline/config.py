@@ -77,8 +77,8 @@ LIST_CHECKS: tuple[Check, ...] = (check_str_list, check_int_list)
 
 # Keys of fluxflow-training 0.8.1 that this version does not implement yet. They are refused
 # by name (not as typos) so that a 0.8.1 config says what it is missing.
-LATER_KEYS = ("train_kl", "train_colorstats", "train_histogram", "train_contrast", "train_coarseness",
-              "spade_training_mode", "num_train_timesteps", "start_step")
+LATER_KEYS = ("train_kl", "train_colorstats", "train_histogram", "train_contrast",
+              "train_coarseness", "spade_training_mode", "num_train_timesteps", "start_step")
 
 _POSITIVE = in_interval("(0, inf)", 1.0)
 _OPTIONAL_POSITIVE_INT = optional(integer_at_least(1))
