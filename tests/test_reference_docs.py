@@ -110,7 +110,8 @@ EXAMPLES: dict[tuple[str, str, int], tuple[Any, str | None]] = {
     ("0.8.1", "docs/TRAINING_GUIDE.md", 13): ("config", VALID),
     ("0.8.1", "docs/TRAINING_GUIDE.md", 14): ("steps", VALID),
     ("0.8.1", "docs/TRAINING_GUIDE.md", 15): ("config", "'training.output_path'"),
-    ("0.8.1", "docs/VAE_CONTRAST_FIXES.md", 0): ("config", f"train_kl' is a {LATER}"),
+    # Every loss switch, in a step without n_epochs, which 0.8.1 refuses too.
+    ("0.8.1", "docs/VAE_CONTRAST_FIXES.md", 0): ("config", "n_epochs is required"),
     # 'epochs' and 'use_gan' are not keys of either trainer.
     ("0.8.1", "docs/VAE_CONTRAST_FIXES.md", 1): ("training", "'training.pipeline.steps[0].epochs'"),
 }

@@ -77,9 +77,7 @@ LIST_CHECKS: tuple[Check, ...] = (check_str_list, check_int_list)
 
 # Keys of fluxflow-training 0.8.1 that this version does not implement yet. They are refused
 # by name (not as typos) so that a 0.8.1 config says what it is missing.
-LATER_KEYS = ("datasets", "default_dataset", "dataset", "use_ema", "train_kl",
-              "train_colorstats", "train_histogram", "train_contrast", "train_coarseness",
-              "spade_training_mode", "num_train_timesteps", "start_step")
+LATER_KEYS = ("datasets", "default_dataset", "dataset", "use_ema")
 
 _POSITIVE = in_interval("(0, inf)", 1.0)
 _OPTIONAL_POSITIVE_INT = optional(integer_at_least(1))
@@ -113,8 +111,10 @@ _VAE_MODE_FIELDS = ("train_reconstruction", "use_gan", "train_spade", "use_lpips
 VAE_LOSS_KEYS = tuple(f.name for f in dataclasses.fields(VAEOptions)
                       if f.name not in _VAE_MODE_FIELDS)
 FLOW_LOSS_KEYS = {"lambda_align": "lambda_align", "cfg_dropout_prob": "cfg_dropout_prob",
+                  "cfg_dropout_schedule": "cfg_dropout_schedule",
                   "flow_ema_decay": "ema_decay", "timestep_sampling": "timestep_sampling",
-                  "flow_loss": "flow_loss"}  # step key -> FlowOptions field
+                  "flow_loss": "flow_loss", "num_train_timesteps": "num_train_timesteps",
+                  "start_step": "start_step"}  # step key -> FlowOptions field
 
 
 def _option_checks() -> dict[str, Check]:
