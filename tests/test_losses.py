@@ -175,6 +175,23 @@ def test_smooth_l1_v_loss_is_torchs_on_std_normalised_values():
     np.testing.assert_allclose(mse, np.mean((pred - target) ** 2), rtol=1e-6)
 
 
+def test_smooth_l1_v_loss_with_context_channels_is_the_reference_trainers():
+    """v070/v080 tokens end in context channels: the trainer divides the latent and the
+    context channels each by their own v-target's std (written out here in torch) and adds
+    the two losses."""
+    rng = np.random.default_rng(1)
+    pred, target = (rng.normal(size=(2, 9, 12)).astype(np.float32) * s for s in (0.3, 0.5))
+    target[..., 7:] *= 0.2  # context channels on another scale
+    clean = rng.normal(size=(2, 9, 12)).astype(np.float32)
+    p, v = torch.from_numpy(pred), torch.from_numpy(target)
+    parts = [(p[..., :7], v[..., :7]), (p[..., 7:], v[..., 7:])]
+    expected = sum(F.smooth_l1_loss(a / (b.std() + 1e-8), b / (b.std() + 1e-8), beta=0.01)
+                   for a, b in parts)
+    got = losses.v_prediction_loss(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(clean),
+                                   "smooth_l1", context_dims=5)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5)
+
+
 def test_model_time_indexes_every_timestep_exactly():
     """The flow processor embeds index trunc(t_float * 999): it must give back t."""
     t = jnp.arange(1000)

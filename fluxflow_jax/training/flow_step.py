@@ -149,6 +149,7 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
         packed = nets.outputs(jax.lax.stop_gradient(module.sample(
             posterior(module, part), noise=part["latent_noise"]).packed))
         x0, hw_token = packed[:, :-1], packed[:, -1:]
+        context_dims = module.config.architecture.context_dims
         t, noise = part["t"], part["noise"]
         schedule = options.num_train_timesteps
         noisy = jnp.concatenate([diffusion.add_noise(x0, noise, t, schedule), hw_token], axis=1)
@@ -166,7 +167,8 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
             prediction = nets.outputs(processor(nets.inputs(noisy), nets.inputs(embeddings),
                                                 diffusion.model_time(t, **window),
                                                 hw=hw)[:, :-1])
-            diff = losses.v_prediction_loss(prediction, target, x0, options.flow_loss)
+            diff = losses.v_prediction_loss(prediction, target, x0, options.flow_loss,
+                                            context_dims)
             align = (losses.alignment_loss(prediction, embeddings) if use_alignment
                      else jnp.zeros([], diff.dtype))
             return diff + options.lambda_align * align, (diff, align, prediction)
