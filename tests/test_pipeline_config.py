@@ -885,6 +885,21 @@ def test_describe_prints_the_plan(tmp_path):
     assert flow_line.endswith("with AdamW lr 1e-05, CosineAnnealingLR")
 
 
+def test_describe_names_the_0_8_1_options(tmp_path):
+    run = load(tmp_path, [
+        step("vae", train_vae=True, train_spade=True, train_kl=False, train_colorstats=True,
+             train_histogram=True, soft_histogram=False, spade_training_mode="alternate"),
+        step("flow", train_diff=True, start_step=100, cfg_dropout_prob=0.1,
+             cfg_dropout_schedule="timestep")])
+    plan = check_run(run)
+    assert plan.problems == []
+    lines = describe(run, plan).splitlines()
+    assert ("  losses: reconstruction (L1 + 0.1·MSE), 0.05·colorstats, 0.02·histogram (hard "
+            "counts, no gradient), SPADE on even batches only") in lines
+    assert ("  losses: flow v-prediction, timesteps 100..999 of 1000, text dropout 0.1 scaled "
+            "by timestep") in lines
+
+
 def test_cli_validate_prints_the_plan(tmp_path, capsys):
     path = write(tmp_path, document([step("vae", train_vae=True)]))
     code, out, err = cli(capsys, "validate", str(path))
