@@ -3,10 +3,10 @@
 Latents are sampled (not the mean) from the compressor, hw token included; the timestep is
 drawn from the cos^2 weights over the timestep window, the token noised on the VP schedule,
 and the flow processor (given t's place in the window as a float, t/999 by default) predicts
-v = alpha * eps - sigma * x0 for the image tokens. The text
-encoder trains with it (dropout on) unless frozen, in which case it runs in eval mode and is
-not differentiated. The images may come as their cached posterior instead
-(``POSTERIOR_KEYS``): the tokens are then sampled from it, as the compressor samples them.
+v = alpha * eps - sigma * x0 for the image tokens. The text encoder trains with it (dropout
+on) unless frozen, in which case it runs in eval mode and is not differentiated. The images
+may come as their cached posterior instead (``POSTERIOR_KEYS``): the tokens are then sampled
+from it, as the compressor samples them.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fluxflow_jax.checks import (check_bool, field_problems, in_interval, integer_at_least,
-                                 one_of, optional)
+from fluxflow_jax.checks import field_problems, in_interval, integer_at_least, one_of, optional
 from fluxflow_jax.models.compressor import Posterior
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.training import diffusion, losses
