@@ -309,6 +309,18 @@ def test_flow_reduces_its_loss_and_compiles_once(flow_run):
         assert m["lr_flow"] == pytest.approx(2e-3) and m["pred_std"] > 0
 
 
+def test_flow_step_with_the_0_8_1_options(models, flow_run):
+    """A timestep window, timestep-scaled text dropout and the 0.8.1 loss reach the step:
+    the same first batch and key as ``flow_run`` give another finite loss."""
+    options = FlowOptions(num_train_timesteps=100, start_step=60, cfg_dropout_prob=0.3,
+                          cfg_dropout_schedule="timestep", flow_loss="smooth_l1")
+    stage = StageConfig(flow=options, optimizers=FLOW.optimizers, schedulers=FLOW.schedulers)
+    [metrics] = run(TrainStep(models, stage), models, TEXT_BATCH, 1).metrics
+    assert set(metrics) == set(metric_names(stage)) and metrics["skipped"] == 0
+    assert np.isfinite(metrics["diff_loss"]) and metrics["grad_norm_flow"] > 0
+    assert metrics["diff_loss"] != flow_run.metrics[0]["diff_loss"]
+
+
 def test_flow_trains_flow_and_text_encoder_only(flow_run):
     before, after = flow_run.initial, flow_run.final
     assert changed_fraction(before.params["flow_processor"], after.params["flow_processor"]) > 0.9
