@@ -208,8 +208,9 @@ CONFIG_CASES = [
          ("'training.pipeline.steps[0].use_ema' must be true or false",)),
     Case("datasets outside the pipeline", validate(training={"datasets": {}}),
          ("unknown key 'training.datasets'; it belongs in training.pipeline",)),
-    Case("0.8.1 train_colorstats", validate(**_steps({**STEP, "train_colorstats": True})),
-         ("train_colorstats", "0.8.1")),
+    Case("0.8.1 spade_training_mode misspelt", validate(**_steps({
+        **STEP, "spade_training_mode": "alternating"})),
+         ("step 'vae'", "spade_training_mode", "'alternating'", "['full', 'alternate']")),
     Case("duplicate step names", validate(**_steps(STEP, STEP)), ("step name 'vae'",)),
     Case("step name with a slash", validate(**_steps({**STEP, "name": "a/b"})),
          ("step name 'a/b'",)),

@@ -1,4 +1,5 @@
-"""Loss terms and the noise schedule against independent PyTorch / diffusers computations."""
+"""Loss terms, the noise schedule and the timestep window against independent PyTorch /
+diffusers computations and the 0.8.1 PyTorch trainer's own functions."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch.nn.functional as F
 from diffusers import DPMSolverMultistepScheduler
 
 from fluxflow_jax.training import diffusion, losses
+from fluxflow_jax.training.flow_step import FlowOptions, cfg_dropout_probability
+from reference_trainer import trainer_module
 
 
 def nchw(x: np.ndarray) -> torch.Tensor:
@@ -172,8 +175,86 @@ def test_smooth_l1_v_loss_is_torchs_on_std_normalised_values():
     np.testing.assert_allclose(mse, np.mean((pred - target) ** 2), rtol=1e-6)
 
 
+def test_smooth_l1_v_loss_with_context_channels_is_the_reference_trainers():
+    """v070/v080 tokens end in context channels: the trainer divides the latent and the
+    context channels each by their own v-target's std (written out here in torch) and adds
+    the two losses."""
+    rng = np.random.default_rng(1)
+    pred, target = (rng.normal(size=(2, 9, 12)).astype(np.float32) * s for s in (0.3, 0.5))
+    target[..., 7:] *= 0.2  # context channels on another scale
+    clean = rng.normal(size=(2, 9, 12)).astype(np.float32)
+    p, v = torch.from_numpy(pred), torch.from_numpy(target)
+    parts = [(p[..., :7], v[..., :7]), (p[..., 7:], v[..., 7:])]
+    expected = sum(F.smooth_l1_loss(a / (b.std() + 1e-8), b / (b.std() + 1e-8), beta=0.01)
+                   for a, b in parts)
+    got = losses.v_prediction_loss(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(clean),
+                                   "smooth_l1", context_dims=5)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5)
+
+
 def test_model_time_indexes_every_timestep_exactly():
     """The flow processor embeds index trunc(t_float * 999): it must give back t."""
     t = jnp.arange(1000)
     index = jnp.trunc(diffusion.model_time(t) * 999).astype(jnp.int32)
     np.testing.assert_array_equal(index, np.arange(1000))
+
+
+# ----------------------------------------------------------------------------- timestep window
+
+
+@pytest.mark.parametrize("num_timesteps, start", [(1000, 0), (1000, 200), (400, 0), (50, 49)])
+def test_timestep_window_draws_as_the_reference_trainer(monkeypatch, num_timesteps, start):
+    """0.8.1's ``sample_t``: the cos² weights laid over [start, N - 1]. Its weights are
+    caught on their way into ``torch.multinomial``; ours are the probabilities we draw
+    from, and our draws stay in the window."""
+    caught = []
+
+    def multinomial(weights, count, replacement):
+        caught.append(weights.clone())
+        return torch.zeros(count, dtype=torch.int64)
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    drawn = trainer_module("schedulers").sample_t(8, "cpu", start, num_timesteps)
+    assert drawn.tolist() == [start] * 8  # the offset: index 0 is timestep start
+    weights = np.exp(diffusion.timestep_log_weights(num_timesteps, start))
+    # The trainer's weights are float32: near the window's end, where the cosine nears 0,
+    # they are off by up to 4e-11 (measured), against a largest weight of 2e-3 or more.
+    np.testing.assert_allclose(weights, caught[0].numpy(), rtol=2e-6, atol=1e-10)
+    for sampling in diffusion.TIMESTEP_SAMPLING:
+        t = np.asarray(diffusion.sample_timesteps(jax.random.key(1), 4000, sampling,
+                                                  num_timesteps, start))
+        assert t.min() >= start and t.max() <= num_timesteps - 1
+        assert t.min() == start or num_timesteps - start > 100
+
+
+@pytest.mark.parametrize("num_timesteps, start", [(1000, 0), (1000, 200), (400, 17), (50, 49)])
+def test_window_time_and_schedule_are_the_reference_trainers(num_timesteps, start):
+    """The flow's time (t - start) / max(1, N - 1 - start) clipped to [0, 1], bit for bit as
+    the trainer computes it in float32, and the noise schedule of N steps as its diffusers
+    scheduler builds it."""
+    t = torch.arange(start, num_timesteps)
+    denominator = float(max(1, (num_timesteps - 1) - start))
+    expected = ((t.float() - float(start)) / denominator).clamp(0.0, 1.0)
+    actual = diffusion.model_time(jnp.asarray(t.numpy()), num_timesteps, start)
+    np.testing.assert_array_equal(np.asarray(actual), expected.numpy())
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=num_timesteps,
+                                            prediction_type="v_prediction")
+    np.testing.assert_array_equal(diffusion.alphas_cumprod(num_timesteps),
+                                  scheduler.alphas_cumprod.numpy())
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.3])
+def test_timestep_scaled_cfg_dropout_is_the_reference_trainers(p):
+    """Per sample: p (0.5 + 0.5 t / N) clipped to [0, min(0.5, 2p)] (the trainer's formula,
+    written out in torch); the trainer then drops each sample with these values' mean,
+    which is therefore also the share dropped here. "fixed": p for every sample."""
+    t = np.array([0, 10, 250, 600, 999, 333])
+    window = {"num_train_timesteps": 1000, "cfg_dropout_prob": p}
+    scaled = cfg_dropout_probability(FlowOptions(cfg_dropout_schedule="timestep", **window),
+                                     jnp.asarray(t))
+    t_normalised = torch.from_numpy(t).float() / 1000
+    expected = torch.clamp(p * (0.5 + 0.5 * t_normalised), 0.0, min(0.5, p * 2.0))
+    np.testing.assert_allclose(np.asarray(scaled), expected.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(float(np.mean(scaled)), expected.mean().item(), rtol=1e-6)
+    fixed = cfg_dropout_probability(FlowOptions(**window), jnp.asarray(t))
+    np.testing.assert_array_equal(np.asarray(fixed), np.full(6, p, np.float32))

@@ -35,6 +35,8 @@ from fluxflow_jax.pipeline.plan import check_run, describe, parameter_counts
 from fluxflow_jax.pipeline.setup import load_lpips
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.pipeline.yaml_file import YamlFileError, read_yaml
+from fluxflow_jax.training.flow_step import FlowOptions
+from fluxflow_jax.training.vae_step import VAEOptions
 from tiny import TINY
 
 # tiny.py's widths, except the vocabulary: the text encoder must embed every id of the
@@ -737,6 +739,47 @@ def test_flow_steps_choose_timestep_sampling_and_loss(tmp_path):
     assert "'flow_loss' must be one of ['mse', 'smooth_l1'], got 'l1'" in str(err.value)
 
 
+def test_keys_of_the_0_8_1_trainer_set_the_step_options(tmp_path):
+    """Its VAE loss switches, SPADE mode, timestep window and CFG dropout scaling; a plain
+    step keeps the defaults (the seed trainer's: KL on, image-statistics terms off)."""
+    switches = {"train_kl": False, "train_colorstats": True, "train_histogram": True,
+                "train_contrast": True, "train_coarseness": True, "soft_histogram": False,
+                "spade_training_mode": "alternate"}
+    window = {"num_train_timesteps": 500, "start_step": 100, "cfg_dropout_prob": 0.1,
+              "cfg_dropout_schedule": "timestep"}
+    plain, vae, flow = stages(tmp_path, [
+        step("plain", train_vae=True, train_diff=True),
+        step("vae", train_vae=True, train_spade=True, **switches),
+        step("flow", train_diff=True, **window)])
+    assert plain.config.vae == VAEOptions(use_lpips=False, use_gan=False, train_spade=False)
+    assert plain.config.flow == FlowOptions()
+    assert (plain.config.vae.train_kl, plain.config.vae.regularisers) == (True, ())
+    assert {k: getattr(vae.config.vae, k) for k in switches} == switches
+    assert vae.config.vae.regularisers == ("colorstats", "histogram", "contrast", "coarseness")
+    assert {k: getattr(flow.config.flow, k) for k in window} == window
+
+
+@pytest.mark.parametrize("keys, problem", [
+    ({"spade_training_mode": "half"}, "vae: 'spade_training_mode' must be one of ['full', "
+                                      "'alternate'], got 'half'"),
+    ({"train_histogram": "yes"}, "'training.pipeline.steps[0].train_histogram' must be true "
+                                 "or false, got 'yes'"),
+    ({"start_step": -1}, "'training.pipeline.steps[0].start_step' must be an integer >= 0, "
+                         "got -1"),
+    ({"start_step": 1000}, "flow: 'start_step' (1000) must be below 'num_train_timesteps' "
+                           "(1000): timesteps are drawn from [start_step, "
+                           "num_train_timesteps - 1]"),
+    ({"num_train_timesteps": 1}, "flow: 'num_train_timesteps' must be an integer >= 2, got 1"),
+    ({"cfg_dropout_schedule": "linear"}, "flow: 'cfg_dropout_schedule' must be one of "
+                                         "['fixed', 'timestep'], got 'linear'")])
+def test_bad_values_of_the_0_8_1_keys_exit_2_naming_the_key(tmp_path, capsys, keys, problem):
+    path = write(tmp_path, document([step("a", train_vae=True, train_diff=True, **keys)]))
+    code, out, err = cli(capsys, "validate", str(path))
+    assert code == 2 and out == "" and "Traceback" not in err
+    [line] = err.splitlines()[1:]
+    assert line.endswith(problem), line
+
+
 def test_standard_mode_refuses_pipeline_only_keys(tmp_path):
     assert config_problems(tmp_path, document(training={"train_vae": True, "name": "x"})) == [
         "unknown key 'training.name'"]
@@ -840,6 +883,21 @@ def test_describe_prints_the_plan(tmp_path):
     assert "  frozen: compressor, expander" in lines
     flow_line = next(line for line in lines if line.startswith("  flow: trains"))
     assert flow_line.endswith("with AdamW lr 1e-05, CosineAnnealingLR")
+
+
+def test_describe_names_the_0_8_1_options(tmp_path):
+    run = load(tmp_path, [
+        step("vae", train_vae=True, train_spade=True, train_kl=False, train_colorstats=True,
+             train_histogram=True, soft_histogram=False, spade_training_mode="alternate"),
+        step("flow", train_diff=True, start_step=100, cfg_dropout_prob=0.1,
+             cfg_dropout_schedule="timestep")])
+    plan = check_run(run)
+    assert plan.problems == []
+    lines = describe(run, plan).splitlines()
+    assert ("  losses: reconstruction (L1 + 0.1·MSE), 0.05·colorstats, 0.02·histogram (hard "
+            "counts, no gradient), SPADE on even batches only") in lines
+    assert ("  losses: flow v-prediction, timesteps 100..999 of 1000, text dropout 0.1 scaled "
+            "by timestep") in lines
 
 
 def test_cli_validate_prints_the_plan(tmp_path, capsys):

@@ -30,7 +30,7 @@ import reference_source
 from fluxflow_jax import pinned
 from fluxflow_jax.cli import main
 from fluxflow_jax.data import DemoSource
-from fluxflow_jax.pipeline.config import LATER_KEYS, load_config
+from fluxflow_jax.pipeline.config import load_config
 from fluxflow_jax.pipeline.plan import check_run
 from fluxflow_jax.pipeline.yaml_file import YamlFileError, read_yaml
 
@@ -39,7 +39,6 @@ SDISTS = {
     "0.8.1": "0c8d0524552da940de15afd880a4b88b607a4610b4025b65c655ce808e5af539",
 }
 VALID = None
-LATER = "fluxflow-training 0.8.1 key that fluxflow-jax does not support yet"
 NOT_YAML = "not valid YAML"
 
 # A step the fragments of one step's keys are placed in, and its variants.
@@ -130,19 +129,12 @@ EXAMPLES: dict[tuple[str, str, int], tuple[Any, str | None]] = {
     ("0.8.1", "docs/TRAINING_GUIDE.md", 13): ("config", VALID),
     ("0.8.1", "docs/TRAINING_GUIDE.md", 14): ("steps", VALID),
     ("0.8.1", "docs/TRAINING_GUIDE.md", 15): ("config", "'training.output_path'"),
+    # Every loss switch, in a step without n_epochs, which 0.8.1 refuses too.
     ("0.8.1", "docs/VAE_CONTRAST_FIXES.md", 0): ("config", "n_epochs is required"),
     # 'epochs' and 'use_gan' are not keys of either trainer.
     ("0.8.1", "docs/VAE_CONTRAST_FIXES.md", 1): ("training", "'training.pipeline.steps[0].epochs'"),
 }
 
-# Examples refused today only for 0.8.1 keys not supported yet (LATER_KEYS): the keys they
-# wait on. Until each of those keys is supported, the example is refused naming the first
-# of them; from then on, it must give its outcome in EXAMPLES.
-WAITING = {
-    ("0.8.1", "docs/VAE_CONTRAST_FIXES.md", 0): ("train_kl", "train_colorstats",
-                                                 "train_histogram", "train_contrast",
-                                                 "train_coarseness"),
-}
 
 _BLOCK = re.compile(r"```ya?ml\n(.*?)```", re.S)
 
@@ -231,12 +223,6 @@ def _document(where: Any, example: Any) -> dict[str, Any]:
     return document
 
 
-def _expected(key: tuple[str, str, int]) -> str | None:
-    """The example's outcome; for one waiting on keys not supported yet, their refusal."""
-    waiting = [name for name in WAITING.get(key, ()) if name in LATER_KEYS]
-    return f"{waiting[0]}' is a {LATER}" if waiting else EXAMPLES[key][1]
-
-
 def _reference_parser() -> Callable[[dict], Any]:
     """fluxflow-training 0.8.1's own parser of a training.pipeline section."""
     with reference_source.fluxflow_utils():
@@ -263,7 +249,7 @@ def _assert_same_meaning(document: dict[str, Any], path: Path) -> None:
 
 @pytest.mark.parametrize("key", sorted(EXAMPLES), ids=lambda k: f"{k[0]}:{k[1]}#{k[2]}")
 def test_reference_example(examples, data_files, key, tmp_path, monkeypatch, capsys):
-    where, expected = EXAMPLES[key][0], _expected(key)
+    where, expected = EXAMPLES[key]
     monkeypatch.chdir(tmp_path)  # the examples' optim_sched_config files, given empty
     for name in ("adam_warmup", "lion_gan", "lion_flow"):
         (tmp_path / "configs").mkdir(exist_ok=True)

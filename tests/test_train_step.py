@@ -213,6 +213,69 @@ def test_gan_only_mode_trains_the_encoder_adversarially(generator_gradients):
     assert nonzero_fraction(grads["gan"]["expander"]) > 0.5
 
 
+# --------------------------------------------------------------------------- 0.8.1 switches
+
+
+IMAGE_STATISTICS = ("colorstats", "histogram", "contrast", "coarseness")
+
+
+@pytest.fixture(scope="module")
+def switched_runs(models):
+    """One update from the same state and key, with the KL term off, without and with
+    every image-statistics term."""
+    def stage(on: bool) -> StageConfig:
+        switches = {f"train_{name}": on for name in IMAGE_STATISTICS}
+        return StageConfig(vae=VAEOptions(use_gan=False, use_lpips=False, train_kl=False,
+                                          **switches),
+                           optimizers={"vae": ADAM}, schedulers={"vae": CONSTANT})
+
+    return {on: run(TrainStep(models, stage(on)), models, {"images": IMAGES}, 1)
+            for on in (False, True)}
+
+
+def test_loss_switches_turn_terms_and_their_metrics_on_and_off(switched_runs):
+    off, on = switched_runs[False], switched_runs[True]
+    for result in (off, on):
+        assert set(result.metrics[0]) == set(metric_names(result.step.stage))
+        assert "loss_kl" not in result.metrics[0] and "kl_beta" not in result.metrics[0]
+        assert result.metrics[0]["weight_kl"] == 0
+    assert not any(f"loss_{name}" in off.metrics[0] for name in IMAGE_STATISTICS)
+    assert all(on.metrics[0][f"loss_{name}"] > 0 for name in IMAGE_STATISTICS)
+    # The same forward pass; the terms change the gradient and so the update.
+    assert on.metrics[0]["loss_recon"] == off.metrics[0]["loss_recon"]
+    assert on.metrics[0]["grad_norm_vae"] != off.metrics[0]["grad_norm_vae"]
+    for component in ("compressor", "expander"):  # measured: 1.0 and 0.83 of the leaves
+        assert changed_fraction(off.final.params[component], on.final.params[component]) > 0.5
+    assert_same(off.final.loss_history, on.final.loss_history)  # not balanced adaptively
+
+
+def test_image_statistics_terms_need_the_reconstruction():
+    options = VAEOptions(train_reconstruction=False, train_colorstats=True)
+    assert options.regularisers == ()
+    assert "loss_colorstats" not in options.metric_names()
+
+
+def test_alternate_spade_conditions_the_even_batches(models):
+    """``spade_training_mode: alternate`` decodes batch 1, 3, ... as without SPADE and
+    batch 2, 4, ... as with it (batches counted from 1 over the run, as the reference)."""
+    nets = Networks.from_models(models)
+    params, buffers = split_models(models)
+
+    def recon(options, batch_number=None):
+        return generator_outputs(options, nets, params, buffers, IMAGES, jax.random.key(0),
+                                 batch_number=batch_number)["recon"]
+
+    with_spade = recon(VAEOptions(use_gan=False))
+    without = recon(VAEOptions(use_gan=False, train_spade=False))
+    assert np.abs(with_spade - without).max() > 1e-3
+    alternate = jax.jit(lambda n: recon(VAEOptions(use_gan=False,
+                                                   spade_training_mode="alternate"), n))
+    for batch_number, expected in ((1, without), (2, with_spade), (3, without),
+                                   (4, with_spade)):
+        np.testing.assert_allclose(alternate(jnp.asarray(batch_number)), expected,
+                                   rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- flow
 
 
@@ -244,6 +307,18 @@ def test_flow_reduces_its_loss_and_compiles_once(flow_run):
         assert m["flow_loss"] == m["diff_loss"] and m["align_loss"] == 0
         assert m["grad_norm_flow"] > 0 and m["grad_norm_text"] > 0
         assert m["lr_flow"] == pytest.approx(2e-3) and m["pred_std"] > 0
+
+
+def test_flow_step_with_the_0_8_1_options(models, flow_run):
+    """A timestep window, timestep-scaled text dropout and the 0.8.1 loss reach the step:
+    the same first batch and key as ``flow_run`` give another finite loss."""
+    options = FlowOptions(num_train_timesteps=100, start_step=60, cfg_dropout_prob=0.3,
+                          cfg_dropout_schedule="timestep", flow_loss="smooth_l1")
+    stage = StageConfig(flow=options, optimizers=FLOW.optimizers, schedulers=FLOW.schedulers)
+    [metrics] = run(TrainStep(models, stage), models, TEXT_BATCH, 1).metrics
+    assert set(metrics) == set(metric_names(stage)) and metrics["skipped"] == 0
+    assert np.isfinite(metrics["diff_loss"]) and metrics["grad_norm_flow"] > 0
+    assert metrics["diff_loss"] != flow_run.metrics[0]["diff_loss"]
 
 
 def test_flow_trains_flow_and_text_encoder_only(flow_run):

@@ -75,10 +75,6 @@ def _check_sizes(key: str, value: Any) -> str | None:
 # Checks of list keys: for each of them, null means the empty list ("none").
 LIST_CHECKS: tuple[Check, ...] = (check_str_list, check_int_list)
 
-# Keys of fluxflow-training 0.8.1 that this version does not implement yet. They are refused
-# by name (not as typos) so that a 0.8.1 config says what it is missing.
-LATER_KEYS = ("train_kl", "train_colorstats", "train_histogram", "train_contrast",
-              "train_coarseness", "spade_training_mode", "num_train_timesteps", "start_step")
 
 _POSITIVE = in_interval("(0, inf)", 1.0)
 _OPTIONAL_POSITIVE_INT = optional(integer_at_least(1))
@@ -112,8 +108,10 @@ _VAE_MODE_FIELDS = ("train_reconstruction", "use_gan", "train_spade", "use_lpips
 VAE_LOSS_KEYS = tuple(f.name for f in dataclasses.fields(VAEOptions)
                       if f.name not in _VAE_MODE_FIELDS)
 FLOW_LOSS_KEYS = {"lambda_align": "lambda_align", "cfg_dropout_prob": "cfg_dropout_prob",
+                  "cfg_dropout_schedule": "cfg_dropout_schedule",
                   "flow_ema_decay": "ema_decay", "timestep_sampling": "timestep_sampling",
-                  "flow_loss": "flow_loss"}  # step key -> FlowOptions field
+                  "flow_loss": "flow_loss", "num_train_timesteps": "num_train_timesteps",
+                  "start_step": "start_step"}  # step key -> FlowOptions field
 
 
 def _option_checks() -> dict[str, Check]:
@@ -464,11 +462,6 @@ class _Reader:
             name = aliases.get(key, key)
             here = path + (key,)
             if key in ignored:
-                continue
-            if name not in checks and key in LATER_KEYS:
-                self.problem(here, f"'{_dotted(here)}' is a fluxflow-training 0.8.1 key that "
-                                   "fluxflow-jax does not support yet; remove it (0.2.1 "
-                                   "configs run unchanged)")
                 continue
             if name not in checks:
                 valid = [*checks, *aliases]

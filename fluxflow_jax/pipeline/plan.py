@@ -24,6 +24,8 @@ from fluxflow_jax.pipeline.setup import (Loaders, check_output_path, check_text_
                                          load_lpips, make_mesh, model_config)
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.pipeline.validation import Validation
+from fluxflow_jax.training import image_statistics
+from fluxflow_jax.training.flow_step import FlowOptions
 
 
 class Plan(NamedTuple):
@@ -81,15 +83,28 @@ def _losses(stage: Stage) -> list[str]:
         if vae.train_reconstruction:
             out.append(f"reconstruction (L1 + {vae.mse_weight}·MSE"
                        + (f" + {vae.lambda_lpips}·LPIPS)" if vae.use_lpips else ")"))
-        out.append(f"KL (beta {vae.kl_beta}, warm-up {vae.kl_warmup_steps} updates)")
+        if vae.train_kl:
+            out.append(f"KL (beta {vae.kl_beta}, warm-up {vae.kl_warmup_steps} updates)")
         if vae.use_gan:
             out.append(f"GAN (lambda_adv {vae.lambda_adv}, R1 {vae.r1_gamma} every "
                        f"{vae.r1_interval})")
+        out += [f"{image_statistics.WEIGHTS[name]}·{name}"
+                + (" (hard counts, no gradient)" if name == "histogram"
+                   and not vae.soft_histogram else "") for name in vae.regularisers]
         if not vae.train_spade:
             out.append("SPADE off")
+        elif vae.spade_training_mode == "alternate":
+            out.append("SPADE on even batches only")
     if flow is not None:
         out.append("flow v-prediction"
                    + (f" + {flow.lambda_align}·alignment" if flow.lambda_align else ""))
+        if (flow.num_train_timesteps, flow.start_step) != (FlowOptions.num_train_timesteps, 0):
+            out.append(f"timesteps {flow.start_step}..{flow.num_train_timesteps - 1} of "
+                       f"{flow.num_train_timesteps}")
+        if flow.cfg_dropout_prob:
+            out.append(f"text dropout {flow.cfg_dropout_prob}"
+                       + (" scaled by timestep" if flow.cfg_dropout_schedule == "timestep"
+                          else ""))
     return out
 
 

@@ -1,11 +1,12 @@
 """The flow update: v-prediction on the frozen compressor's latent tokens, text-conditioned.
 
 Latents are sampled (not the mean) from the compressor, hw token included; the timestep is
-drawn from the cos^2 weights, the token noised on the VP schedule, and the flow processor
-(given t/999 as a float) predicts v = alpha * eps - sigma * x0 for the image tokens. The text
-encoder trains with it (dropout on) unless frozen, in which case it runs in eval mode and is
-not differentiated. The images may come as their cached posterior instead
-(``POSTERIOR_KEYS``): the tokens are then sampled from it, as the compressor samples them.
+drawn from the cos^2 weights over the timestep window, the token noised on the VP schedule,
+and the flow processor (given t's place in the window as a float, t/999 by default) predicts
+v = alpha * eps - sigma * x0 for the image tokens. The text encoder trains with it (dropout
+on) unless frozen, in which case it runs in eval mode and is not differentiated. The images
+may come as their cached posterior instead (``POSTERIOR_KEYS``): the tokens are then sampled
+from it, as the compressor samples them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fluxflow_jax.checks import field_problems, in_interval, one_of, optional
+from fluxflow_jax.checks import field_problems, in_interval, integer_at_least, one_of, optional
 from fluxflow_jax.models.compressor import Posterior
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.training import diffusion, losses
@@ -38,17 +39,30 @@ class FlowOptions:
 
     lambda_align: float = 0.0
     cfg_dropout_prob: float = 0.0  # share of samples trained with a zero text embedding
+    # "fixed": each sample's chance is cfg_dropout_prob; "timestep": the 0.8.1 trainer's
+    # scaling by the sample's timestep (cfg_dropout_probability)
+    cfg_dropout_schedule: str = "fixed"
     ema_decay: float | None = 0.9999
     timestep_sampling: str = "cosine"  # diffusion.TIMESTEP_SAMPLING
     flow_loss: str = "mse"  # "mse" | "smooth_l1" (losses.v_prediction_loss)
+    num_train_timesteps: int = diffusion.NUM_TIMESTEPS  # the noise schedule's length N
+    start_step: int = 0  # t is drawn from [start_step, N - 1]
 
     def problems(self) -> list[str]:
-        return field_problems(self, {
+        problems = field_problems(self, {
             "timestep_sampling": one_of(diffusion.TIMESTEP_SAMPLING),
             "flow_loss": one_of(("mse", "smooth_l1")),
             "lambda_align": in_interval("[0, inf)", 0.1),
             "cfg_dropout_prob": in_interval("[0, 1)", 0.1),
-            "ema_decay": optional(in_interval("(0, 1]", 0.9999))})
+            "cfg_dropout_schedule": one_of(("fixed", "timestep")),
+            "ema_decay": optional(in_interval("(0, 1]", 0.9999)),
+            "num_train_timesteps": integer_at_least(2),
+            "start_step": integer_at_least(0)})
+        if not problems and self.start_step >= self.num_train_timesteps:
+            problems.append(f"'start_step' ({self.start_step}) must be below "
+                            f"'num_train_timesteps' ({self.num_train_timesteps}): timesteps "
+                            f"are drawn from [start_step, num_train_timesteps - 1]")
+        return problems
 
     def alignment_active(self, config: FluxFlowConfig) -> bool:
         """Whether the alignment term can run: it compares the mean predicted latent token
@@ -65,6 +79,21 @@ class FlowOptions:
                 stacklevel=3)
             return False
         return True
+
+
+def cfg_dropout_probability(options: FlowOptions, t: jax.Array) -> jax.Array:
+    """Each sample's chance [B] of training with a zero text embedding, for timesteps t [B].
+
+    "timestep": p (0.5 + 0.5 t / N), clipped to [0, min(0.5, 2p)]: more unconditional
+    training where the latent is noisier. The 0.8.1 trainer computes these and then drops
+    every sample of the batch with their mean, which keeps the share but loses the tie to
+    each sample's own timestep that the scaling is for; here each sample keeps its own.
+    """
+    p = options.cfg_dropout_prob
+    if options.cfg_dropout_schedule == "fixed":
+        return jnp.full(t.shape, p, jnp.float32)
+    scaled = p * (0.5 + 0.5 * t.astype(jnp.float32) / options.num_train_timesteps)
+    return jnp.clip(scaled, 0.0, min(0.5, 2.0 * p))
 
 
 def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, OptimizerGroup],
@@ -92,6 +121,8 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
         return module.sample(posterior(module, part), key=k_latent)
 
     rows = source[next(iter(source))].shape[0]
+    window = {"num_timesteps": options.num_train_timesteps, "start_step": options.start_step}
+    t = diffusion.sample_timesteps(k_time, rows, options.timestep_sampling, **window)
     latent = jax.eval_shape(sampled, source)
     hw = latent.mu.shape[1:3]
     x0_shape = jax.eval_shape(nets.outputs, latent.packed)
@@ -99,10 +130,11 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
         **source, "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
         "latent_noise": jax.random.normal(
             k_latent, latent.mu.shape, jnp.promote_types(latent.mu.dtype, jnp.float32)),
-        "t": diffusion.sample_timesteps(k_time, rows, options.timestep_sampling),
+        "t": t,
         "noise": jax.random.normal(k_noise, (rows, x0_shape.shape[1] - 1, x0_shape.shape[2]),
                                    x0_shape.dtype),
-        "keep_text": jax.random.bernoulli(k_cfg, 1.0 - options.cfg_dropout_prob, (rows, 1)),
+        "keep_text": jax.random.bernoulli(
+            k_cfg, 1.0 - cfg_dropout_probability(options, t)[:, None], (rows, 1)),
         # Dropout masks are drawn per micro-batch: the same distribution, other draws.
         "dropout_key": (k_dropout[None] if micro.count == 1
                         else jax.random.split(k_dropout, micro.count)),
@@ -116,9 +148,11 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
         packed = nets.outputs(jax.lax.stop_gradient(module.sample(
             posterior(module, part), noise=part["latent_noise"]).packed))
         x0, hw_token = packed[:, :-1], packed[:, -1:]
+        context_dims = module.config.architecture.context_dims
         t, noise = part["t"], part["noise"]
-        noisy = jnp.concatenate([diffusion.add_noise(x0, noise, t), hw_token], axis=1)
-        target = diffusion.v_target(x0, noise, t)
+        schedule = options.num_train_timesteps
+        noisy = jnp.concatenate([diffusion.add_noise(x0, noise, t, schedule), hw_token], axis=1)
+        target = diffusion.v_target(x0, noise, t, schedule)
 
         def objective(trainable):
             params = state.params
@@ -130,8 +164,10 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
                 part["input_ids"], part["attention_mask"], rngs=rngs)), 0.0)
             processor = nets.bind("flow_processor", params, state.buffers)
             prediction = nets.outputs(processor(nets.inputs(noisy), nets.inputs(embeddings),
-                                                diffusion.model_time(t), hw=hw)[:, :-1])
-            diff = losses.v_prediction_loss(prediction, target, x0, options.flow_loss)
+                                                diffusion.model_time(t, **window),
+                                                hw=hw)[:, :-1])
+            diff = losses.v_prediction_loss(prediction, target, x0, options.flow_loss,
+                                            context_dims)
             align = (losses.alignment_loss(prediction, embeddings) if use_alignment
                      else jnp.zeros([], diff.dtype))
             return diff + options.lambda_align * align, (diff, align, prediction)

@@ -52,13 +52,24 @@ def smooth_l1(pred: jax.Array, target: jax.Array, beta: float) -> jax.Array:
 
 
 def v_prediction_loss(prediction: jax.Array, target: jax.Array, clean: jax.Array,
-                      kind: Literal["mse", "smooth_l1"]) -> jax.Array:
-    """The flow's loss: "mse", or "smooth_l1" (beta 0.01) on prediction and target divided
-    by the clean latent's standard deviation, as the 0.8.1 PyTorch trainer does for v060."""
-    if kind == "smooth_l1":
-        scale = jax.lax.stop_gradient(jnp.std(clean, ddof=1)) + 1e-8
+                      kind: Literal["mse", "smooth_l1"], context_dims: int = 0) -> jax.Array:
+    """The flow's loss: "mse", or the 0.8.1 PyTorch trainer's "smooth_l1" (beta 0.01) on
+    values divided by a standard deviation: without context channels (v060), prediction and
+    target divided by the clean latent's; with the last ``context_dims`` channels of each
+    token being context (v070, v080), the latent and the context channels each divided by
+    their own target's, and the two losses added."""
+    if kind == "mse":
+        return jnp.mean((prediction - target) ** 2)
+
+    def normalised(prediction, target, reference):
+        scale = jax.lax.stop_gradient(jnp.std(reference, ddof=1)) + 1e-8
         return smooth_l1(prediction / scale, target / scale, 0.01)
-    return jnp.mean((prediction - target) ** 2)
+
+    if not context_dims:
+        return normalised(prediction, target, clean)
+    split = prediction.shape[-1] - context_dims
+    return sum(normalised(p, t, t) for p, t in ((prediction[..., :split], target[..., :split]),
+                                                (prediction[..., split:], target[..., split:])))
 
 
 def kl_beta(step: jax.Array, beta: float, warmup_steps: int) -> jax.Array:

@@ -35,8 +35,7 @@ from fluxflow_jax.training.performance import MemoryUse, flops_per_device, memor
 from fluxflow_jax.training.precision import PRECISIONS, compute_dtype
 from fluxflow_jax.training.schedules import default_scheduler_config, scheduler_config_problems
 from fluxflow_jax.training.state import Networks, PackedState, TrainState, new_train_state
-from fluxflow_jax.training.vae_step import (VAE_METRICS, VAEOptions, unused_expander_leaf,
-                                            vae_gan_update)
+from fluxflow_jax.training.vae_step import VAEOptions, unused_expander_leaf, vae_gan_update
 
 GROUPS = ("vae", "discriminator", "flow", "text_encoder")
 
@@ -367,8 +366,8 @@ def _shapes(batch: Mapping[str, Any]) -> tuple:
 
 def metric_names(stage: StageConfig) -> tuple[str, ...]:
     """The keys a stage's metrics dict holds."""
-    return ((VAE_METRICS if stage.vae else ()) + (FLOW_METRICS if stage.flow else ())
-            + ("skipped",))
+    return ((stage.vae.metric_names() if stage.vae else ())
+            + (FLOW_METRICS if stage.flow else ()) + ("skipped",))
 
 
 def _check_batch(batch: Mapping[str, jax.Array], stage: StageConfig,

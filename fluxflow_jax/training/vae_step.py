@@ -23,7 +23,7 @@ from flax import nnx
 
 from fluxflow_jax.checks import (check_bool, field_problems, in_interval, integer_at_least,
                                  one_of, optional)
-from fluxflow_jax.training import losses
+from fluxflow_jax.training import image_statistics, losses
 from fluxflow_jax.training.accumulation import MicroBatches
 from fluxflow_jax.training.balancing import adaptive_weights, push
 from fluxflow_jax.training.groups import OptimizerGroup, Params, global_norm
@@ -34,6 +34,7 @@ from fluxflow_jax.training.state import BALANCED_LOSSES, Networks, TrainState, U
 VAE_METRICS = ("loss_recon", "loss_l1", "loss_mse", "loss_kl", "kl_beta", "loss_lpips", "loss_gen",
                "loss_disc", "r1_penalty", "weight_recon", "weight_kl", "weight_gan",
                "grad_norm_vae", "grad_norm_disc", "lr_vae", "lr_disc")
+_KL_METRICS = ("loss_kl", "kl_beta")  # reported when the KL term trains
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,16 @@ class VAEOptions:
     instance_noise_decay: float = 0.9999
     adaptive_weights: bool = True
     ema_decay: float | None = 0.999
+    train_kl: bool = True
+    # The 0.8.1 trainer's image-statistics terms (image_statistics.py), added with its fixed
+    # weights when the reconstruction trains. Off by default, as in the seed's trainer (0.8.1
+    # turns them on).
+    train_colorstats: bool = False
+    train_histogram: bool = False
+    train_contrast: bool = False
+    train_coarseness: bool = False
+    soft_histogram: bool = True  # False: 0.8.1's hard counts, which have no gradient
+    spade_training_mode: Literal["full", "alternate"] = "full"  # alternate: even batches
 
     def problems(self) -> list[str]:
         """Every invalid field, each phrased with its fix."""
@@ -68,17 +79,34 @@ class VAEOptions:
         """Whether any loss reads the decoder (else it gets no gradient at all)."""
         return self.train_reconstruction or self.use_gan
 
+    @property
+    def regularisers(self) -> tuple[str, ...]:
+        """The image-statistics terms the stage adds (they compare the reconstruction)."""
+        if not self.train_reconstruction:
+            return ()
+        return tuple(name for name in image_statistics.WEIGHTS
+                     if getattr(self, f"train_{name}"))
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The keys of the stage's VAE metrics: the KL ones only while KL trains, one
+        ``loss_<term>`` per image-statistics term."""
+        base = tuple(m for m in VAE_METRICS if self.train_kl or m not in _KL_METRICS)
+        return base + tuple(f"loss_{name}" for name in self.regularisers)
+
 
 _NON_NEGATIVE = in_interval("[0, inf)", 0.1)
 _VAE_CHECKS = {
     **{name: check_bool for name in ("train_reconstruction", "use_gan", "train_spade",
-                                     "use_lpips", "adaptive_weights")},
+                                     "use_lpips", "adaptive_weights", "train_kl",
+                                     "train_colorstats", "train_histogram", "train_contrast",
+                                     "train_coarseness", "soft_histogram")},
     **{name: _NON_NEGATIVE for name in ("lambda_lpips", "mse_weight", "frequency_alpha",
                                         "kl_beta", "kl_free_bits", "lambda_adv", "r1_gamma",
                                         "instance_noise_std")},
     "kl_warmup_steps": integer_at_least(0),
     "r1_interval": integer_at_least(1),
     "kl_reduction": one_of(("sum", "mean")),
+    "spade_training_mode": one_of(("full", "alternate")),
     "instance_noise_decay": in_interval("(0, 1]", 0.9999),
     "ema_decay": optional(in_interval("(0, 1]", 0.999)),
 }
@@ -97,12 +125,23 @@ def _mean_image_token(packed: jax.Array) -> jax.Array:
     return packed[:, :-1].mean(axis=1)
 
 
+def _spade_switch(options: VAEOptions, batch_number: jax.Array) -> jax.Array | None:
+    """Whether SPADE conditions this batch's decoding, as 1.0 / 0.0, when it changes from
+    batch to batch (``spade_training_mode: alternate``: the even batches, counted from 1
+    over the run as the reference counts them); None when it does not."""
+    if options.train_spade and options.spade_training_mode == "alternate":
+        return (batch_number % 2 == 0).astype(jnp.float32)
+    return None
+
+
 def generator_outputs(options: VAEOptions, nets: Networks, params: Params,
                       buffers: Params, images: jax.Array, key: jax.Array | None = None, *,
-                      noise: jax.Array | None = None) -> dict[str, jax.Array]:
+                      noise: jax.Array | None = None, batch_number: jax.Array | None = None
+                      ) -> dict[str, jax.Array]:
     """The autoencoder's forward pass: latent statistics, the discriminator context and the
     decoded images each loss reads ("recon" and/or "fake"), with the gradient routes of the
-    stage built in. The latent is sampled with ``noise``, or noise drawn from ``key``."""
+    stage built in. The latent is sampled with ``noise``, or noise drawn from ``key``;
+    ``batch_number`` picks the decoding's SPADE use in ``spade_training_mode: alternate``."""
     compressor = nets.bind("compressor", params, buffers)
     encoded = compressor.encode(nets.inputs(images), key=key, noise=noise)
     hw = compressor.latent_shape(*images.shape[1:3])
@@ -110,11 +149,21 @@ def generator_outputs(options: VAEOptions, nets: Networks, params: Params,
            "context": nets.outputs(_mean_image_token(encoded.packed))}
 
     def decode(expander_state, packed):
-        expander = nets.bind("expander", {"expander": expander_state[0]},
-                             {"expander": expander_state[1]})
-        return nets.outputs(expander(packed, use_context=options.train_spade, hw=hw))
+        expander_params, expander_buffers, spade = expander_state
 
-    expander_state = (params["expander"], buffers["expander"])
+        def run(use_context):
+            def call(packed):
+                expander = nets.bind("expander", {"expander": expander_params},
+                                     {"expander": expander_buffers})
+                return nets.outputs(expander(packed, use_context=use_context, hw=hw))
+            return call
+
+        if spade is None:
+            return run(options.train_spade)(packed)
+        return jax.lax.cond(spade > 0.5, run(True), run(False), packed)
+
+    spade = None if batch_number is None else _spade_switch(options, batch_number)
+    expander_state = (params["expander"], buffers["expander"], spade)
     if options.train_reconstruction and options.use_gan:
         out["recon"], out["fake"] = fork(decode)(expander_state, encoded.packed)
         out["context"] = jax.lax.stop_gradient(out["context"])
@@ -129,13 +178,14 @@ def generator_terms(options: VAEOptions, outputs: dict[str, jax.Array], images: 
                     discriminator: Callable | None, lpips: LPIPS | None,
                     compute_dtype: Any = None) -> dict[str, jax.Array]:
     """The unweighted generator losses: "recon" (frequency-aware L1 + mse_weight * MSE +
-    lambda_lpips * LPIPS), "kl", "gan" (lambda_adv * hinge; left at 0 without a
-    ``discriminator``), and the raw "l1" (frequency aware), "mse" and "lpips" parts for
-    monitoring."""
+    lambda_lpips * LPIPS), "kl" (0 without ``train_kl``), "gan" (lambda_adv * hinge; left at
+    0 without a ``discriminator``), the raw "l1" (frequency aware), "mse" and "lpips" parts
+    for monitoring, and each of ``options.regularisers``."""
     zero = jnp.zeros([], jnp.float32)
-    terms = {"recon": zero, "gan": zero, "l1": zero, "mse": zero, "lpips": zero,
-             "kl": losses.kl_divergence(outputs["mu"], outputs["logvar"],
-                                        options.kl_free_bits, options.kl_reduction)}
+    terms = {"recon": zero, "gan": zero, "l1": zero, "mse": zero, "lpips": zero, "kl": zero}
+    if options.train_kl:
+        terms["kl"] = losses.kl_divergence(outputs["mu"], outputs["logvar"],
+                                           options.kl_free_bits, options.kl_reduction)
     if options.train_reconstruction:
         recon = outputs["recon"]
         terms["l1"] = losses.frequency_l1(recon, images, options.frequency_alpha)
@@ -144,10 +194,23 @@ def generator_terms(options: VAEOptions, outputs: dict[str, jax.Array], images: 
             terms["lpips"] = jnp.mean(lpips(recon, images, compute_dtype=compute_dtype))
         terms["recon"] = (terms["l1"] + options.mse_weight * terms["mse"]
                           + options.lambda_lpips * terms["lpips"])
+        terms.update(image_statistics_terms(options, recon, images))
     if options.use_gan and discriminator is not None:
         terms["gan"] = losses.generator_loss(
             discriminator(outputs["fake"], outputs["context"]), options.lambda_adv)
     return terms
+
+
+def image_statistics_terms(options: VAEOptions, recon: jax.Array, images: jax.Array
+                           ) -> dict[str, jax.Array]:
+    """The unweighted image-statistics terms ``options.regularisers`` names."""
+    terms = {
+        "colorstats": lambda: image_statistics.colour_statistics(recon, images),
+        "histogram": lambda: image_statistics.histogram_matching(
+            recon, images, soft=options.soft_histogram),
+        "contrast": lambda: image_statistics.contrast(recon, images),
+        "coarseness": lambda: image_statistics.coarseness(recon, images)}
+    return {name: terms[name]() for name in options.regularisers}
 
 
 def vae_gan_update(options: VAEOptions, nets: Networks, groups: Mapping[str, OptimizerGroup],
@@ -172,10 +235,11 @@ def vae_gan_update(options: VAEOptions, nets: Networks, groups: Mapping[str, Opt
     def forward(trainable, part):
         params = vae.with_trainable(state.params, trainable) if vae else state.params
         return generator_outputs(options, nets, params, state.buffers, part["images"],
-                                 noise=part["latent_noise"])
+                                 noise=part["latent_noise"], batch_number=batch_number)
 
     shapes = jax.eval_shape(lambda: generator_outputs(options, nets, state.params,
-                                                      state.buffers, images, k_latent))
+                                                      state.buffers, images, k_latent,
+                                                      batch_number=batch_number))
     draws = {"images": images,  # for the effective batch, as one batch of its size draws them
              "latent_noise": jax.random.normal(k_latent, shapes["mu"].shape, jnp.promote_types(
                  shapes["mu"].dtype, jnp.float32))}
@@ -208,7 +272,7 @@ def vae_gan_update(options: VAEOptions, nets: Networks, groups: Mapping[str, Opt
 
         first, fakes = micro.run(first_pass, parts)
     params, opt_states, buffers = state.params, dict(state.opt_states), state.buffers
-    metrics = {name: jnp.zeros([], jnp.float32) for name in VAE_METRICS}
+    metrics = {name: jnp.zeros([], jnp.float32) for name in options.metric_names()}
     finite = jnp.array(True)
     discriminator = None
     if options.use_gan:
@@ -225,50 +289,58 @@ def vae_gan_update(options: VAEOptions, nets: Networks, groups: Mapping[str, Opt
             buffers = after_fake
         discriminator = _logits(nets, params, buffers)
 
-    active = jnp.array([options.train_reconstruction, True, options.use_gan])
+    # The balanced losses, weighted adaptively, then the image-statistics terms, weighted
+    # by the reference's fixed weights.
+    weighted = BALANCED_LOSSES + options.regularisers
+    active = jnp.array([options.train_reconstruction, options.train_kl, options.use_gan])
     beta = losses.kl_beta(batch_number, options.kl_beta, options.kl_warmup_steps)
     scale = jnp.array([1.0, beta, 1.0])
+    fixed = jnp.array([image_statistics.WEIGHTS[name] for name in options.regularisers],
+                      jnp.float32)
 
     def balanced(outputs, part):
         terms = generator_terms(options, outputs, part["images"], discriminator, lpips,
                                 nets.compute_dtype)
-        return jnp.stack([terms[name] for name in BALANCED_LOSSES]), terms
+        return jnp.stack([terms[name] for name in weighted]), terms
 
     def weighting(values):
-        history = push(state.loss_history, values, active)
+        """(the loss history, every term's coefficient in the total)."""
+        history = push(state.loss_history, values[:len(BALANCED_LOSSES)], active)
         weights = (adaptive_weights(history, active) if options.adaptive_weights
                    else active.astype(jnp.float32))
-        return history, weights
+        return history, weights, jnp.concatenate([weights * scale, fixed])
 
     if one:
         values, balanced_pullback, terms = jax.vjp(lambda o: balanced(o, part), outputs,
                                                    has_aux=True)
-        history, weights = weighting(values)
+        history, weights, coefficients = weighting(values)
         if vae is not None:
-            (grads,) = pullback(*balanced_pullback(weights * scale))
+            (grads,) = pullback(*balanced_pullback(coefficients))
     else:
         terms = first["terms"]
         if options.use_gan:
             gan = lambda f: (losses.generator_loss(discriminator(f["fake"], f["context"]),
                                                    options.lambda_adv), {})
             terms = {**terms, "gan": micro.run(gan, fakes)[0]}
-        values = jnp.stack([terms[name] for name in BALANCED_LOSSES])
-        history, weights = weighting(values)
+        values = jnp.stack([terms[name] for name in weighted])
+        history, weights, coefficients = weighting(values)
 
         def second_pass(part):
             outputs, pullback = jax.vjp(lambda t: forward(t, part), trainable)
             _, balanced_pullback, _ = jax.vjp(lambda o: balanced(o, part), outputs,
                                               has_aux=True)
-            return pullback(*balanced_pullback(weights * scale))[0], {}
+            return pullback(*balanced_pullback(coefficients))[0], {}
 
         if vae is not None:
             grads = micro.run(second_pass, parts)[0]
-    total = jnp.sum(weights * values * scale)
+    total = jnp.sum(coefficients * values)
     finite &= jnp.isfinite(total)
     metrics.update(loss_recon=terms["recon"], loss_l1=terms["l1"], loss_mse=terms["mse"],
-                   loss_kl=terms["kl"], kl_beta=beta,
                    loss_lpips=terms["lpips"], loss_gen=terms["gan"], weight_recon=weights[0],
-                   weight_kl=weights[1], weight_gan=weights[2])
+                   weight_kl=weights[1], weight_gan=weights[2],
+                   **{f"loss_{name}": terms[name] for name in options.regularisers})
+    if options.train_kl:
+        metrics.update(loss_kl=terms["kl"], kl_beta=beta)
     if vae is not None:
         grad_norm = global_norm(grads)
         finite &= jnp.isfinite(grad_norm)
