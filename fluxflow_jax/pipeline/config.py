@@ -252,6 +252,7 @@ class OutputConfig:
     keep_last: int = 3  # run checkpoints kept
     generate_diagrams: bool = True  # training graphs at every step end
     samples_per_checkpoint: int = 1
+    sample_interval: int | None = None  # global steps between samples; None: per checkpoint
     no_samples: bool = False
     test_image_address: tuple[str, ...] = ()
     sample_captions: tuple[str, ...] = ("A sample caption",)
@@ -266,6 +267,7 @@ OUTPUT_CHECKS: dict[str, Check] = {
     "checkpoint_save_interval": integer_at_least(1), "keep_last": integer_at_least(1),
     "validation_interval": _OPTIONAL_POSITIVE_INT,
     "generate_diagrams": check_bool, "samples_per_checkpoint": integer_at_least(0),
+    "sample_interval": _OPTIONAL_POSITIVE_INT,
     "no_samples": check_bool, "test_image_address": check_str_list,
     "sample_captions": check_str_list, "sample_sizes": optional(_check_sizes),
     "sample_steps": integer_at_least(1),
