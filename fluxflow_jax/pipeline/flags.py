@@ -85,6 +85,7 @@ FLAGS: tuple[tuple[str, str, str, Any], ...] = (
     ("test_image_address", "output", "test_image_address", (str, "+")),
     ("sample_captions", "output", "sample_captions", (str, "+")),
     ("sample_steps", "output", "sample_steps", int),
+    ("profile_steps", "output", "profile_steps", str),
     ("sample_sizes", "output", "sample_sizes", (lambda text: int(text) if text.isdigit()
                                                  else text, "+")),  # 512 or WxH
 )

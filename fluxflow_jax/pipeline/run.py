@@ -29,8 +29,10 @@ from fluxflow_jax.pipeline.hooks.console import Console
 from fluxflow_jax.pipeline.hooks.graphs import Graphs
 from fluxflow_jax.pipeline.hooks.metrics_file import MetricsFile
 from fluxflow_jax.pipeline.hooks.preemption import Preemption
+from fluxflow_jax.pipeline.hooks.profiler import Profiler
 from fluxflow_jax.pipeline.hooks.samples import SampleImages
 from fluxflow_jax.pipeline.hooks.stage_export import StageExport
+from fluxflow_jax.pipeline.hooks.tensorboard import TensorBoard, tensorboard_enabled
 from fluxflow_jax.pipeline.hooks.transitions import Transitions, transition_due
 from fluxflow_jax.pipeline.hooks.validation import Validate
 from fluxflow_jax.pipeline.interrupts import StopSignals
@@ -83,6 +85,7 @@ class Run:
         self.devices = list(self.mesh.devices.flat) if self.mesh else jax.devices()[:1]
         self.precision = config.training.compute_precision
         self.peak_flops = peak_flops(jax.devices()[0], self.precision)
+        self.tensorboard = tensorboard_enabled(config.output)
         self.checkpoints: RunCheckpoints | None = None  # opened by run()
         # SIGTERM / SIGINT stop the run at the next batch end (one process only: the
         # processes of a multi-host run would have to agree on the batch).
@@ -96,6 +99,7 @@ class Run:
         checkpoint = Checkpoint(self.checkpoints, self.stages, self.data)
         validation = self.validation
         hooks = [
+            output.profile_steps and Profiler(self.output, output.profile_steps, echo),
             console,
             validation and Validate(validation, self.models, echo),
             Transitions(echo, self.data),
@@ -104,6 +108,7 @@ class Run:
             StageExport(self.output, self.models, self.config.data, writer),
             Graphs(self.output) if output.generate_diagrams and writer else None,
             self.samples and SampleImages(self.samples, self.models, output),
+            TensorBoard(self.output) if self.tensorboard and writer else None,
             checkpoint,
             Preemption(self.stop, checkpoint),
         ]
