@@ -69,7 +69,7 @@ def v_target(x0: jax.Array, noise: jax.Array, t: jax.Array,
 def model_time(t: jax.Array, num_timesteps: int = NUM_TIMESTEPS) -> jax.Array:
     """The float time the flow processor takes for integer t: t / (N - 1) in [0, 1].
 
-    (DESIGN.md §4; the 0.2.x trainer passed the integer, which made the time embedding
+    (A deliberate difference: the 0.2.x trainer passed the integer, which made the time embedding
     constant.) The quotient is taken in double on the host and rounded once, as the PyTorch
     pipeline does, so the processor's index trunc(time * (N - 1)) gives back exactly t; a
     float32 division would land one below for some t.
