@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import struct
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,9 @@ class TensorBoard(Hook):
         logdir = self.directory / stage.label
         if logdir.is_dir():
             drop_after(logdir, position.global_step)
-        self.writer = SummaryWriter(str(logdir))
+        # The writer names its file after the second and the host: a run restarted within
+        # the same second would replace the file, so each gets a suffix of its own.
+        self.writer = SummaryWriter(str(logdir), filename_suffix=f".{uuid.uuid4().hex[:8]}")
 
     def __call__(self, state: PackedState, info: StepInfo) -> None:
         step = info.global_step
