@@ -25,8 +25,8 @@ def test_elapsed_time_counts_from_the_stage_start(tmp_path, monkeypatch):
     for _ in range(2 * stage.batches_per_epoch + 1):  # into the third epoch
         clock[0] += 1.5
         position.advance()
-        info = StepInfo(stage, position, RunningAverage(10), SpeedMeter(None), 100.0,
-                        clock[0], False, config.output)
+        info = StepInfo(stage, position, RunningAverage(10), SpeedMeter(None), clock[0],
+                        False, config.output)
         hook(None, info)
         if info.epoch_end:
             position.epoch, position.batch = position.epoch + 1, 0

@@ -41,7 +41,7 @@ def train_stage(run: Run, stage: Stage, position: Position, state: TrainState | 
         position.state_stage = stage.index
     resuming = bool(position.batch or position.epoch or position.stage_batches)
     step_inputs = _latent_inputs(run, stage, step, state)
-    packed, info, stage_started = PackedState.pack(state), None, time.perf_counter()
+    packed, info = PackedState.pack(state), None
     for hook in hooks:
         hook.start_stage(stage, position, resuming)
     try:
@@ -57,9 +57,8 @@ def train_stage(run: Run, stage: Stage, position: Position, state: TrainState | 
                     packed = _train_batch(run, step, stage, packed, device_inputs,
                                           position.global_step, pending, speed)
                     position.advance()
-                    info = StepInfo(stage, position, window, speed, stage_started,
-                                    epoch_started, run.stop.received is not None,
-                                    run.config.output)
+                    info = StepInfo(stage, position, window, speed, epoch_started,
+                                    run.stop.received is not None, run.config.output)
                     if info.sync:
                         _collect(pending, stage, position, window)
                     for hook in hooks:

@@ -32,7 +32,6 @@ class StepInfo:
     position: Position  # the run's position, which hooks move (epoch and stage ends)
     window: RunningAverage  # the console's averages of the epoch
     speed: SpeedMeter
-    stage_started: float  # time.perf_counter() at the stage's start (or resume)
     epoch_started: float  # ... at the epoch's start
     stopping: bool  # a stop signal arrived
     output: OutputConfig  # the intervals
