@@ -4,9 +4,8 @@ check and the ``validate`` / ``train --validate-pipeline`` commands.
 Every config here uses the tiny model of ``tiny.py`` (written as the YAML ``model:``
 section, with the default vocabulary) and the demo data source (8 images of 32 px: 4 batches
 of 2 per epoch); nothing trains. The tests at the end replay the reference's pipeline
-examples of spec/training.md §3.1–3.4 (written anew, not copied) and check each validation
-rule of §3.4 against our message; where DESIGN.md §4 makes us differ on purpose, a comment
-says so.
+examples (written anew, not copied) and check each of its validation rules against our
+message; where we differ on purpose, a comment says so.
 """
 
 from __future__ import annotations
@@ -236,7 +235,7 @@ def valid_document() -> dict[str, Any]:
      "unknown key 'training.pipeline.steps[0].transition_on.metic' (did you mean 'metric'?)"),
 ])
 def test_unknown_keys_name_the_closest_valid_key(tmp_path, where, key, value, message):
-    # The reference ignores unknown keys silently; we reject them (DESIGN.md §4).
+    # The reference ignores unknown keys silently; we reject them (on purpose).
     doc = set_in(valid_document(), where, key, value)
     assert config_problems(tmp_path, doc) == [message]
 
@@ -687,7 +686,7 @@ def test_schedule_length_counts_batches_scales_and_updates(tmp_path, n_epochs, m
 
 
 def test_default_optimizers_and_step_lr(tmp_path):
-    """DESIGN.md §4: a step without optimizers gets the per-model defaults (the reference
+    """On purpose: a step without optimizers gets the per-model defaults (the reference
     0.2.1 trains nothing); the step's `lr` (else the run's) is shared out as in standard
     mode (the text encoder gets a tenth) and `lr_min` sets the cosine floor."""
     plain, tuned = stages(tmp_path, [step("plain", train_diff=True),
@@ -1191,7 +1190,7 @@ S = "step 'a' (1/1): "
          "'loss_mse', 'loss_kl', 'kl_beta', 'loss_lpips', 'loss_gen', 'loss_disc', "
          "'r1_penalty', 'weight_recon', 'weight_kl', 'weight_gan', 'grad_norm_vae', "
          "'grad_norm_disc', 'lr_vae', 'lr_disc'])"),
-    # Differs on purpose (DESIGN.md §4): the reference accepts a fixed list of 11 names
+    # Differs on purpose: the reference accepts a fixed list of 11 names
     # (most never recorded); we accept any metric the step reports, plus those names.
     ("unknown metric", {"train_vae": True, "transition_on": {
         "mode": "loss_threshold", "metric": "perceptual", "threshold": 0.1, "max_epochs": 1}},
@@ -1247,7 +1246,7 @@ def test_reference_collects_all_errors_of_all_steps(tmp_path):
 
 
 def test_max_epochs_defaults_to_n_epochs(tmp_path):
-    # Differs on purpose (DESIGN.md §4): the reference requires transition_on.max_epochs for
+    # Differs on purpose: the reference requires transition_on.max_epochs for
     # loss-threshold steps; we default it to the step's n_epochs, and a smaller one ends the
     # step sooner.
     unlimited, limited = stages(tmp_path, [
@@ -1265,7 +1264,7 @@ def test_reference_text_encoder_can_always_be_frozen(tmp_path):
 
 
 def test_seed_freeze_keys_work(tmp_path):
-    # Differs on purpose (DESIGN.md §4): the reference documents but ignores freeze_vae,
+    # Differs on purpose: the reference documents but ignores freeze_vae,
     # freeze_flow and freeze_text_encoder; we honour them.
     [stage] = stages(tmp_path, [step("a", gan_training=True, freeze_vae=True,
                                      freeze_flow=True, freeze_text_encoder=True)])
@@ -1285,7 +1284,7 @@ def test_seed_freeze_keys_work(tmp_path):
      "unknown key 'training.pipeline.steps[0].freeze_modules' (did you mean 'freeze_vae'?)"),
 ])
 def test_reference_unimplemented_doc_keys_are_errors(tmp_path, key, value, expected):
-    # Differs on purpose (DESIGN.md §4): the reference silently ignores these documented but
+    # Differs on purpose: the reference silently ignores these documented but
     # unimplemented keys; an unknown key is an error here.
     doc = document([step("a", train_vae=True, **{key: value})])
     assert config_problems(tmp_path, doc) == [expected]

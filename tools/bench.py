@@ -271,7 +271,7 @@ def worker(spec: dict) -> None:
     for n in range(1, spec["warmup"] + 1):
         run(n)
     emit("WARM", {"seconds": time.perf_counter() - start})
-    # As the training loop does after compiling (pipeline.run.freeze_heap): the objects
+    # As the training loop does after compiling (pipeline.loop.freeze_heap): the objects
     # built so far out of the cyclic collector's reach, for both frameworks.
     gc.collect()
     gc.freeze()

@@ -1,7 +1,7 @@
 """The PyTorch side of ``tools/bench.py``: one batch of the reference trainers' work, on the
 real ``fluxflow`` 0.8.1 v030 networks.
 
-The order of operations is the reference's (spec/training.md §1.2-1.4 and §2.2), not a
+The order of operations is the reference trainer's, not a
 tuned PyTorch rewrite, because that is what fluxflow-jax replaces:
 
 - VAE-GAN: the discriminator step (the encoder and decoder run again under no_grad for the

@@ -72,6 +72,15 @@ def _check_sizes(key: str, value: Any) -> str | None:
     return f"'{key}' must be a list of sizes (512, \"512x384\" or [512, 384]), got {value!r}"
 
 
+def _check_step_range(key: str, value: Any) -> str | None:
+    """Global steps as a slice, "A:B" with A < B."""
+    match = re.fullmatch(r"(\d+):(\d+)", value) if isinstance(value, str) else None
+    if match and int(match.group(1)) < int(match.group(2)):
+        return None
+    return (f"'{key}' must be 'A:B' with 0 <= A < B (e.g. 10:15 traces global steps 11 "
+            f"to 15), got {value!r}")
+
+
 # Checks of list keys: for each of them, null means the empty list ("none").
 LIST_CHECKS: tuple[Check, ...] = (check_str_list, check_int_list)
 
@@ -312,11 +321,14 @@ class OutputConfig:
     keep_last: int = 3  # run checkpoints kept
     generate_diagrams: bool = True  # training graphs at every step end
     samples_per_checkpoint: int = 1
+    sample_interval: int | None = None  # global steps between samples; None: per checkpoint
     no_samples: bool = False
     test_image_address: tuple[str, ...] = ()
     sample_captions: tuple[str, ...] = ("A sample caption",)
     sample_sizes: tuple[Any, ...] | None = None  # None: data.img_size
     sample_steps: int = 20  # solver steps of the text-to-image samples
+    tensorboard: bool | None = None  # event files; None: when tensorboardX is installed
+    profile_steps: str | None = None  # "A:B": a jax.profiler trace of global steps A+1..B
     log_level: str = "INFO"
     log_file: str | None = None
 
@@ -326,9 +338,11 @@ OUTPUT_CHECKS: dict[str, Check] = {
     "checkpoint_save_interval": integer_at_least(1), "keep_last": integer_at_least(1),
     "validation_interval": _OPTIONAL_POSITIVE_INT,
     "generate_diagrams": check_bool, "samples_per_checkpoint": integer_at_least(0),
+    "sample_interval": _OPTIONAL_POSITIVE_INT,
     "no_samples": check_bool, "test_image_address": check_str_list,
     "sample_captions": check_str_list, "sample_sizes": optional(_check_sizes),
-    "sample_steps": integer_at_least(1),
+    "sample_steps": integer_at_least(1), "tensorboard": optional(check_bool),
+    "profile_steps": optional(_check_step_range),
     "log_level": one_of(("DEBUG", "INFO", "WARNING", "ERROR")),
     "log_file": optional(check_str)}
 

@@ -79,11 +79,13 @@ FLAGS: tuple[tuple[str, str, str, Any], ...] = (
     ("log_interval", "output", "log_interval", int),
     ("checkpoint_save_interval", "output", "checkpoint_save_interval", int),
     ("samples_per_checkpoint", "output", "samples_per_checkpoint", int),
+    ("sample_interval", "output", "sample_interval", int),
     ("no_samples", "output", "no_samples", "flag"),
     ("generate_diagrams", "output", "generate_diagrams", "flag"),
     ("test_image_address", "output", "test_image_address", (str, "+")),
     ("sample_captions", "output", "sample_captions", (str, "+")),
     ("sample_steps", "output", "sample_steps", int),
+    ("profile_steps", "output", "profile_steps", str),
     ("sample_sizes", "output", "sample_sizes", (lambda text: int(text) if text.isdigit()
                                                  else text, "+")),  # 512 or WxH
 )

@@ -2,7 +2,7 @@
 
 The state is a fixed-size ring buffer per loss (the last ``window`` values), a pytree that
 lives in the train state, so balancing is functional and survives checkpoints. Unlike the
-reference (DESIGN.md §4), averages are taken by magnitude, so a negative generator loss
+reference, averages are taken by magnitude, so a negative generator loss
 cannot flip the adversarial objective, and weights are clamped to [0, max_weight].
 """
 

@@ -78,7 +78,7 @@ def model_time(t: jax.Array, num_timesteps: int = NUM_TIMESTEPS, start_step: int
     """The float time the flow processor takes for integer t: its position in the window,
     (t - start) / max(1, N - 1 - start), clipped to [0, 1]; t / (N - 1) for the full window.
 
-    (DESIGN.md §4; the 0.2.x trainer passed the integer, which made the time embedding
+    (A deliberate difference: the 0.2.x trainer passed the integer, which made the time embedding
     constant.) The quotient is taken in double on the host and rounded once, as the PyTorch
     pipeline does, so over the full 1000-step window the processor's index trunc(time * 999)
     gives back exactly t; a float32 division would land one below for some t.

@@ -1,7 +1,7 @@
 """Loss terms of the VAE-GAN and flow stages as pure functions (images NHWC).
 
-Each follows the reference trainer's formula (spec/training.md §1.3-1.4, §2.2), with the
-deliberate differences of DESIGN.md §4 named where they apply.
+Each follows the reference trainer's formula, with our deliberate differences named where they
+apply.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def r1_penalty(logits_fn: Callable[[jax.Array], jax.Array], real: jax.Array) -> 
 
 
 def instance_noise_std(step: jax.Array, std: float, decay: float) -> jax.Array:
-    """sigma_t = std * decay^step (DESIGN.md §4: applied to real and fake D inputs).
+    """sigma_t = std * decay^step (a deliberate difference: applied to real and fake D inputs).
 
     Computed as exp(step * log(decay)) with the log in double: rounding ``decay`` itself to
     float32 would be off by 1e-4 relative after 10k steps.

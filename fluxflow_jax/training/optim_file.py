@@ -1,6 +1,6 @@
 """The per-model optimizer/scheduler file and how it merges with the run's learning rate.
 
-Format (spec/training.md §5.3):
+Format (the reference trainer's):
 ``{"optimizers": {"vae": {...}, "flow": {...}, ...}, "schedulers": {"vae": {...}, ...}}``,
 each entry a config for ``make_optimizer`` / ``make_schedule``. A model the file leaves
 out gets the reference's per-model default with the run's learning rate (the text encoder

@@ -1,10 +1,10 @@
 """Optax optimizers that follow the PyTorch reference's `create_optimizer` step for step.
 
 A config is the reference's per-model dict, e.g.
-``{"type": "AdamW", "lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.01}``
-(spec/training.md §5.1). `make_optimizer` validates it (every problem reported at once) and
-returns an `optax.GradientTransformation` whose parameter trajectory equals that of
-`torch.optim.<type>` (`lion_pytorch.Lion` for Lion) with the same settings.
+``{"type": "AdamW", "lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.01}``.
+`make_optimizer` validates it (every problem reported at once) and returns an
+`optax.GradientTransformation` whose parameter trajectory equals that of `torch.optim.<type>`
+(`lion_pytorch.Lion` for Lion) with the same settings.
 
 Where optax has an exactly equivalent building block we use it. Three torch behaviours have
 no optax equivalent, so they are small transforms here:

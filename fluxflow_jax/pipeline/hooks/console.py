@@ -1,0 +1,76 @@
+"""The console: each stage's header, a progress line at log points, a bar in between (on a
+terminal), and the line that says why a stage ended."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from fluxflow_jax.pipeline.console import ProgressBar, progress_line
+from fluxflow_jax.pipeline.hooks import Hook, StepInfo
+from fluxflow_jax.pipeline.position import Position
+from fluxflow_jax.pipeline.stages import Stage
+from fluxflow_jax.training.state import PackedState
+
+
+def console_metrics(stage: Stage) -> set[str]:
+    """The metrics the progress line shows: the losses this stage trains."""
+    vae, flow, shown = stage.config.vae, stage.config.flow, set()
+    if vae is not None:
+        shown |= {"loss_kl"} | ({"loss_recon"} if vae.train_reconstruction else set())
+        shown |= {"loss_gen", "loss_disc"} if vae.use_gan else set()
+        shown |= {"loss_lpips"} if vae.use_lpips and vae.train_reconstruction else set()
+    if flow is not None:
+        shown.add("flow_loss")
+    return shown
+
+
+class Console(Hook):
+    """Prints through ``print_line``; ``echo`` is for the other hooks' lines (it clears the
+    bar first)."""
+
+    def __init__(self, print_line: Callable[[str], None], stage_count: int):
+        self.print_line, self.stage_count = print_line, stage_count
+        self.bar: ProgressBar | None = None
+        self.started = time.perf_counter()
+
+    def echo(self, line: str) -> None:
+        if self.bar:
+            self.bar.clear()
+        self.print_line(line)
+
+    def start_stage(self, stage: Stage, position: Position, resuming: bool) -> None:
+        self.started = time.perf_counter()  # elapsed times count from the stage's start
+        self.bar = ProgressBar(stage.batches_per_epoch)
+        if resuming:
+            return
+        self.echo("=" * 60)
+        self.echo(f"PIPELINE STEP {stage.index + 1}/{self.stage_count}: {stage.label}")
+        if stage.step.description:
+            self.echo(f"Description: {stage.step.description}")
+        self.echo(f"Duration: {stage.epochs} epoch(s) of {stage.batches_per_epoch} batches"
+                  + (f", at most {stage.max_batches} batches" if stage.max_batches else ""))
+        for note in stage.notes:
+            self.echo(note)
+
+    def __call__(self, state: PackedState, info: StepInfo) -> None:
+        stage = info.stage
+        self.bar.update(info.batch)
+        if info.logged:
+            averages, speed = info.report
+            shown = console_metrics(stage)
+            self.echo(progress_line(
+                time.perf_counter() - self.started, stage.label, stage.index + 1,
+                self.stage_count, info.epoch + 1, stage.epochs, info.batch,
+                stage.batches_per_epoch, {k: v for k, v in averages.items() if k in shown},
+                speed.seconds_per_batch, info.position.skipped,
+                images_per_second=speed.images_per_second, mfu=speed.mfu))
+        if info.epoch_end or info.done:
+            self.bar.clear()
+
+    def finish_stage(self, stage: Stage, reason: str) -> None:
+        self.echo(f"Step '{stage.label}' finished: {reason}")
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.clear()
