@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -19,6 +20,7 @@ from fluxflow_jax.data import DataLoader
 from fluxflow_jax.models.bundle import COMPONENT_CLASSES
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.pipeline.config import ConfigError, RunConfig
+from fluxflow_jax.pipeline.resume import check_own_checkpoints
 from fluxflow_jax.pipeline.samples import sample_sizes, samples_enabled
 from fluxflow_jax.pipeline.setup import (check_output_path, check_text_inputs, load_lpips,
                                          make_loader, make_mesh, model_config)
@@ -51,7 +53,10 @@ def check_run(config: RunConfig) -> Plan:
         accumulation).batches_per_epoch() if loader else 1)) or []
     model = attempt(lambda: model_config(config))
     attempt(lambda: make_mesh(config))
-    attempt(lambda: check_output_path(config))
+    output_ok = attempt(lambda: check_output_path(config) or True)
+    if output_ok and stages and model is not None:  # another run's checkpoints there?
+        attempt(lambda: check_own_checkpoints(Path(config.output.output_path),
+                                              [s.name for s in stages], model))
     if model is not None and samples_enabled(config.output):
         attempt(lambda: sample_sizes(config, model))
     attempt(lambda: load_lpips(config, stages, fetch=False))

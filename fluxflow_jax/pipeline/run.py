@@ -40,7 +40,7 @@ from fluxflow_jax.evaluation.checkpoint import data_record
 from fluxflow_jax.interop import save_fluxflow, save_step_files
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.pipeline.checkpoints import RunCheckpoints
-from fluxflow_jax.pipeline.config import ConfigError, RunConfig
+from fluxflow_jax.pipeline.config import RunConfig
 from fluxflow_jax.pipeline.console import (ProgressBar, RunningAverage, averaging_window,
                                            compile_line, format_duration, progress_line)
 from fluxflow_jax.pipeline.interrupts import Interrupted, StopSignals
@@ -53,13 +53,14 @@ from fluxflow_jax.pipeline.setup import (check_output_path, check_text_inputs, i
 from fluxflow_jax.pipeline.speed import Speed, SpeedMeter
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.pipeline import validation
+from fluxflow_jax.pipeline.resume import (check_own_checkpoints, differences, refusal,
+                                          run_record)
 from fluxflow_jax.pipeline.validation import Validation
 from fluxflow_jax.training.performance import peak_flops
 from fluxflow_jax.training.state import PackedState, TrainState, write_to_models
 from fluxflow_jax.training.train_step import Compilation, TrainStep
 
 log = logging.getLogger(__name__)
-RECORD_FORMAT = 1
 SMOOTHING = 20  # transition metric: mean of the last SMOOTHING values
 
 
@@ -149,6 +150,9 @@ class Run:
             config, lambda accumulation: self.loader_for(accumulation).batches_per_epoch())
         self.mesh = make_mesh(config)
         self.models: FluxFlowModels = initial_models(config)
+        if resume:  # before anything is written there
+            check_own_checkpoints(self.output, [s.name for s in self.stages],
+                                  self.models.config)
         check_text_inputs(self.models.config, config.data, self.loader.tokenizer,
                           self.stages)
         self.lpips = load_lpips(config, self.stages)
@@ -217,12 +221,9 @@ class Run:
     def _restore(self, step: int) -> tuple[Position, TrainState, dict[str, Any]]:
         """Checkpoint ``step``'s position, state and record, checked against this run."""
         record = self.checkpoints.record(step)
-        names = [s.name for s in self.stages]
-        if record.get("format") != RECORD_FORMAT or record.get("stages") != names:
-            raise ConfigError([
-                f"{self.output} holds checkpoints of another run (stages "
-                f"{record.get('stages')}, this config has {names}); resume with the config "
-                "the run started with, or pass --no_resume / choose another output_path"])
+        found = differences(record, [s.name for s in self.stages], self.models.config)
+        if found:
+            raise refusal(self.output, found)
         position = Position(**record["position"])
         stage = self.stages[position.state_stage]
         like = self._train_step(stage).init_state(self.models,
@@ -513,7 +514,7 @@ class Run:
     # -- checkpoints and exports ---------------------------------------------------------
 
     def _record(self, position: Position, loader_state: dict[str, Any]) -> dict[str, Any]:
-        return {"format": RECORD_FORMAT, "stages": [s.name for s in self.stages],
+        return {**run_record([s.name for s in self.stages], self.models.config),
                 "position": dataclasses.asdict(position), "loader": loader_state}
 
     def _save(self, state: TrainState, position: Position,
