@@ -19,6 +19,7 @@ from flax import nnx
 from fluxflow_jax.data import DataLoader
 from fluxflow_jax.models.bundle import COMPONENT_CLASSES
 from fluxflow_jax.models.config import FluxFlowConfig
+from fluxflow_jax.models.text_encoder import LANGUAGE_MODEL, in_language_model
 from fluxflow_jax.pipeline.config import ConfigError, RunConfig
 from fluxflow_jax.pipeline.resume import check_own_checkpoints
 from fluxflow_jax.pipeline.samples import sample_sizes, samples_enabled
@@ -68,11 +69,17 @@ def check_run(config: RunConfig) -> Plan:
 
 
 def parameter_counts(model: FluxFlowConfig) -> dict[str, int]:
-    """Parameters per component of an architecture (nothing allocated)."""
+    """Parameters per component of an architecture, and of the text encoder's DistilBERT
+    (``LANGUAGE_MODEL``) alone (nothing allocated)."""
     counts = {}
     for name, cls in COMPONENT_CLASSES.items():
         module = nnx.eval_shape(lambda cls=cls: cls(model, rngs=nnx.Rngs(0)))
-        counts[name] = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)))
+        params = nnx.state(module, nnx.Param)
+        counts[name] = sum(leaf.size for leaf in jax.tree.leaves(params))
+        if name == "text_encoder":
+            counts[LANGUAGE_MODEL] = sum(
+                leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                if in_language_model(tuple(getattr(k, "key", k) for k in path)))
     return counts
 
 
@@ -124,8 +131,8 @@ def describe(config: RunConfig, plan: Plan) -> str:
              f"mode, {len(stages)} step(s))",
              f"Data: {loader.batches_per_epoch()} batches of {config.training.batch_size} "
              f"per epoch, images {config.data.img_size} px",
-             "Parameters: " + ", ".join(f"{name} {count:,}" for name, count in counts.items())
-             + f"; total {sum(counts.values()):,}",
+             "Parameters: " + ", ".join(f"{name} {counts[name]:,}" for name in COMPONENT_CLASSES)
+             + f"; total {sum(counts[name] for name in COMPONENT_CLASSES):,}",
              f"Arithmetic: {config.training.compute_precision}"
              + (", blocks rematerialised" if config.training.remat else "")
              + (", parameters sharded over the devices" if config.training.shard_params
@@ -151,6 +158,8 @@ def describe(config: RunConfig, plan: Plan) -> str:
             optimizer = stage.config.optimizers.get(group, {})
             scheduler = stage.config.schedulers.get(group, {})
             trained = sum(counts.get(c, 0) for c in components)
+            if group == "text_encoder" and LANGUAGE_MODEL in stage.config.frozen:
+                components, trained = ("its head",), trained - counts[LANGUAGE_MODEL]
             lines.append(f"  {group}: trains {', '.join(components)} ({trained:,} "
                          f"parameters) with {optimizer.get('type', 'AdamW')} lr "
                          f"{optimizer.get('lr', 'default')}, "
