@@ -139,7 +139,9 @@ def describe(config: RunConfig, plan: Plan) -> str:
                 else ""),
              "Memory: `validate --memory` compiles each step to estimate it; `train` "
              "checks it before each step's first batch",
-             f"Output: {config.output.output_path}"]
+             f"Output: {config.output.output_path}",
+             f"Warning: {plan.model.torch_note()}" if plan.model.torch_note() else
+             "PyTorch: fluxflow 0.8.1 loads the exports (README, 'In PyTorch')"]
     if loader.bad_samples.count:  # found by the header scan: they will be skipped
         lines.insert(2, f"Data: {loader.bad_samples.summary()}")
     if config.output.validation_interval is not None:

@@ -176,6 +176,9 @@ class Run:
 
     def run(self) -> Position:
         """Train every remaining stage; the final position."""
+        note = self.models.config.torch_note()
+        if note:  # said once here rather than by every export
+            self.echo(f"Warning: {note}")
         self.output.mkdir(parents=True, exist_ok=True)
         checkpoint_dir = self.output / "checkpoints"
         if not self.resume and checkpoint_dir.exists() and self.writer:
@@ -535,7 +538,7 @@ class Run:
         if self.writer:
             if stage.name:
                 save_step_files(self.output, models, stage.name)
-            save_fluxflow(self.output, models, training_info=info)
+            save_fluxflow(self.output, models, training_info=info, warn_torch=False)
         position.stages_completed.append(stage.label)
         position.stage += 1
         position.epoch = position.batch = position.stage_batches = position.met = 0
