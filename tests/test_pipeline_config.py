@@ -45,7 +45,7 @@ DATA = {"use_demo": True, "demo_samples": 8, "img_size": 32, "max_length": 16}
 BATCHES = 4  # batches per epoch of DATA with batch_size 2
 SECTIONS = "['model', 'data', 'training', 'output', 'optimization', 'model_checkpoint']"
 COMPONENTS = ("['D_img', 'compressor', 'discriminator', 'expander', 'flow', "
-              "'flow_processor', 'text_encoder']")
+              "'flow_processor', 'language_model', 'text_encoder']")
 
 
 # ----------------------------------------------------------------------------- helpers
