@@ -847,6 +847,9 @@ def test_cli_validate_prints_the_plan(tmp_path, capsys):
     code, out, err = cli(capsys, "validate", str(path))
     assert code == 0 and err == ""
     assert out.startswith(f"Config: {path} (pipeline mode, 1 step(s))\n")
+    # The tiny widths are valid here, but PyTorch's loaders could not rebuild them.
+    assert ("Warning: PyTorch fluxflow cannot rebuild this architecture: text_dim=24 "
+            "(PyTorch uses 768)") in out
     assert out.endswith(f"✓ {path} is valid\n")
 
 
