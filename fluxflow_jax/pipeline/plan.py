@@ -2,8 +2,9 @@
 
 ``check_run`` builds everything a run needs that can be checked without training (the data
 loader, the stages, the devices, the LPIPS weights, the initial checkpoint and its fit with
-the model section, the text inputs) and collects every problem; ``describe`` renders the
-stages for ``fluxflow-jax validate``.
+the model section, the text inputs, the output folder's checkpoints) and collects every
+problem; ``describe`` renders the stages for ``fluxflow-jax validate``, and says whether
+PyTorch ``fluxflow`` can rebuild the architecture.
 """
 
 from __future__ import annotations
