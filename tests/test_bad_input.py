@@ -331,9 +331,11 @@ def test_the_battery_is_large_enough():
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
-    """The output folder of a finished run of the tiny VAE step, checkpoints included."""
+    """The output folder of a finished run of the tiny VAE step, checkpoints included (which
+    its own config still validates with)."""
     folder = tmp_path_factory.mktemp("finished")
     assert main(["train", "--config", str(config(folder))]) == 0
+    assert main(["validate", str(config(folder))]) == 0
     return folder / "out"
 
 
