@@ -31,6 +31,7 @@ from fluxflow_jax.models import FluxFlowConfig
 from fluxflow_jax.sampling import generate
 from pipeline_helpers import records
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy use
 QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 PROMPT = "a large red circle in the middle on a blue background"
 STEPS = 4
