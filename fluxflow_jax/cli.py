@@ -237,8 +237,11 @@ def _import(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out_dir, force=args.force)
     models = load_fluxflow(args.checkpoint)
+    note = models.config.torch_note(tuple(models.present()))
+    if note:
+        print(f"warning: {note}")
     out = save_fluxflow(args.out_dir, models, training_info={
-        "imported_from": str(Path(args.checkpoint).absolute())})
+        "imported_from": str(Path(args.checkpoint).absolute())}, warn_torch=False)
     print(f"wrote {out} ({', '.join(models.present())}); use it as model_checkpoint")
     return 0
 

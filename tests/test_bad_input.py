@@ -9,6 +9,7 @@ files they name) in a fresh folder, and ``Case.culprits`` must all appear in wha
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,3 +335,43 @@ def test_bad_input(case: Case, tmp_path: Path, checkpoint: Path, capsys):
 def test_the_battery_is_large_enough():
     assert len(CASES) >= 60 and len({c.name for c in CASES}) == len(CASES)
     assert all(case.culprits for case in CASES)  # every message must name its culprit
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """The output folder of a finished run of the tiny VAE step, checkpoints included (which
+    its own config still validates with)."""
+    folder = tmp_path_factory.mktemp("finished")
+    assert main(["train", "--config", str(config(folder))]) == 0
+    assert main(["validate", str(config(folder))]) == 0
+    return folder / "out"
+
+
+OTHER_RUN_CASES = [  # (command, what the config changes, culprits)
+    ("validate", {"model": {**TINY_MODEL, "vae_attn_heads": 4}},
+     ("model.vae_attn_heads is 8 there, 4 here",)),
+    ("train", {"model": {**TINY_MODEL, "vae_attn_heads": 4}},
+     ("model.vae_attn_heads is 8 there, 4 here",)),
+    ("train", {"model": {**TINY_MODEL, "vae_dim": 32}}, ("model.vae_dim is 16 there, 32 here",)),
+    ("validate", _steps({**STEP, "name": "other"}),
+     ("its steps are ['vae'], this config has ['other']",)),
+]
+
+
+@pytest.mark.parametrize("command, changes, culprits", OTHER_RUN_CASES,
+                         ids=[f"{c[0]} {i}" for i, c in enumerate(OTHER_RUN_CASES)])
+def test_another_runs_checkpoints_are_refused(command, changes, culprits, finished_run,
+                                              tmp_path, capsys):
+    """An output_path holding the checkpoints of a run of another config (a head count
+    keeps every shape, so restoring would silently train another network)."""
+    shutil.copytree(finished_run, tmp_path / "out")
+    path = str(config(tmp_path, **changes))
+    before = _snapshot(tmp_path)
+    code = main(["validate", path] if command == "validate" else ["train", "--config", path])
+    printed = "".join(capsys.readouterr())
+    assert code == 2, printed
+    assert "Traceback" not in printed
+    for culprit in ("output.output_path", "holds checkpoints of another run", "--no_resume",
+                    *culprits):
+        assert culprit in printed
+    assert _snapshot(tmp_path) == before  # nothing written, changed or deleted

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from diffusers import DPMSolverMultistepScheduler
 from flax import nnx
 from fluxflow.models.versioning import save_versioned_checkpoint
 
@@ -77,28 +76,8 @@ def torch_sample(path, ids, mask, noise, guidance, dtype):
     encoder.load_state_dict({k.removeprefix("text_encoder."): v for k, v in
                              safetensors.torch.load_file(path / "text_encoder.safetensors")
                              .items()}, strict=True)
-    encoder = encoder.to(dtype).eval()
-    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
-                                            prediction_type="v_prediction",
-                                            timestep_spacing="trailing")
-    scheduler.set_timesteps(STEPS)
-    h, w = HEIGHT // 4, WIDTH // 4
-    with torch.no_grad():
-        cond = encoder(ids, attention_mask=mask)
-        text = torch.cat([torch.zeros_like(cond), cond]) if guidance != 1 else cond
-        hw = torch.zeros(len(ids), 1, CFG.vae_dim, dtype=dtype)
-        hw[:, 0, 0], hw[:, 0, 1] = h / CFG.max_hw, w / CFG.max_hw
-        x = noise.clone()
-        for t in scheduler.timesteps:
-            packed = torch.cat([x, hw], dim=1).repeat(len(text) // len(ids), 1, 1)
-            times = torch.full((len(text),), float(t) / 999, dtype=dtype)
-            v = pipe.flow_processor(packed, text, times)[:, :-1]
-            if guidance != 1:
-                v_null, v_cond = v.chunk(2)
-                v = v_null + guidance * (v_cond - v_null)
-            x = scheduler.step(v, t, x).prev_sample
-        images = pipe.expander(torch.cat([x, hw], dim=1))
-    return ref.nchw(images.clamp(-1, 1))
+    return ref.sample(pipe, encoder.to(dtype).eval(), ids, mask, noise, guidance, STEPS,
+                      (HEIGHT, WIDTH), CFG)
 
 
 @pytest.mark.parametrize("origin", ["exported", "imported"])

@@ -15,7 +15,7 @@ from flax import nnx
 
 from fluxflow_jax import cli
 from fluxflow_jax.interop import (COMPONENT_TABLES, CheckpointError, FluxFlowModels,
-                                  load_fluxflow, save_fluxflow)
+                                  TorchIncompatibilityWarning, load_fluxflow, save_fluxflow)
 from fluxflow_jax.interop.state import check_coverage
 from fluxflow_jax.models import FluxFlowConfig
 from fluxflow_jax.models.bundle import COMPONENT_CLASSES
@@ -135,9 +135,10 @@ def test_metadata_that_contradicts_the_weights_is_an_error(checkpoint, tmp_path)
 def test_metadata_supplies_what_shapes_cannot(models, tmp_path):
     config = TINY.replace(max_hw=512, vae_attn_heads=4)
     vae_only = FluxFlowModels(config, models.compressor, models.flow_processor, models.expander)
-    with pytest.warns(UserWarning, match=r"rebuild this architecture: vae_attn_heads=4 "
-                                         r"\(PyTorch uses 8\), max_hw=512 \(PyTorch uses "
-                                         r"1024\)$"):  # v060's from_pretrained: max_hw too
+    with pytest.warns(TorchIncompatibilityWarning,
+                      match=r"rebuild this architecture: vae_attn_heads=4 \(PyTorch uses 8\), "
+                            r"max_hw=512 \(PyTorch uses 1024\); its loaders hard-code "
+                            r"these"):  # v060's from_pretrained: max_hw too
         save_fluxflow(tmp_path, vae_only)
     assert load_fluxflow(tmp_path).config.max_hw == 512
     assert load_fluxflow(tmp_path).config.vae_attn_heads == 4

@@ -46,7 +46,7 @@ DATA = {"use_demo": True, "demo_samples": 8, "img_size": 32, "max_length": 16}
 BATCHES = 4  # batches per epoch of DATA with batch_size 2
 SECTIONS = "['model', 'data', 'training', 'output', 'optimization', 'model_checkpoint']"
 COMPONENTS = ("['D_img', 'compressor', 'discriminator', 'expander', 'flow', "
-              "'flow_processor', 'text_encoder']")
+              "'flow_processor', 'language_model', 'text_encoder']")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -904,6 +904,9 @@ def test_cli_validate_prints_the_plan(tmp_path, capsys):
     code, out, err = cli(capsys, "validate", str(path))
     assert code == 0 and err == ""
     assert out.startswith(f"Config: {path} (pipeline mode, 1 step(s))\n")
+    # The tiny widths are valid here, but PyTorch's loaders could not rebuild them.
+    assert ("Warning: PyTorch fluxflow cannot rebuild this architecture: text_dim=24 "
+            "(PyTorch uses 768)") in out
     assert out.endswith(f"✓ {path} is valid\n")
 
 

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from fluxflow_jax.models.bundle import FluxFlowModels
+from fluxflow_jax.models.text_encoder import in_language_model
 from fluxflow_jax.training.flow_step import FlowOptions
 from fluxflow_jax.training.lpips import LPIPS
 from fluxflow_jax.training.state import Networks, PackedState, split_models
@@ -413,6 +414,30 @@ def test_vae_and_flow_in_one_stage_with_a_frozen_text_encoder(models):
         assert m["grad_norm_text"] == 0 and m["lr_text"] == 0
         assert m["loss_gen"] == 0 and m["loss_disc"] == 0 and m["weight_gan"] == 0
         assert m["loss_recon"] == pytest.approx(m["loss_l1"] + 0.1 * m["loss_mse"])
+
+
+def test_a_frozen_language_model_trains_only_the_text_encoders_head(models):
+    """``language_model`` frozen: DistilBERT's weights stay bitwise, hold no optimizer
+    state and are not differentiated; the head and the flow train."""
+    stage = StageConfig(flow=FlowOptions(), frozen=frozenset({"language_model"}),
+                        optimizers={"flow": ADAM, "text_encoder": ADAM},
+                        schedulers={"flow": CONSTANT, "text_encoder": CONSTANT}, total_steps=2)
+    result = run(TrainStep(models, stage), models, TEXT_BATCH, 2)
+    before, after = result.initial.params["text_encoder"], result.final.params["text_encoder"]
+    head = [name for name in before if not in_language_model((name,))]
+    assert sorted(head) == ["head_norm1", "head_norm2", "head_proj1", "head_proj2"]
+    for name in before:
+        if name in head:
+            assert changed_fraction(before[name], after[name]) == 1, name
+        else:
+            assert_same(before[name], after[name])
+    assert changed_fraction(result.initial.params["flow_processor"],
+                            result.final.params["flow_processor"]) > 0.9
+    head_size = sum(np.size(leaf) for name in head for leaf in jax.tree.leaves(before[name]))
+    moments = sum(np.size(leaf) for leaf in
+                  jax.tree.leaves(result.final.opt_states["text_encoder"]))
+    assert 2 * head_size <= moments < 2 * head_size + 100  # Adam's two, for the head only
+    assert all(m["grad_norm_text"] > 0 for m in result.metrics)
 
 
 def test_alignment_with_mismatched_widths_warns_once_and_is_off():

@@ -13,6 +13,7 @@ import torch
 from fluxflow.models.encoders import BertTextEncoder
 from fluxflow.models.pipeline import FluxPipeline
 from fluxflow.models.versioning import load_versioned_checkpoint
+from diffusers import DPMSolverMultistepScheduler
 from torch import nn
 from torch.nn.utils import spectral_norm
 from transformers import DistilBertConfig, DistilBertModel
@@ -152,6 +153,36 @@ def load_export(path: Path, version: str) -> FluxPipeline:
     if version in VERSIONED_LOADERS:
         return load_versioned_checkpoint(path, "cpu")
     return FluxPipeline.from_pretrained(str(Path(path) / "flxflow_final.safetensors"), "cpu")
+
+
+def sample(pipe: FluxPipeline, encoder: BertTextEncoder, ids: torch.Tensor,
+           mask: torch.Tensor, noise: torch.Tensor, guidance: float, steps: int,
+           size: tuple[int, int], cfg: FluxFlowConfig) -> np.ndarray:
+    """Text-to-image on the PyTorch side, as ``fluxflow_jax.sampling.generate`` does it:
+    diffusers' DPM-Solver++ (v-prediction, linear betas, trailing timesteps) from the
+    latent tokens ``noise``, classifier-free guidance against a zero text embedding, then
+    the expander. NHWC images in [-1, 1]."""
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                            prediction_type="v_prediction",
+                                            timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    h, w = (side // 2**cfg.downscales for side in size)
+    with torch.no_grad():
+        cond = encoder(ids, attention_mask=mask)
+        text = torch.cat([torch.zeros_like(cond), cond]) if guidance != 1 else cond
+        hw = torch.zeros(len(ids), 1, cfg.latent_width, dtype=noise.dtype)
+        hw[:, 0, 0], hw[:, 0, 1] = h / cfg.max_hw, w / cfg.max_hw
+        x = noise.clone()
+        for t in scheduler.timesteps:
+            packed = torch.cat([x, hw], dim=1).repeat(len(text) // len(ids), 1, 1)
+            times = torch.full((len(text),), float(t) / 999, dtype=noise.dtype)
+            v = pipe.flow_processor(packed, text, times)[:, :-1]
+            if guidance != 1:
+                v_null, v_cond = v.chunk(2)
+                v = v_null + guidance * (v_cond - v_null)
+            x = scheduler.step(v, t, x).prev_sample
+        images = pipe.expander(torch.cat([x, hw], dim=1))
+    return nchw(images.clamp(-1, 1))
 
 
 def save_label(version: str) -> str:

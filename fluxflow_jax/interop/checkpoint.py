@@ -52,6 +52,11 @@ _LAYOUT_FILES = (*WEIGHT_FILES, TEXT_ENCODER_FILE, DISCRIMINATOR_FILE, METADATA_
 _IGNORED_KEYS = {"text_encoder.language_model.embeddings.position_ids"}
 _VAE_COMPONENTS = ("compressor", "flow_processor", "expander")
 
+
+class TorchIncompatibilityWarning(UserWarning):
+    """A checkpoint written with widths PyTorch ``fluxflow``'s loaders cannot rebuild."""
+
+
 # Architecture fields the PyTorch loader reads from model_metadata.json (ModelLoaderV03).
 _TORCH_ARCHITECTURE_FIELDS = ("vae_dim", "downscales", "flow_dim", "in_channels", "max_hw",
                               "vae_attn_layers", "text_embed_dim", "flow_attn_heads",
@@ -343,12 +348,14 @@ def infer_config(groups: Mapping[str, Mapping[str, np.ndarray]], architecture: M
 
 def save_fluxflow(path: str | os.PathLike, models: FluxFlowModels, *,
                   weights_name: str = "flxflow_final.safetensors",
-                  training_info: Mapping[str, Any] | None = None) -> Path:
+                  training_info: Mapping[str, Any] | None = None,
+                  warn_torch: bool = True) -> Path:
     """Write ``models`` as a PyTorch-loadable fluxflow checkpoint directory (see module doc).
 
     Only the components present are written; the VAE/flow file needs all three of
-    compressor, flow processor and expander, as the PyTorch pipeline does. Warns when the
-    config has values PyTorch ``fluxflow`` cannot rebuild (``torch_incompatibilities``).
+    compressor, flow processor and expander, as the PyTorch pipeline does. Warns
+    (``TorchIncompatibilityWarning``; off with ``warn_torch=False`` for a caller that says
+    it itself) when the config has values PyTorch ``fluxflow`` cannot rebuild.
     """
     out = Path(path)
     present = models.present()
@@ -357,10 +364,9 @@ def save_fluxflow(path: str | os.PathLike, models: FluxFlowModels, *,
         missing = sorted(set(_VAE_COMPONENTS) - set(vae_parts))
         raise ValueError(f"cannot write {weights_name} without {missing}: the PyTorch "
                          "pipeline needs compressor, flow_processor and expander together")
-    incompatible = models.config.torch_incompatibilities(tuple(present))
-    if incompatible:
-        warnings.warn(f"writing {out}: PyTorch fluxflow cannot rebuild this architecture: "
-                      f"{', '.join(incompatible)}", stacklevel=2)
+    note = models.config.torch_note(tuple(present))
+    if note and warn_torch:
+        warnings.warn(f"writing {out}: {note}", TorchIncompatibilityWarning, stacklevel=2)
     payloads: dict[str, bytes] = {}
     if vae_parts:
         payloads[weights_name] = serialize_components(models, _VAE_COMPONENTS)

@@ -198,7 +198,22 @@ class FluxFlowConfig:
                     for table in tables for component, fixed in table.items()
                     if components is None or component in components
                     for name, value in fixed.items() if getattr(self, name) != value]
+        # v060's from_pretrained counts the attention blocks in the file and builds 2 when
+        # it finds none, whose weights its non-strict load then leaves random.
+        if (self.model_version == "0.6.0" and self.vae_attn_layers == 0
+                and (components is None or "compressor" in components)):
+            problems.append("vae_attn_layers=0 (PyTorch builds 2 when the file has none)")
         return list(dict.fromkeys(problems))
+
+    def torch_note(self, components: tuple[str, ...] | None = None) -> str | None:
+        """The one sentence saying that PyTorch ``fluxflow`` cannot rebuild this architecture
+        and what to change, or None when it can."""
+        problems = self.torch_incompatibilities(components)
+        if not problems:
+            return None
+        return ("PyTorch fluxflow cannot rebuild this architecture: " + ", ".join(problems)
+                + "; its loaders hard-code these, so set PyTorch's values in the model "
+                "section (or leave the keys out for the defaults) for a model PyTorch loads")
 
     def replace(self, **changes) -> "FluxFlowConfig":
         return dataclasses.replace(self, **changes)

@@ -47,6 +47,15 @@ class DistilBertLayer(nnx.Module):
         return self.output_layer_norm(x + self.dropout(ffn, rngs=rngs))
 
 
+LANGUAGE_MODEL = "language_model"  # the DistilBERT part, frozen apart from the head
+
+
+def in_language_model(path: tuple) -> bool:
+    """Whether a parameter path inside the text encoder is DistilBERT's (everything but the
+    ``head_*`` output layers; PyTorch's ``language_model.*``)."""
+    return not str(path[0]).startswith("head_")
+
+
 class BertTextEncoder(nnx.Module):
     """``text_encoder(input_ids, attention_mask) -> [B, text_embed_dim]``.
 

@@ -135,11 +135,15 @@ def check_output_dir(out_dir: Path, *, force: bool = False) -> None:
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ema: bool = False,
-               step: str | None = None, force: bool = False) -> Path:
+               step: str | None = None, force: bool = False,
+               echo: Callable[[str], None] = print) -> Path:
     """Write a run's weights (``run_models``) to ``out_dir`` as a fluxflow checkpoint
-    (``check_output_dir`` first)."""
+    (``check_output_dir`` first); ``echo`` says so when PyTorch cannot rebuild them."""
     check_output_dir(Path(out_dir), force=force)
-    models = run_models(run_dir, ema=ema, step=step)
+    models = run_models(run_dir, ema=ema, step=step, echo=echo)
+    note = models.config.torch_note(tuple(models.present()))
+    if note:
+        echo(f"warning: {note}")
     info = {"exported_from": str(Path(run_dir).absolute()), "ema": ema,
             **({"step": step} if step else {})}
-    return save_fluxflow(out_dir, models, training_info=info)
+    return save_fluxflow(out_dir, models, training_info=info, warn_torch=False)

@@ -2,14 +2,16 @@
 
 ``check_run`` builds everything a run needs that can be checked without training (the data
 loader, the stages, the devices, the LPIPS weights, the initial checkpoint and its fit with
-the model section, the text inputs) and collects every problem; ``describe`` renders the
-stages for ``fluxflow-jax validate``.
+the model section, the text inputs, the output folder's checkpoints) and collects every
+problem; ``describe`` renders the stages for ``fluxflow-jax validate``, and says whether
+PyTorch ``fluxflow`` can rebuild the architecture.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -18,7 +20,9 @@ from flax import nnx
 from fluxflow_jax.data import DataLoader
 from fluxflow_jax.models.bundle import COMPONENT_CLASSES
 from fluxflow_jax.models.config import FluxFlowConfig
+from fluxflow_jax.models.text_encoder import LANGUAGE_MODEL, in_language_model
 from fluxflow_jax.pipeline.config import ConfigError, RunConfig
+from fluxflow_jax.pipeline.resume import check_own_checkpoints
 from fluxflow_jax.pipeline.samples import sample_sizes, samples_enabled
 from fluxflow_jax.pipeline.setup import (Loaders, check_output_path, check_text_inputs,
                                          load_lpips, make_mesh, model_config)
@@ -55,7 +59,10 @@ def check_run(config: RunConfig) -> Plan:
         step, accumulation).batches_per_epoch() if readable[config.feed(step)] else 1)) or []
     model = attempt(lambda: model_config(config))
     attempt(lambda: make_mesh(config))
-    attempt(lambda: check_output_path(config))
+    output_ok = attempt(lambda: check_output_path(config) or True)
+    if output_ok and stages and model is not None:  # another run's checkpoints there?
+        attempt(lambda: check_own_checkpoints(Path(config.output.output_path),
+                                              [s.name for s in stages], model))
     if model is not None and samples_enabled(config.output):
         attempt(lambda: sample_sizes(config, model))
     attempt(lambda: load_lpips(config, stages, fetch=False))
@@ -68,11 +75,17 @@ def check_run(config: RunConfig) -> Plan:
 
 @functools.cache  # tracing the full-size model takes seconds; a process may plan it often
 def parameter_counts(model: FluxFlowConfig) -> dict[str, int]:
-    """Parameters per component of an architecture (nothing allocated); do not modify."""
+    """Parameters per component of an architecture, and of the text encoder's DistilBERT
+    (``LANGUAGE_MODEL``) alone (nothing allocated); do not modify."""
     counts = {}
     for name, cls in COMPONENT_CLASSES.items():
         module = nnx.eval_shape(lambda cls=cls: cls(model, rngs=nnx.Rngs(0)))
-        counts[name] = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)))
+        params = nnx.state(module, nnx.Param)
+        counts[name] = sum(leaf.size for leaf in jax.tree.leaves(params))
+        if name == "text_encoder":
+            counts[LANGUAGE_MODEL] = sum(
+                leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                if in_language_model(tuple(getattr(k, "key", k) for k in path)))
     return counts
 
 
@@ -148,15 +161,17 @@ def describe(config: RunConfig, plan: Plan) -> str:
              f"mode, {len(stages)} step(s))",
              f"Data: {loader.batches_per_epoch()} batches of {stages[0].feed.batch_size} "
              f"per epoch, images {config.data.img_size} px",
-             "Parameters: " + ", ".join(f"{name} {count:,}" for name, count in counts.items())
-             + f"; total {sum(counts.values()):,}",
+             "Parameters: " + ", ".join(f"{name} {counts[name]:,}" for name in COMPONENT_CLASSES)
+             + f"; total {sum(counts[name] for name in COMPONENT_CLASSES):,}",
              f"Arithmetic: {config.training.compute_precision}"
              + (", blocks rematerialised" if config.training.remat else "")
              + (", parameters sharded over the devices" if config.training.shard_params
                 else ""),
              "Memory: `validate --memory` compiles each step to estimate it; `train` "
              "checks it before each step's first batch",
-             f"Output: {config.output.output_path}"]
+             f"Output: {config.output.output_path}",
+             f"Warning: {plan.model.torch_note()}" if plan.model.torch_note() else
+             "PyTorch: fluxflow 0.8.1 loads the exports (README, 'In PyTorch')"]
     if loader.bad_samples.count:  # found by the header scan: they will be skipped
         lines.insert(2, f"Data: {loader.bad_samples.summary()}")
     if config.output.validation_interval is not None:
@@ -175,6 +190,8 @@ def describe(config: RunConfig, plan: Plan) -> str:
             optimizer = stage.config.optimizers.get(group, {})
             scheduler = stage.config.schedulers.get(group, {})
             trained = sum(counts.get(c, 0) for c in components)
+            if group == "text_encoder" and LANGUAGE_MODEL in stage.config.frozen:
+                components, trained = ("its head",), trained - counts[LANGUAGE_MODEL]
             lines.append(f"  {group}: trains {', '.join(components)} ({trained:,} "
                          f"parameters) with {optimizer.get('type', 'AdamW')} lr "
                          f"{optimizer.get('lr', 'default')}, "

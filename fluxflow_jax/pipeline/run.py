@@ -22,9 +22,9 @@ from jax.experimental import multihost_utils
 from fluxflow_jax import parallel
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.pipeline.checkpoints import RunCheckpoints
-from fluxflow_jax.pipeline.config import ConfigError, RunConfig
+from fluxflow_jax.pipeline.config import RunConfig
 from fluxflow_jax.pipeline.hooks import Hook
-from fluxflow_jax.pipeline.hooks.checkpoint import RECORD_FORMAT, Checkpoint
+from fluxflow_jax.pipeline.hooks.checkpoint import Checkpoint
 from fluxflow_jax.pipeline.hooks.console import Console
 from fluxflow_jax.pipeline.hooks.graphs import Graphs
 from fluxflow_jax.pipeline.hooks.metrics_file import MetricsFile
@@ -39,6 +39,7 @@ from fluxflow_jax.pipeline.interrupts import StopSignals
 from fluxflow_jax.pipeline.loop import train_stage
 from fluxflow_jax.pipeline.memory import TRAIN_LEVERS, check_fits
 from fluxflow_jax.pipeline.position import Position
+from fluxflow_jax.pipeline.resume import check_own_checkpoints, differences, refusal
 from fluxflow_jax.pipeline.run_data import RunData
 from fluxflow_jax.pipeline.samples import Samples, samples_enabled
 from fluxflow_jax.pipeline.setup import (check_output_path, check_text_inputs, initial_models,
@@ -71,6 +72,9 @@ class Run:
             self.echo(f"Before training: {news}")
         self.mesh = make_mesh(config)
         self.models: FluxFlowModels = initial_models(config)
+        if resume:  # before anything is written there
+            check_own_checkpoints(self.output, [s.name for s in self.stages],
+                                  self.models.config)
         check_text_inputs(self.models.config, config.data, self.data.main.tokenizer,
                           self.stages)
         self.lpips = load_lpips(config, self.stages)
@@ -95,7 +99,7 @@ class Run:
         output, writer = self.config.output, self.writer
         console = Console(self.echo, len(self.stages))
         echo = console.echo
-        checkpoint = Checkpoint(self.checkpoints, self.stages, self.data)
+        checkpoint = Checkpoint(self.checkpoints, self.stages, self.data, self.models.config)
         validation = self.validation
         hooks = [
             output.profile_steps and Profiler(self.output, output.profile_steps, echo),
@@ -117,6 +121,9 @@ class Run:
 
     def run(self) -> Position:
         """Train every remaining stage; the final position."""
+        note = self.models.config.torch_note()
+        if note:  # said once here rather than by every export
+            self.echo(f"Warning: {note}")
         self.output.mkdir(parents=True, exist_ok=True)
         checkpoint_dir = self.output / "checkpoints"
         if not self.resume and checkpoint_dir.exists() and self.writer:
@@ -162,12 +169,9 @@ class Run:
     def _restore(self, step: int) -> tuple[Position, TrainState, dict[str, Any]]:
         """Checkpoint ``step``'s position, state and record, checked against this run."""
         record = self.checkpoints.record(step)
-        names = [s.name for s in self.stages]
-        if record.get("format") != RECORD_FORMAT or record.get("stages") != names:
-            raise ConfigError([
-                f"{self.output} holds checkpoints of another run (stages "
-                f"{record.get('stages')}, this config has {names}); resume with the config "
-                "the run started with, or pass --no_resume / choose another output_path"])
+        found = differences(record, [s.name for s in self.stages], self.models.config)
+        if found:
+            raise refusal(self.output, found)
         position = Position(**record["position"])
         stage = self.stages[position.state_stage]
         like = self.train_step(stage).init_state(self.models,

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fluxflow_jax.models.text_encoder import LANGUAGE_MODEL
 from fluxflow_jax.pipeline import validation
 from fluxflow_jax.pipeline.config import (FLOW_LOSS_KEYS, VAE_LOSS_KEYS, ConfigError, Feed,
                                           RunConfig, StepConfig, TransitionConfig)
@@ -27,11 +28,12 @@ from fluxflow_jax.training.train_step import (StageConfig, ema_components,
                                                metric_names)
 from fluxflow_jax.training.vae_step import VAEOptions
 
-# Names a freeze list may use (the reference's included) -> component.
+# Names a freeze list may use (the reference's included) -> component, or the text
+# encoder's DistilBERT alone (LANGUAGE_MODEL).
 COMPONENT_NAMES = {"compressor": "compressor", "expander": "expander",
                    "flow_processor": "flow_processor", "flow": "flow_processor",
                    "text_encoder": "text_encoder", "discriminator": "discriminator",
-                   "D_img": "discriminator"}
+                   "D_img": "discriminator", LANGUAGE_MODEL: LANGUAGE_MODEL}
 FREEZE_FLAGS = {"freeze_vae": ("compressor", "expander"), "freeze_flow": ("flow_processor",),
                 "freeze_text_encoder": ("text_encoder",)}
 # The reference's transition metric names -> the metric the train step reports.

@@ -23,6 +23,7 @@ from fluxflow_jax import parallel
 from fluxflow_jax.checks import integer_at_least
 from fluxflow_jax.models.bundle import COMPONENTS, FluxFlowModels
 from fluxflow_jax.models.config import FluxFlowConfig
+from fluxflow_jax.models.text_encoder import LANGUAGE_MODEL, in_language_model
 from fluxflow_jax.suggest import did_you_mean
 from fluxflow_jax.training.accumulation import MicroBatches
 from fluxflow_jax.training.compiler import compiler_options
@@ -38,6 +39,9 @@ from fluxflow_jax.training.state import Networks, PackedState, TrainState, new_t
 from fluxflow_jax.training.vae_step import VAEOptions, unused_expander_leaf, vae_gan_update
 
 GROUPS = ("vae", "discriminator", "flow", "text_encoder")
+# What a stage may freeze: a component, or the text encoder's DistilBERT alone (its head
+# still trains).
+FREEZABLE = (*COMPONENTS, LANGUAGE_MODEL)
 
 
 class StageConfigError(ValueError):
@@ -78,9 +82,9 @@ class StageConfig:
             out.append("the stage trains nothing: give it VAE options, flow options or both")
         out += [f"vae: {p}" for p in (self.vae.problems() if self.vae else [])]
         out += [f"flow: {p}" for p in (self.flow.problems() if self.flow else [])]
-        out += [f"cannot freeze unknown component '{name}'{did_you_mean(name, COMPONENTS)}; "
-                f"valid: {list(COMPONENTS)}" for name in sorted(self.frozen)
-                if name not in COMPONENTS]
+        out += [f"cannot freeze unknown component '{name}'{did_you_mean(name, FREEZABLE)}; "
+                f"valid: {list(FREEZABLE)}" for name in sorted(self.frozen)
+                if name not in FREEZABLE]
         out += [f"{kind}: unknown optimizer group '{name}'{did_you_mean(name, GROUPS)}; "
                 f"valid: {list(GROUPS)}" for kind, configs in
                 (("optimizers", self.optimizers), ("schedulers", self.schedulers))
@@ -127,14 +131,21 @@ def ema_components(stage: StageConfig) -> tuple[str, ...]:
 
 def _build_groups(stage: StageConfig) -> dict[str, OptimizerGroup]:
     unused = unused_expander_leaf(stage.vae) if stage.vae else (lambda path: False)
+    language_model_frozen = LANGUAGE_MODEL in stage.frozen
     ema = _ema_decays(stage)
+
+    def frozen_leaf(component: str, path: tuple) -> bool:
+        if component == "expander":
+            return unused(path)
+        return (component == "text_encoder" and language_model_frozen
+                and in_language_model(path))
     return {
         name: OptimizerGroup.build(
             name, components,
             stage.optimizers.get(name) or default_optimizer_config(name),
             stage.schedulers.get(name) or default_scheduler_config(name),
             stage.total_steps, clip_norm=stage.gradient_clip_norm,
-            frozen_leaf=lambda c, path: c == "expander" and unused(path),
+            frozen_leaf=frozen_leaf,
             ema_decay=ema[name])
         for name, components in stage.group_components().items()}
 

@@ -37,6 +37,6 @@ class StageExport(Hook):
                     save_step_files(self.output, models, stage.name)
                 save_fluxflow(self.output, models, training_info={
                     "step": stage.label, "global_step": position.global_step,
-                    **data_record(self.data)})
+                    **data_record(self.data)}, warn_torch=False)
         position.stages_completed.append(stage.label)
         position.next_stage()
