@@ -27,6 +27,7 @@ those operators (``LAUNCHER``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -37,12 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from flax import nnx
 from PIL import Image
 
 from fluxflow_jax.data import DemoSource
 from fluxflow_jax.data.tokenizer import fetch_vocab
 from fluxflow_jax.evaluation import evaluate, held_out
 from fluxflow_jax.interop import load_fluxflow
+from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.pipeline.config import DataConfig, read_config
 from fluxflow_jax.pipeline.export import run_models
 from fluxflow_jax.pipeline.setup import load_tokenizer
@@ -209,10 +212,24 @@ def run_side(side: str, command: list[str], out: Path, time_limit: float,
     return result
 
 
-def score(models, data: DataConfig) -> dict[str, float]:
-    """``evaluate``'s held-out metrics (no LPIPS network) of ``models``."""
+def untrained_flow(models: FluxFlowModels) -> FluxFlowModels:
+    """``models`` with a freshly initialised flow and text encoder: the flow v-loss's
+    starting point on this autoencoder's latents (v-losses of different autoencoders'
+    latents differ in scale, so each side's fall is measured from its own start)."""
+    fresh = FluxFlowModels.create(models.config, nnx.Rngs(0),
+                                  ("flow_processor", "text_encoder"))
+    return dataclasses.replace(models, flow_processor=fresh.flow_processor,
+                               text_encoder=fresh.text_encoder)
+
+
+def score(models: FluxFlowModels, data: DataConfig) -> dict[str, float]:
+    """``evaluate``'s held-out metrics (no LPIPS network) of ``models``, and the flow
+    v-loss with an untrained flow on the same autoencoder ("init/")."""
     held = held_out(data, load_tokenizer(data), HELD_OUT)
-    return {k: round(v, 4) for k, v in evaluate(models, held).items()}
+    metrics = evaluate(models, held)
+    metrics |= {f"init/{k}": v for k, v in
+                evaluate(untrained_flow(models), held, parts=["flow"]).items()}
+    return {k: round(v, 4) for k, v in metrics.items()}
 
 
 def with_epochs(document: dict[str, Any], epochs: dict[str, int]) -> dict[str, Any]:
