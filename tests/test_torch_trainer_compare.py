@@ -6,6 +6,7 @@ and tokenizer it writes give the trainer's tokenizer call the caption ids ours g
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -58,7 +59,8 @@ def monkeypatch_module():
 
 
 def test_trainer_yaml_parses_into_the_same_pipeline(tool, parse_pipeline_config, tmp_path):
-    ours = tool.comparable(yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text()))
+    ours = tool.with_epochs(tool.comparable(yaml.safe_load(
+        (ROOT / "configs" / "quickstart.yaml").read_text())), {"flow": 2})
     written = tool.trainer_config(ours, images=tmp_path / "images",
                                   captions=tmp_path / "captions.txt",
                                   tokenizer=tmp_path / "tokenizer", output=tmp_path / "run")
@@ -72,7 +74,8 @@ def test_trainer_yaml_parses_into_the_same_pipeline(tool, parse_pipeline_config,
     pipeline = parse_pipeline_config(document["training"]["pipeline"])
     ours_steps = read_config(ours).training.pipeline.steps
     assert [s.name for s in pipeline.steps] == [s.name for s in ours_steps]
-    assert [s.n_epochs for s in pipeline.steps] == [s.n_epochs for s in ours_steps]
+    assert [s.n_epochs for s in pipeline.steps] == [s.n_epochs for s in ours_steps] \
+        == [2, 1, 2]
     assert all(s.batch_size == 2 and s.workers == 0 and s.lr == 5e-4 and
                s.kl_warmup_steps == 20 and not s.use_lpips for s in pipeline.steps)
     vae, gan, flow = pipeline.steps
@@ -108,3 +111,14 @@ def test_image_folder_and_tokenizer_give_the_trainer_our_samples(tool, tmp_path)
     ids, mask = Tokenizer.load().encode(texts, 32)
     np.testing.assert_array_equal(np.asarray(encoded["input_ids"]), ids)
     np.testing.assert_array_equal(np.asarray(encoded["attention_mask"]), mask.astype(int))
+
+
+def test_epochs_for_an_unknown_step_exit_2(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "torch_trainer_compare.py"),
+                           "--epochs", "flows=2", "--out", str(tmp_path / "out"),
+                           "--record", str(tmp_path / "record.jsonl")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "--epochs names no step of the config: ['flows']" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "record.jsonl").exists()

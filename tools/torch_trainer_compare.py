@@ -168,10 +168,8 @@ def trainer_config(document: dict[str, Any], *, images: Path, captions: Path,
 def comparable(document: dict[str, Any]) -> dict[str, Any]:
     """``document`` as both sides can run it: no LPIPS (the trainer's needs downloaded
     VGG16 weights), steps that end after their epochs, no samples or diagrams."""
-    steps = []
-    for step in document["training"]["pipeline"]["steps"]:
-        step = {k: v for k, v in step.items() if k not in ("use_lpips", "transition_on")}
-        steps.append(step)
+    steps = [{k: v for k, v in step.items() if k not in ("use_lpips", "transition_on")}
+             for step in document["training"]["pipeline"]["steps"]]
     return {**document,
             "training": {**document["training"],
                          "pipeline": {**document["training"]["pipeline"], "steps": steps}},
@@ -233,10 +231,11 @@ def score(models: FluxFlowModels, data: DataConfig) -> dict[str, float]:
 
 
 def with_epochs(document: dict[str, Any], epochs: dict[str, int]) -> dict[str, Any]:
-    """``document`` with the named steps' ``n_epochs`` replaced (to fit a time budget)."""
+    """``document`` with the named steps' ``n_epochs`` replaced (to fit a time budget);
+    ValueError for a name that is no step of it."""
     unknown = set(epochs) - {s["name"] for s in document["training"]["pipeline"]["steps"]}
     if unknown:
-        raise SystemExit(f"--epochs names no step of the config: {sorted(unknown)}")
+        raise ValueError(f"--epochs names no step of the config: {sorted(unknown)}")
     steps = [{**s, "n_epochs": epochs.get(s["name"], s["n_epochs"])}
              for s in document["training"]["pipeline"]["steps"]]
     return {**document, "training": {**document["training"], "pipeline": {
@@ -337,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
                   (item.split("=", 1) for item in args.epochs)}
     except ValueError:
         parser.error(f"--epochs takes STEP=N with N a whole number, got {args.epochs}")
+    document = comparable(yaml.safe_load(args.config.read_text()))
+    try:
+        with_epochs(document, epochs)
+    except ValueError as err:
+        parser.error(str(err))
     compare(args.config.resolve(), args.out, args.deps, args.time_limit, args.record,
             epochs, args.reuse)
     return 0
