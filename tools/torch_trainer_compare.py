@@ -3,6 +3,7 @@ steps and widths, scored by the same held-out evaluation.
 
     python tools/torch_trainer_compare.py [--config configs/quickstart.yaml] [--out DIR]
         [--deps DIR] [--epochs STEP=N ...] [--time-limit SECONDS] [--reuse]
+        [--model-from CHECKPOINT]
 
 1. Writes the config's demo training samples as the trainer's local-folder dataset: PNG
    files and a tab-separated ``captions.txt`` (file name, caption), plus a tokenizer
@@ -242,10 +243,23 @@ def with_epochs(document: dict[str, Any], epochs: dict[str, int]) -> dict[str, A
         **document["training"]["pipeline"], "steps": steps}}}
 
 
-def prepare(config: Path, out: Path, epochs: dict[str, int]
+# The trainer's discriminator widths (train.py builds PatchDiscriminator(base_ch=32,
+# depth=3)); its network differs from ours, so an imported checkpoint holds none.
+TRAINER_DISCRIMINATOR = {"disc_base_channels": 32, "disc_depth": 3}
+
+
+def architecture_of(checkpoint: Path) -> dict[str, Any]:
+    """Our model section for the architecture of the checkpoint (e.g. the trainer's output
+    directory) at ``checkpoint``, with the trainer's discriminator widths."""
+    config = dataclasses.asdict(load_fluxflow(checkpoint).config)
+    return {**{k: v for k, v in config.items() if v is not None}, **TRAINER_DISCRIMINATOR}
+
+
+def prepare(config: Path, out: Path, epochs: dict[str, int], model_from: Path | None = None
             ) -> tuple[dict[str, Any], Path, Path]:
-    """The comparable config, and both sides' YAML files written under ``out`` with the
-    trainer's image folder and tokenizer."""
+    """The comparable config (our side at ``model_from``'s architecture when given), and
+    both sides' YAML files written under ``out`` with the trainer's image folder and
+    tokenizer; the trainer's model is always the one ``config`` describes."""
     document = with_epochs(comparable(yaml.safe_load(config.read_text())), epochs)
     data = read_config(document).data
     out.mkdir(parents=True, exist_ok=True)
@@ -257,14 +271,16 @@ def prepare(config: Path, out: Path, epochs: dict[str, int]
         sort_keys=False))
     jax_yaml = out / "fluxflow_jax.yaml"
     jax_yaml.write_text(yaml.safe_dump(
-        {**document, "output": {**document["output"], "output_path": str(out / "jax_run")}},
+        {**document, **({"model": architecture_of(model_from)} if model_from else {}),
+         "output": {**document["output"], "output_path": str(out / "jax_run")}},
         sort_keys=False))
     return document, torch_yaml, jax_yaml
 
 
 def compare(config: Path, out: Path, deps: Path | None, time_limit: float, record: Path,
-            epochs: dict[str, int], reuse: bool = False) -> dict[str, Any]:
-    document, torch_yaml, jax_yaml = prepare(config, out, epochs)
+            epochs: dict[str, int], reuse: bool = False, model_from: Path | None = None
+            ) -> dict[str, Any]:
+    document, torch_yaml, jax_yaml = prepare(config, out, epochs, model_from)
     data = read_config(document).data
     path = os.pathsep.join(([str(deps)] if deps else []) + [os.environ.get("PYTHONPATH", "")])
     commands = {
@@ -278,7 +294,8 @@ def compare(config: Path, out: Path, deps: Path | None, time_limit: float, recor
         runs = {side: future.result() for side, future in futures.items()}
     shown = config.relative_to(ROOT) if config.is_relative_to(ROOT) else config
     command = f"python tools/torch_trainer_compare.py --config {shown}" + "".join(
-        f" --epochs {name}={count}" for name, count in epochs.items())
+        f" --epochs {name}={count}" for name, count in epochs.items()) + (
+        f" --model-from {model_from}" if model_from else "")
     result: dict[str, Any] = {"command": command, "held_out_samples": HELD_OUT}
     for side, load in (("torch", load_fluxflow), ("jax", run_models)):
         run_dir = out / f"{side}_run"
@@ -287,6 +304,7 @@ def compare(config: Path, out: Path, deps: Path | None, time_limit: float, recor
             entry["evaluation"] = score(load(run_dir), data)
         result[side] = entry
     result["config"] = document
+    result["jax_config"] = yaml.safe_load(jax_yaml.read_text())
     result["torch_config"] = yaml.safe_load(torch_yaml.read_text())
     with record.open("a") as f:
         f.write(json.dumps(result) + "\n")
@@ -328,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                         default=ROOT / "docs" / "torch_trainer_compare.jsonl")
     parser.add_argument("--epochs", action="append", default=[], metavar="STEP=N",
                         help="train step STEP for N epochs on both sides (repeatable)")
+    parser.add_argument("--model-from", type=Path, default=None, metavar="CHECKPOINT",
+                        help="train our side at this checkpoint's architecture, e.g. a "
+                             "finished trainer run's output directory")
     parser.add_argument("--reuse", action="store_true",
                         help="score a side's finished run in --out instead of training again")
     args = parser.parse_args(argv)
@@ -342,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     compare(args.config.resolve(), args.out, args.deps, args.time_limit, args.record,
-            epochs, args.reuse)
+            epochs, args.reuse, args.model_from)
     return 0
 
 
