@@ -11,14 +11,16 @@ steps and widths, scored by the same held-out evaluation.
 2. Writes the trainer's pipeline YAML for the same pipeline (``trainer_config``) and runs
    ``fluxflow_training.scripts.train`` on CPU in a subprocess under a time limit; its loss
    curves are its ``graph/training_metrics_<step>.jsonl``.
-3. Runs ``fluxflow-jax train`` on the same pipeline at the same time, imports the
-   trainer's output with ``load_fluxflow`` and scores both with ``evaluate`` on the same held-out demo samples;
-   appends one JSON line to ``--record`` and prints a markdown table.
+3. Runs ``fluxflow-jax train`` on the same pipeline at the same time (at the architecture
+   of ``--model-from``'s checkpoint when given, e.g. the one the trainer built), imports
+   the trainer's output with ``load_fluxflow`` and scores both with ``evaluate`` on the
+   same held-out demo samples; appends one JSON line to ``--record`` and prints a
+   markdown table.
 
-Both sides run without LPIPS: the trainer's LPIPS needs torchvision's VGG16 weights from
-the network; steps end after their epochs (``transition_on`` dropped). ``--epochs`` shortens
-steps on both sides to fit a time budget. The trainer's dependencies that are missing beside the CPU torch
-(``accelerate``, ``torchvision``, ``lpips``) can be installed with
+Both sides run without LPIPS (the trainer's LPIPS needs torchvision's VGG16 weights from
+the network), and steps end after their epochs (``transition_on`` dropped); ``--epochs``
+shortens steps on both sides to fit a time budget. The trainer's dependencies missing
+beside the CPU torch (``accelerate``, ``torchvision``, ``lpips``) can be installed with
 ``pip install --no-deps --target DIR`` and passed as ``--deps DIR``. PyPI's torchvision is
 a CUDA build whose compiled operators cannot load against the CPU torch; the trainer uses
 only its Python transforms and ``save_image``, so the launcher skips the registration of
@@ -362,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         with_epochs(document, epochs)
     except ValueError as err:
         parser.error(str(err))
+    if args.model_from is not None and not args.model_from.exists():
+        parser.error(f"--model-from {args.model_from} does not exist; give a finished "
+                     "trainer run's output directory or a checkpoint")
     compare(args.config.resolve(), args.out, args.deps, args.time_limit, args.record,
             epochs, args.reuse, args.model_from)
     return 0
