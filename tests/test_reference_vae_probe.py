@@ -1,0 +1,49 @@
+"""tools/reference_vae_probe.py: its oracle tokens and its unit-variance rescaling, on the
+real PyTorch fluxflow networks."""
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import reference_vae_probe as probe  # noqa: E402
+
+
+def test_oracle_tokens_are_the_pooled_colours_with_the_hw_token():
+    x = probe.images(range(2))
+    tokens = probe.oracle_tokens(x, 16)
+    assert tokens.shape == (2, 4 * 4 + 1, 16)
+    pooled = nn.functional.avg_pool2d(x, 8)  # [2, 3, 4, 4]
+    torch.testing.assert_close(tokens[:, 5, :3], pooled[:, :, 1, 1])
+    torch.testing.assert_close(tokens[:, 5, 3:6], pooled[:, :, 1, 1])
+    assert tokens[0, -1, 0].item() == 4 / 1024 and tokens[0, -1, 2:].abs().sum() == 0
+
+
+def test_unit_variance_rescales_every_layer_to_std_one():
+    torch.manual_seed(0)
+    encoder = probe.FluxCompressor(d_model=16, downscales=3, attn_layers=1, attn_heads=2,
+                                   use_gradient_checkpointing=False)
+    encoder.reparameterize = lambda mu, logvar: mu
+    x = probe.images(range(8))
+    stds = {}
+
+    def record(layer, _, output):
+        stds.setdefault(id(layer), output.std().item())
+
+    def layer_stds():
+        stds.clear()
+        handles = [m.register_forward_hook(record) for m in encoder.modules()
+                   if isinstance(m, (nn.Conv2d, nn.Linear))]
+        with torch.no_grad():
+            encoder(x)
+        for handle in handles:
+            handle.remove()
+        return list(stds.values())
+
+    assert min(layer_stds()) < 0.1  # PyTorch's init: later layers nearly silent
+    probe.scale_to_unit_variance(encoder, lambda: encoder(x))
+    after = layer_stds()
+    assert len(after) > 10
+    assert all(abs(std - 1) < 1e-4 for std in after), after
