@@ -12,6 +12,7 @@ from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.models.text_encoder import in_language_model
 from fluxflow_jax.training.flow_step import FlowOptions
 from fluxflow_jax.training.lpips import LPIPS
+from fluxflow_jax.training.modes import part_metrics
 from fluxflow_jax.training.state import Networks, PackedState, split_models
 from fluxflow_jax.training.train_step import (StageConfig, StageConfigError, TrainStep,
                                               metric_names)
@@ -253,7 +254,7 @@ def test_loss_switches_turn_terms_and_their_metrics_on_and_off(switched_runs):
 def test_image_statistics_terms_need_the_reconstruction():
     options = VAEOptions(train_reconstruction=False, train_colorstats=True)
     assert options.regularisers == ()
-    assert "loss_colorstats" not in options.metric_names()
+    assert "loss_colorstats" not in part_metrics("vae", options)
 
 
 def test_alternate_spade_conditions_the_even_batches(models):

@@ -24,6 +24,7 @@ from fluxflow_jax.pipeline.flags import flag_name
 from fluxflow_jax.pipeline.yaml_file import KeyPath, read_yaml
 from fluxflow_jax.suggest import did_you_mean
 from fluxflow_jax.training.flow_step import FlowOptions
+from fluxflow_jax.training.modes import STEP_MODES
 from fluxflow_jax.training.vae_step import VAEOptions
 
 
@@ -176,8 +177,7 @@ class StepConfig:
 STEP_CHECKS: dict[str, Check] = {
     "name": check_str, "description": check_str, "n_epochs": _OPTIONAL_POSITIVE_INT,
     "max_steps": _OPTIONAL_POSITIVE_INT,
-    **{key: check_bool for key in ("train_vae", "gan_training", "train_spade", "use_lpips",
-                                   "train_diff", "train_diff_full", "train_flow")},
+    **{key: check_bool for key in (*STEP_MODES, "use_lpips")},
     **{key: optional(check_bool) for key in ("train_reconstruction", "freeze_vae",
                                              "freeze_flow", "freeze_text_encoder")},
     "freeze": check_str_list, "unfreeze": check_str_list,
@@ -187,8 +187,7 @@ STEP_CHECKS: dict[str, Check] = {
     "initial_clipping_norm": optional(_POSITIVE),
     "gradient_accumulation_steps": _OPTIONAL_POSITIVE_INT, "cache_latents": check_bool,
     "use_ema": check_bool, "dataset": optional(check_str), **_option_checks()}
-MODE_KEYS = ("train_vae", "gan_training", "train_spade", "use_lpips", "train_diff",
-             "train_diff_full", "train_flow", "train_reconstruction")
+MODE_KEYS = (*STEP_MODES, "use_lpips", "train_reconstruction")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.pipeline.config import (ConfigError, DataConfig, DatasetConfig, Feed,
                                           RunConfig, StepConfig)
 from fluxflow_jax.pipeline.stages import Stage
+from fluxflow_jax.training import modes
 from fluxflow_jax.training.lpips import LPIPS, LPIPSWeightsError, default_weights_path
 from fluxflow_jax.training.lpips_weights import ConversionError, ensure_default_weights
 
@@ -236,8 +237,7 @@ def load_lpips(run: RunConfig, stages: list[Stage], *, fetch: bool = True) -> LP
     default weights file is created on first need; with ``fetch`` off (checking a config)
     a missing default file is no problem, since training will create it."""
     if run.output.validation_interval is None and not any(
-            s.config.vae and s.config.vae.train_reconstruction and s.config.vae.use_lpips
-            for s in stages):
+            modes.uses_lpips(s.config.vae, s.config.flow) for s in stages):
         return None
     path = Path(run.training.lpips_weights).expanduser() if run.training.lpips_weights \
         else None

@@ -22,6 +22,7 @@ from fluxflow_jax.pipeline.config import (FLOW_LOSS_KEYS, VAE_LOSS_KEYS, ConfigE
                                           RunConfig, StepConfig, TransitionConfig)
 from fluxflow_jax.suggest import did_you_mean
 from fluxflow_jax.training.flow_step import FlowOptions
+from fluxflow_jax.training.modes import METRIC_ALIASES, STEP_MODES
 from fluxflow_jax.training.optim_file import (OptimSchedFileError, per_model_optimization,
                                               read_optim_sched_file)
 from fluxflow_jax.training.train_step import (StageConfig, ema_components,
@@ -36,11 +37,6 @@ COMPONENT_NAMES = {"compressor": "compressor", "expander": "expander",
                    "D_img": "discriminator", LANGUAGE_MODEL: LANGUAGE_MODEL}
 FREEZE_FLAGS = {"freeze_vae": ("compressor", "expander"), "freeze_flow": ("flow_processor",),
                 "freeze_text_encoder": ("text_encoder",)}
-# The reference's transition metric names -> the metric the train step reports.
-METRIC_ALIASES = {"vae": "loss_recon", "vae_loss": "loss_recon", "recon": "loss_recon",
-                  "recon_loss": "loss_recon", "kl": "loss_kl", "kl_loss": "loss_kl",
-                  "generator": "loss_gen", "discriminator": "loss_disc",
-                  "lpips": "loss_lpips", "flow": "flow_loss"}
 
 
 @dataclass(frozen=True)
@@ -69,17 +65,14 @@ class Stage:
         return min(total, self.max_batches) if self.max_batches else total
 
 
+def _modes_on(step: StepConfig) -> list[str]:
+    """The step's mode keys that are on."""
+    return [key for key in STEP_MODES if getattr(step, key) is True]
+
+
 def _trained(step: StepConfig) -> set[str]:
-    """Components a step's modes train (the reference's rule: the text encoder never
-    counts, so it can always be frozen)."""
-    out = set()
-    if step.train_vae:
-        out |= {"compressor", "expander"}
-    if step.train_diff or step.train_diff_full or step.train_flow:
-        out.add("flow_processor")
-    if step.gan_training:
-        out.add("discriminator")
-    return out
+    """Components a step's modes count as training (``STEP_MODES``)."""
+    return {c for key in _modes_on(step) for c in STEP_MODES[key][1]}
 
 
 def _frozen_after(step: StepConfig, before: frozenset[str], problems: list[str]
@@ -107,15 +100,16 @@ def _frozen_after(step: StepConfig, before: frozenset[str], problems: list[str]
 def _options(step: StepConfig) -> tuple[VAEOptions | None, FlowOptions | None]:
     """The step's loss options; ``use_ema: false`` turns off both groups' averages."""
     averages = {} if step.use_ema else {"ema_decay": None}
+    parts = {STEP_MODES[key][0] for key in _modes_on(step)}
     vae = flow = None
-    if step.train_vae or step.gan_training or step.train_spade:
+    if "vae" in parts:
         reconstruction = (step.train_vae if step.train_reconstruction is None
                           else step.train_reconstruction)
         vae = VAEOptions(train_reconstruction=reconstruction, use_gan=step.gan_training,
                          train_spade=step.train_spade, use_lpips=step.use_lpips,
                          **{**{k: v for k, v in step.losses.items() if k in VAE_LOSS_KEYS},
                             **averages})
-    if step.train_diff or step.train_diff_full or step.train_flow:
+    if "flow" in parts:
         flow = FlowOptions(**{**{FLOW_LOSS_KEYS[k]: v for k, v in step.losses.items()
                                  if k in FLOW_LOSS_KEYS}, **averages})
     return vae, flow
@@ -198,11 +192,10 @@ def _step_problems(step: StepConfig, pipeline: bool) -> list[str]:
     if pipeline and step.n_epochs is None:
         problems.append("n_epochs is required (the most epochs the step runs), e.g. "
                         "n_epochs: 10")
-    if not ({"train_vae", "gan_training", "train_spade", "train_diff", "train_diff_full",
-             "train_flow"} & {k for k in vars(step) if getattr(step, k) is True}):
-        problems.append("at least one training mode must be on: train_vae, gan_training, "
-                        "train_spade, train_diff, train_diff_full or train_flow (use_lpips "
-                        "alone trains nothing)")
+    if not _modes_on(step):
+        *most, last = STEP_MODES
+        problems.append(f"at least one training mode must be on: {', '.join(most)} or "
+                        f"{last} (use_lpips alone trains nothing)")
     return problems
 
 

@@ -16,14 +16,14 @@ from fluxflow_jax.evaluation import HeldOutError, evaluate, held_out, metric_nam
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.pipeline.config import ConfigError, RunConfig, TransitionConfig
 from fluxflow_jax.pipeline.metrics_log import VALIDATION_PREFIX as PREFIX
+from fluxflow_jax.training import modes
 from fluxflow_jax.training.lpips import LPIPS
 from fluxflow_jax.training.train_step import StageConfig
 
 
 def parts(stage: StageConfig) -> tuple[str, ...]:
     """The evaluation parts that measure what ``stage`` trains."""
-    return (("autoencoder",) if stage.vae is not None else ()) + \
-        (("flow", "text_to_image") if stage.flow is not None else ())
+    return modes.validated_parts(stage.vae, stage.flow)
 
 
 def names(run: RunConfig, stage: StageConfig) -> tuple[str, ...]:

@@ -25,12 +25,11 @@ from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.training import diffusion, losses
 from fluxflow_jax.training.accumulation import MicroBatches, pooled_std
 from fluxflow_jax.training.groups import OptimizerGroup, global_norm
+from fluxflow_jax.training.modes import MODES, part_metrics
 from fluxflow_jax.training.state import Networks, TrainState, Update
 
 # Batch entries that stand for the images: their cached posterior (``latent_cache``).
 POSTERIOR_KEYS = ("latent_mu", "latent_logvar", "latent_grid")
-FLOW_METRICS = ("flow_loss", "diff_loss", "align_loss", "grad_norm_flow", "grad_norm_text",
-                "lr_flow", "lr_text", "pred_mean", "pred_std")
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
                 use_alignment: bool, micro: MicroBatches = MicroBatches()) -> Update:
     """One flow (and text encoder) update of ``state`` from the batch's ``micro``-batches."""
     k_latent, k_time, k_noise, k_dropout, k_cfg = jax.random.split(key, 5)
-    trained = {name: groups[name] for name in ("flow", "text_encoder") if name in groups}
+    trained = {name: groups[name] for name in MODES["flow"].groups if name in groups}
     cached = POSTERIOR_KEYS[0] in batch
     source = {k: batch[k] for k in (POSTERIOR_KEYS if cached else ("images",))}
 
@@ -181,7 +180,7 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
 
     averaged, stacked = micro.run(micro_batch, parts)
     grads, total = averaged.pop("grads"), averaged["flow_loss"]
-    metrics = {name: jnp.zeros([], jnp.float32) for name in FLOW_METRICS}
+    metrics = {name: jnp.zeros([], jnp.float32) for name in part_metrics("flow", options)}
     metrics.update(averaged, pred_std=pooled_std(stacked["mean"], stacked["deviations"],
                                                  draws["noise"].size // micro.count))
     finite = jnp.isfinite(total)

@@ -25,12 +25,13 @@ from fluxflow_jax.models.bundle import COMPONENTS, FluxFlowModels
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.models.text_encoder import LANGUAGE_MODEL, in_language_model
 from fluxflow_jax.suggest import did_you_mean
+from fluxflow_jax.training import modes
 from fluxflow_jax.training.accumulation import MicroBatches
 from fluxflow_jax.training.compiler import compiler_options
-from fluxflow_jax.training.flow_step import (FLOW_METRICS, POSTERIOR_KEYS, FlowOptions,
-                                             flow_update)
+from fluxflow_jax.training.flow_step import POSTERIOR_KEYS, FlowOptions, flow_update
 from fluxflow_jax.training.groups import OptimizerGroup
 from fluxflow_jax.training.lpips import LPIPS
+from fluxflow_jax.training.modes import GROUPS
 from fluxflow_jax.training.optimizers import default_optimizer_config, optimizer_config_problems
 from fluxflow_jax.training.performance import MemoryUse, flops_per_device, memory_use
 from fluxflow_jax.training.precision import PRECISIONS, compute_dtype
@@ -38,7 +39,6 @@ from fluxflow_jax.training.schedules import default_scheduler_config, scheduler_
 from fluxflow_jax.training.state import Networks, PackedState, TrainState, new_train_state
 from fluxflow_jax.training.vae_step import VAEOptions, unused_expander_leaf, vae_gan_update
 
-GROUPS = ("vae", "discriminator", "flow", "text_encoder")
 # What a stage may freeze: a component, or the text encoder's DistilBERT alone (its head
 # still trains).
 FREEZABLE = (*COMPONENTS, LANGUAGE_MODEL)
@@ -67,14 +67,7 @@ class StageConfig:
     gradient_accumulation_steps: int = 1  # micro-batches per update (see accumulation)
 
     def required_components(self) -> set[str]:
-        required = set()
-        if self.vae is not None:
-            required |= {"compressor", "expander"}
-            if self.vae.use_gan:
-                required.add("discriminator")
-        if self.flow is not None:
-            required |= {"compressor", "flow_processor", "text_encoder"}
-        return required
+        return modes.required_components(self.vae, self.flow)
 
     def problems(self) -> list[str]:
         out = []
@@ -103,28 +96,14 @@ class StageConfig:
 
     def group_components(self) -> dict[str, tuple[str, ...]]:
         """The components each active optimizer group trains (frozen ones left out)."""
-        wanted = {}
-        if self.vae is not None:
-            wanted["vae"] = ("compressor",) + (("expander",) if self.vae.decodes else ())
-            if self.vae.use_gan:
-                wanted["discriminator"] = ("discriminator",)
-        if self.flow is not None:
-            wanted["flow"] = ("flow_processor",)
-            wanted["text_encoder"] = ("text_encoder",)
-        trained = {g: tuple(c for c in cs if c not in self.frozen) for g, cs in wanted.items()}
+        trained = {g: tuple(c for c in cs if c not in self.frozen)
+                   for g, cs in modes.group_components(self.vae, self.flow).items()}
         return {g: cs for g, cs in trained.items() if cs}
-
-
-def _ema_decays(stage: StageConfig) -> dict[str, float | None]:
-    """Each optimizer group's EMA decay (None: no average)."""
-    flow = stage.flow.ema_decay if stage.flow else None
-    return {"vae": stage.vae.ema_decay if stage.vae else None, "discriminator": None,
-            "flow": flow, "text_encoder": flow}
 
 
 def ema_components(stage: StageConfig) -> tuple[str, ...]:
     """The components the stage keeps an exponential moving average of."""
-    decays = _ema_decays(stage)
+    decays = modes.ema_decays(stage.vae, stage.flow)
     return tuple(c for group, components in stage.group_components().items()
                  if decays[group] is not None for c in components)
 
@@ -132,7 +111,7 @@ def ema_components(stage: StageConfig) -> tuple[str, ...]:
 def _build_groups(stage: StageConfig) -> dict[str, OptimizerGroup]:
     unused = unused_expander_leaf(stage.vae) if stage.vae else (lambda path: False)
     language_model_frozen = LANGUAGE_MODEL in stage.frozen
-    ema = _ema_decays(stage)
+    ema = modes.ema_decays(stage.vae, stage.flow)
 
     def frozen_leaf(component: str, path: tuple) -> bool:
         if component == "expander":
@@ -171,8 +150,7 @@ class TrainStep:
             problems.append(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         missing = sorted(stage.required_components() - set(models.present()))
         problems += [f"the stage needs the {name}, which the models lack" for name in missing]
-        needs_lpips = stage.vae is not None and stage.vae.train_reconstruction and \
-            stage.vae.use_lpips
+        needs_lpips = modes.uses_lpips(stage.vae, stage.flow)
         if needs_lpips and lpips is None:
             problems.append("use_lpips is on but no LPIPS network was given (LPIPS.from_file())")
         if problems:
@@ -377,8 +355,7 @@ def _shapes(batch: Mapping[str, Any]) -> tuple:
 
 def metric_names(stage: StageConfig) -> tuple[str, ...]:
     """The keys a stage's metrics dict holds."""
-    return ((stage.vae.metric_names() if stage.vae else ())
-            + (FLOW_METRICS if stage.flow else ()) + ("skipped",))
+    return modes.metric_names(stage.vae, stage.flow)
 
 
 def _check_batch(batch: Mapping[str, jax.Array], stage: StageConfig,

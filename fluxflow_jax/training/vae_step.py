@@ -28,13 +28,9 @@ from fluxflow_jax.training.accumulation import MicroBatches
 from fluxflow_jax.training.balancing import adaptive_weights, push
 from fluxflow_jax.training.groups import OptimizerGroup, Params, global_norm
 from fluxflow_jax.training.lpips import LPIPS
+from fluxflow_jax.training.modes import part_metrics
 from fluxflow_jax.training.routing import fork
 from fluxflow_jax.training.state import BALANCED_LOSSES, Networks, TrainState, Update
-
-VAE_METRICS = ("loss_recon", "loss_l1", "loss_mse", "loss_kl", "kl_beta", "loss_lpips", "loss_gen",
-               "loss_disc", "r1_penalty", "weight_recon", "weight_kl", "weight_gan",
-               "grad_norm_vae", "grad_norm_disc", "lr_vae", "lr_disc")
-_KL_METRICS = ("loss_kl", "kl_beta")  # reported when the KL term trains
 
 
 @dataclass(frozen=True)
@@ -75,23 +71,12 @@ class VAEOptions:
         return field_problems(self, _VAE_CHECKS)
 
     @property
-    def decodes(self) -> bool:
-        """Whether any loss reads the decoder (else it gets no gradient at all)."""
-        return self.train_reconstruction or self.use_gan
-
-    @property
     def regularisers(self) -> tuple[str, ...]:
         """The image-statistics terms the stage adds (they compare the reconstruction)."""
         if not self.train_reconstruction:
             return ()
         return tuple(name for name in image_statistics.WEIGHTS
                      if getattr(self, f"train_{name}"))
-
-    def metric_names(self) -> tuple[str, ...]:
-        """The keys of the stage's VAE metrics: the KL ones only while KL trains, one
-        ``loss_<term>`` per image-statistics term."""
-        base = tuple(m for m in VAE_METRICS if self.train_kl or m not in _KL_METRICS)
-        return base + tuple(f"loss_{name}" for name in self.regularisers)
 
 
 _NON_NEGATIVE = in_interval("[0, inf)", 0.1)
@@ -272,7 +257,7 @@ def vae_gan_update(options: VAEOptions, nets: Networks, groups: Mapping[str, Opt
 
         first, fakes = micro.run(first_pass, parts)
     params, opt_states, buffers = state.params, dict(state.opt_states), state.buffers
-    metrics = {name: jnp.zeros([], jnp.float32) for name in options.metric_names()}
+    metrics = {name: jnp.zeros([], jnp.float32) for name in part_metrics("vae", options)}
     finite = jnp.array(True)
     discriminator = None
     if options.use_gan:

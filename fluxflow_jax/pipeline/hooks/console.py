@@ -10,19 +10,13 @@ from fluxflow_jax.pipeline.console import ProgressBar, progress_line
 from fluxflow_jax.pipeline.hooks import Hook, StepInfo
 from fluxflow_jax.pipeline.position import Position
 from fluxflow_jax.pipeline.stages import Stage
+from fluxflow_jax.training import modes
 from fluxflow_jax.training.state import PackedState
 
 
 def console_metrics(stage: Stage) -> set[str]:
     """The metrics the progress line shows: the losses this stage trains."""
-    vae, flow, shown = stage.config.vae, stage.config.flow, set()
-    if vae is not None:
-        shown |= {"loss_kl"} | ({"loss_recon"} if vae.train_reconstruction else set())
-        shown |= {"loss_gen", "loss_disc"} if vae.use_gan else set()
-        shown |= {"loss_lpips"} if vae.use_lpips and vae.train_reconstruction else set()
-    if flow is not None:
-        shown.add("flow_loss")
-    return shown
+    return modes.shown(stage.config.vae, stage.config.flow)
 
 
 class Console(Hook):
