@@ -15,10 +15,6 @@ from typing import TYPE_CHECKING, Mapping, TextIO
 if TYPE_CHECKING:  # the console needs no JAX to format a line
     from fluxflow_jax.training.train_step import Compilation
 
-# (label, metric) in display order; a part is shown only when its metric is averaged.
-CONSOLE_PARTS = (("VAE", "loss_recon"), ("KL", "loss_kl"), ("G", "loss_gen"),
-                 ("D", "loss_disc"), ("LPIPS", "loss_lpips"), ("Flow", "flow_loss"))
-
 
 def format_duration(seconds: float) -> str:
     """``HHHH:MM:SS.mmm``. Rounded to the millisecond first, so 59.9999 s carries to
@@ -33,17 +29,16 @@ def format_duration(seconds: float) -> str:
 
 def progress_line(elapsed: float, step_name: str, step_index: int, step_count: int,
                   epoch: int, epochs: int, batch: int, batches: int,
-                  averages: Mapping[str, float], seconds_per_batch: float,
+                  losses: Mapping[str, float], seconds_per_batch: float,
                   skipped: int = 0, *, images_per_second: float | None = None,
                   mfu: float | None = None) -> str:
     """One progress line. Positions are printed as given (pass 1-based step and epoch
-    numbers); ``averages`` holds only the metrics the stage trains (the train step reports
-    zeros for the others); ``skipped`` batches are shown when there are any, the speed
-    (images/s, MFU) when known."""
+    numbers); ``losses`` maps each shown loss's label to its average, in display order
+    (``modes.shown`` says which, for a stage); ``skipped`` batches are shown when there are
+    any, the speed (images/s, MFU) when known."""
     parts = [f"[{format_duration(elapsed)}] Step {step_name} ({step_index}/{step_count})",
              f"Epoch {epoch}/{epochs}", f"Batch {batch}/{batches}"]
-    parts += [f"{label}: {averages[name]:.4f}" for label, name in CONSOLE_PARTS
-              if name in averages]
+    parts += [f"{label}: {value:.4f}" for label, value in losses.items()]
     if skipped > 0:
         parts.append(f"skipped {skipped}")
     if images_per_second is not None:

@@ -28,8 +28,7 @@ from fluxflow_jax.pipeline.setup import (Loaders, check_output_path, check_text_
                                          load_lpips, make_mesh, model_config)
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.pipeline.validation import Validation
-from fluxflow_jax.training import image_statistics
-from fluxflow_jax.training.flow_step import FlowOptions
+from fluxflow_jax.training import modes
 
 
 class Plan(NamedTuple):
@@ -87,38 +86,6 @@ def parameter_counts(model: FluxFlowConfig) -> dict[str, int]:
                 leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
                 if in_language_model(tuple(getattr(k, "key", k) for k in path)))
     return counts
-
-
-def _losses(stage: Stage) -> list[str]:
-    out = []
-    vae, flow = stage.config.vae, stage.config.flow
-    if vae is not None:
-        if vae.train_reconstruction:
-            out.append(f"reconstruction (L1 + {vae.mse_weight}·MSE"
-                       + (f" + {vae.lambda_lpips}·LPIPS)" if vae.use_lpips else ")"))
-        if vae.train_kl:
-            out.append(f"KL (beta {vae.kl_beta}, warm-up {vae.kl_warmup_steps} updates)")
-        if vae.use_gan:
-            out.append(f"GAN (lambda_adv {vae.lambda_adv}, R1 {vae.r1_gamma} every "
-                       f"{vae.r1_interval})")
-        out += [f"{image_statistics.WEIGHTS[name]}·{name}"
-                + (" (hard counts, no gradient)" if name == "histogram"
-                   and not vae.soft_histogram else "") for name in vae.regularisers]
-        if not vae.train_spade:
-            out.append("SPADE off")
-        elif vae.spade_training_mode == "alternate":
-            out.append("SPADE on even batches only")
-    if flow is not None:
-        out.append("flow v-prediction"
-                   + (f" + {flow.lambda_align}·alignment" if flow.lambda_align else ""))
-        if (flow.num_train_timesteps, flow.start_step) != (FlowOptions.num_train_timesteps, 0):
-            out.append(f"timesteps {flow.start_step}..{flow.num_train_timesteps - 1} of "
-                       f"{flow.num_train_timesteps}")
-        if flow.cfg_dropout_prob:
-            out.append(f"text dropout {flow.cfg_dropout_prob}"
-                       + (" scaled by timestep" if flow.cfg_dropout_schedule == "timestep"
-                          else ""))
-    return out
 
 
 def _accumulation(config: RunConfig, stage: Stage) -> list[str]:
@@ -179,11 +146,12 @@ def describe(config: RunConfig, plan: Plan) -> str:
                      f"step ends, on {config.data.validation_samples} held-out samples")
     for stage in stages:
         groups = stage.config.group_components()
+        losses = modes.losses(stage.config.vae, stage.config.flow)
         lines += [f"Step {stage.index + 1}/{len(stages)} '{stage.label}'"
                   + (f": {stage.step.description}" if stage.step.description else ""),
                   f"  runs: up to {stage.planned_batches()} batches; ends {_transition(stage)}",
                   *_dataset(config, stage), *_accumulation(config, stage),
-                  f"  losses: {', '.join(_losses(stage))}",
+                  f"  losses: {', '.join(losses)}",
                   f"  frozen: {', '.join(sorted(stage.config.frozen)) or 'nothing'}"]
         lines += [f"  {note}" for note in stage.notes]
         for group, components in groups.items():

@@ -1,6 +1,7 @@
 """Images written during training, from the same inputs and noise every time, so that they
 compare over the run: reconstructions of fixed images (with and without the decoder's SPADE
-context) in stages that train the VAE, and text-to-image for fixed captions in flow stages.
+context) and text-to-image for fixed captions, as the modes table says for the stage (VAE
+stages: reconstructions; flow stages: text-to-image).
 
 Files go to ``<output_path>/samples/`` as ``sample_<step>_epoch_<N>_batch_<M>_<variant>.png``
 (variant ``vae``, or the generated size ``<W>x<H>``).
@@ -27,6 +28,7 @@ from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.pipeline.config import ConfigError, OutputConfig, RunConfig
 from fluxflow_jax.pipeline.stages import Stage
 from fluxflow_jax.sampling import generate, latent_grid, to_uint8
+from fluxflow_jax.training import modes
 
 log = logging.getLogger(__name__)
 FIXED_IMAGES = 2  # reconstructed when output.test_image_address names none
@@ -109,7 +111,8 @@ class Samples:
         prefix = f"sample_{stage.label}_epoch_{epoch}_batch_{batch}"
         written = []
         key = jax.random.PRNGKey(SAMPLE_SEED)
-        if stage.config.vae is not None and self.images is not None:
+        kinds = modes.sampled(stage.config.vae, stage.config.flow)
+        if modes.RECONSTRUCTIONS in kinds and self.images is not None:
             images = jnp.asarray(self.images)
             hw = models.compressor.latent_shape(*images.shape[1:3])
             rows = [images] + [_reconstruct(models.compressor, models.expander, images, key,
@@ -118,7 +121,7 @@ class Samples:
             grid = np.concatenate([np.concatenate(list(to_uint8(r)), axis=0) for r in rows],
                                   axis=1)  # columns: original, with context, without
             written.append(self._save(grid, f"{prefix}_vae.png"))
-        if stage.config.flow is not None and self.tokens is not None:
+        if modes.GENERATIONS in kinds and self.tokens is not None:
             ids, mask = (jnp.asarray(a) for a in self.tokens)
             for height, width in self.sizes:
                 images = generate(models, ids, mask, height=height, width=width, key=key,

@@ -4,19 +4,21 @@ terminal), and the line that says why a stage ended."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from fluxflow_jax.pipeline.console import ProgressBar, progress_line
 from fluxflow_jax.pipeline.hooks import Hook, StepInfo
 from fluxflow_jax.pipeline.position import Position
 from fluxflow_jax.pipeline.stages import Stage
-from fluxflow_jax.training import modes
+from fluxflow_jax.training import StageConfig, modes
 from fluxflow_jax.training.state import PackedState
 
 
-def console_metrics(stage: Stage) -> set[str]:
-    """The metrics the progress line shows: the losses this stage trains."""
-    return modes.shown(stage.config.vae, stage.config.flow)
+def console_losses(stage: StageConfig, averages: Mapping[str, float]) -> dict[str, float]:
+    """The progress line's losses, label -> average in the table's order: those the stage
+    trains that have an average (the train step reports zeros for the others)."""
+    return {label: averages[metric] for label, metric in modes.shown(stage.vae, stage.flow)
+            if metric in averages}
 
 
 class Console(Hook):
@@ -52,11 +54,10 @@ class Console(Hook):
         self.bar.update(info.batch)
         if info.logged:
             averages, speed = info.report
-            shown = console_metrics(stage)
             self.echo(progress_line(
                 time.perf_counter() - self.started, stage.label, stage.index + 1,
                 self.stage_count, info.epoch + 1, stage.epochs, info.batch,
-                stage.batches_per_epoch, {k: v for k, v in averages.items() if k in shown},
+                stage.batches_per_epoch, console_losses(stage.config, averages),
                 speed.seconds_per_batch, info.position.skipped,
                 images_per_second=speed.images_per_second, mfu=speed.mfu))
         if info.epoch_end or info.done:
