@@ -168,4 +168,9 @@ def default_text(value: Any) -> str:
         return json.dumps(list(value))
     if isinstance(value, dict):
         return json.dumps(value)
+    if isinstance(value, float):
+        mantissa, exponent = f"{value:.0e}".split("e")
+        short = f"{mantissa}e{int(exponent)}"  # 5e-4 rather than 0.0005
+        if float(short) == value and len(short) < len(repr(value)):
+            return short
     return repr(value)

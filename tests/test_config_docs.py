@@ -1,0 +1,88 @@
+"""Config keys are declared once: docs/pipeline.md's key tables, the reader's checks and the
+command-line flags all come from the declarations, and the docs stay current."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fluxflow_jax.cli import build_parser
+from fluxflow_jax.pipeline.config import (DATA_ALIASES, DATA_CHECKS, FLAGS, DataConfig,
+                                          load_config)
+from fluxflow_jax.pipeline.flags import overrides
+from fluxflow_jax.pipeline.key_docs import TABLES, missing_tables, with_tables
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "pipeline.md"
+TOOL = ROOT / "tools" / "config_docs.py"
+
+
+def test_docs_key_tables_match_the_declarations():
+    text = DOCS.read_text(encoding="utf-8")
+    assert not missing_tables(text), f"docs/pipeline.md lacks the tables {missing_tables(text)}"
+    assert with_tables(text) == text, (
+        "docs/pipeline.md's config key tables differ from the declarations; run "
+        "'python tools/config_docs.py' to rewrite them")
+
+
+def _run_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": ""}, check=False)
+
+
+def test_tool_check_fails_on_a_stale_table_and_rewriting_fixes_it(tmp_path):
+    stale = tmp_path / "pipeline.md"
+    stale.write_text(DOCS.read_text(encoding="utf-8").replace(
+        "| `img_size` | 1024 |", "| `img_size` | 512 |"), encoding="utf-8")
+    failed = _run_tool("--check", "--docs", str(stale))
+    assert failed.returncode == 1
+    assert "python tools/config_docs.py" in failed.stderr
+    assert _run_tool("--docs", str(stale)).returncode == 0
+    assert stale.read_text(encoding="utf-8") == DOCS.read_text(encoding="utf-8")
+    assert _run_tool("--check", "--docs", str(stale)).returncode == 0
+
+
+def test_tool_names_missing_markers(tmp_path):
+    bare = tmp_path / "pipeline.md"
+    bare.write_text(DOCS.read_text(encoding="utf-8").replace("<!-- keys: output -->", ""),
+                    encoding="utf-8")
+    failed = _run_tool("--check", "--docs", str(bare))
+    assert failed.returncode == 1 and "['output']" in failed.stderr
+
+
+def test_the_table_of_a_section_lists_its_declared_keys_with_default_and_help():
+    rows = TABLES["data"].splitlines()[2:]
+    assert [row.split("`")[1] for row in rows] == list(DATA_CHECKS)
+    assert f"| `img_size` | {DataConfig.img_size} | short side of the training images" in (
+        TABLES["data"])
+    assert "read WebDataset tar shards (alias `use_tt2m`)" in TABLES["data"]
+    assert DATA_ALIASES == {"use_tt2m": "use_webdataset", "tt2m_token": "webdataset_token"}
+
+
+def test_train_help_shows_each_flag_with_its_key_help(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--img_size IMG_SIZE short side of the training images (aspect kept, 16-pixel " \
+           "grid) (sets data.img_size)" in shown
+    assert "--kl_beta KL_BETA final KL weight β (sets training.kl_beta)" in shown
+    assert "--use_tt2m old name of --use_webdataset (sets data.use_webdataset)" in shown
+    assert all(f"--{flag.name}" in shown for flag in FLAGS)
+
+
+@pytest.mark.parametrize("argv, read, value", [
+    (["--use_tt2m"], lambda c: c.data.use_webdataset, True),
+    (["--reduced_min_sizes", "256", "512"], lambda c: c.data.reduced_min_sizes, (256, 512)),
+    (["--sample_sizes", "512", "512x384"], lambda c: c.output.sample_sizes, (512, "512x384")),
+    (["--initial_clipping_norm", "0.5"], lambda c: c.training.initial_clipping_norm, 0.5),
+    (["--kl_beta", "0.01"], lambda c: c.training.step.losses["kl_beta"], 0.01),
+    (["--train_vae"], lambda c: c.training.step.train_vae, True),
+])
+def test_derived_flags_set_their_keys(tmp_path, argv, read, value):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("data: {use_demo: true}\n")
+    args = build_parser().parse_args(["train", "--config", str(config_file), *argv])
+    assert read(load_config(config_file, overrides(args))) == value
