@@ -91,7 +91,17 @@ class Flag:
     section: str
     key: str
     kind: Any  # a type, "flag" (store_true) or (type, "+") for a list
-    help: str
+    help: str  # markdown
+
+    @property
+    def usage(self) -> str:
+        """How it is given, e.g. ``--img_size VALUE``."""
+        value = ("" if self.kind == "flag" else f" {METAVAR} [{METAVAR} ...]"
+                 if isinstance(self.kind, tuple) else f" {METAVAR}")
+        return f"--{self.name}{value}"
+
+
+METAVAR = "VALUE"
 
 
 def flags_of(section: str, cls: type) -> list[Flag]:
@@ -103,10 +113,21 @@ def flags_of(section: str, cls: type) -> list[Flag]:
             continue
         name = key.name if flag is True else flag
         kind = argparse_kind(key.type)
-        out.append(Flag(name, section, key.name, kind, plain(key.setting.help)))
-        out.extend(Flag(alias, section, key.name, kind, f"old name of --{name}")
+        out.append(Flag(name, section, key.name, kind, key.setting.help))
+        out.extend(Flag(alias, section, key.name, kind, f"old name of `--{name}`")
                    for alias in key.setting.aliases)
     return out
+
+
+def flag_table(flags: list[Flag] | tuple[Flag, ...], anchors_in: str) -> str:
+    """The markdown table ``| flag | sets | meaning |`` of ``flags``, for another page than
+    ``anchors_in``, the one the helps' ``(#anchor)`` links point into."""
+    rows = ["| flag | sets | meaning |", "|---|---|---|"]
+    for flag in flags:
+        target = f"`{flag.section}.{flag.key}`" if flag.key else f"top-level `{flag.section}`"
+        meaning = flag.help.replace("](#", f"]({anchors_in}#")
+        rows.append(f"| `{flag.usage}` | {target} | {meaning} |")
+    return "\n".join(rows)
 
 
 def argparse_kind(annotation: Any) -> Any:

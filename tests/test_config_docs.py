@@ -1,8 +1,10 @@
-"""Config keys are declared once: docs/pipeline.md's key tables, the reader's checks and the
-command-line flags all come from the declarations, and the docs stay current."""
+"""Config keys are declared once: the key tables of docs/pipeline.md, the flag tables of
+docs/training.md, the reader's checks and the command-line flags all come from the
+declarations, and the docs stay current."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,18 +15,19 @@ from fluxflow_jax.cli import build_parser
 from fluxflow_jax.pipeline.config import (DATA_ALIASES, DATA_CHECKS, FLAGS, DataConfig,
                                           load_config)
 from fluxflow_jax.pipeline.flags import overrides
-from fluxflow_jax.pipeline.key_docs import TABLES, missing_tables, with_tables
+from fluxflow_jax.pipeline.key_docs import KEY_TABLES, PAGES, missing_tables, with_tables
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "pipeline.md"
+DOCS = ROOT / "docs"
 TOOL = ROOT / "tools" / "config_docs.py"
 
 
-def test_docs_key_tables_match_the_declarations():
-    text = DOCS.read_text(encoding="utf-8")
-    assert not missing_tables(text), f"docs/pipeline.md lacks the tables {missing_tables(text)}"
-    assert with_tables(text) == text, (
-        "docs/pipeline.md's config key tables differ from the declarations; run "
+@pytest.mark.parametrize("page", sorted(PAGES))
+def test_docs_tables_match_the_declarations(page):
+    text = (DOCS / page).read_text(encoding="utf-8")
+    assert not missing_tables(page, text), f"docs/{page} lacks {missing_tables(page, text)}"
+    assert with_tables(page, text) == text, (
+        f"docs/{page}'s config tables differ from the declarations; run "
         "'python tools/config_docs.py' to rewrite them")
 
 
@@ -33,32 +36,42 @@ def _run_tool(*args: str) -> subprocess.CompletedProcess:
                           env={"PYTHONPATH": str(ROOT), "PATH": ""}, check=False)
 
 
+def _copy_docs(tmp_path: Path) -> Path:
+    for page in PAGES:
+        shutil.copy(DOCS / page, tmp_path / page)
+    return tmp_path
+
+
 def test_tool_check_fails_on_a_stale_table_and_rewriting_fixes_it(tmp_path):
-    stale = tmp_path / "pipeline.md"
-    stale.write_text(DOCS.read_text(encoding="utf-8").replace(
+    docs = _copy_docs(tmp_path)
+    page = docs / "pipeline.md"
+    page.write_text(page.read_text(encoding="utf-8").replace(
         "| `img_size` | 1024 |", "| `img_size` | 512 |"), encoding="utf-8")
-    failed = _run_tool("--check", "--docs", str(stale))
+    failed = _run_tool("--check", "--docs", str(docs))
     assert failed.returncode == 1
-    assert "python tools/config_docs.py" in failed.stderr
-    assert _run_tool("--docs", str(stale)).returncode == 0
-    assert stale.read_text(encoding="utf-8") == DOCS.read_text(encoding="utf-8")
-    assert _run_tool("--check", "--docs", str(stale)).returncode == 0
+    assert "pipeline.md" in failed.stderr and "python tools/config_docs.py" in failed.stderr
+    assert _run_tool("--docs", str(docs)).returncode == 0
+    assert page.read_text(encoding="utf-8") == (DOCS / "pipeline.md").read_text(
+        encoding="utf-8")
+    assert _run_tool("--check", "--docs", str(docs)).returncode == 0
 
 
 def test_tool_names_missing_markers(tmp_path):
-    bare = tmp_path / "pipeline.md"
-    bare.write_text(DOCS.read_text(encoding="utf-8").replace("<!-- keys: output -->", ""),
-                    encoding="utf-8")
-    failed = _run_tool("--check", "--docs", str(bare))
-    assert failed.returncode == 1 and "['output']" in failed.stderr
+    docs = _copy_docs(tmp_path)
+    page = docs / "training.md"
+    page.write_text(page.read_text(encoding="utf-8").replace("<!-- keys: flags_output -->",
+                                                             ""), encoding="utf-8")
+    failed = _run_tool("--check", "--docs", str(docs))
+    assert failed.returncode == 1 and "['flags_output']" in failed.stderr
 
 
-def test_the_table_of_a_section_lists_its_declared_keys_with_default_and_help():
-    rows = TABLES["data"].splitlines()[2:]
+def test_a_key_table_lists_the_declared_keys_with_default_help_and_aliases():
+    rows = KEY_TABLES["data"].splitlines()[2:]
     assert [row.split("`")[1] for row in rows] == list(DATA_CHECKS)
     assert f"| `img_size` | {DataConfig.img_size} | short side of the training images" in (
-        TABLES["data"])
-    assert "read WebDataset tar shards (alias `use_tt2m`)" in TABLES["data"]
+        KEY_TABLES["data"])
+    assert "| `use_webdataset` | false | read WebDataset tar shards (alias `use_tt2m`) |" in (
+        KEY_TABLES["data"])
     assert DATA_ALIASES == {"use_tt2m": "use_webdataset", "tt2m_token": "webdataset_token"}
 
 
@@ -66,10 +79,11 @@ def test_train_help_shows_each_flag_with_its_key_help(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
-    assert "--img_size IMG_SIZE short side of the training images (aspect kept, 16-pixel " \
+    assert "--img_size VALUE short side of the training images (aspect kept, 16-pixel " \
            "grid) (sets data.img_size)" in shown
-    assert "--kl_beta KL_BETA final KL weight β (sets training.kl_beta)" in shown
+    assert "--kl_beta VALUE final KL weight β (sets training.kl_beta)" in shown
     assert "--use_tt2m old name of --use_webdataset (sets data.use_webdataset)" in shown
+    assert "[Gradient accumulation]" not in shown and "Gradient accumulation" in shown
     assert all(f"--{flag.name}" in shown for flag in FLAGS)
 
 
@@ -80,6 +94,7 @@ def test_train_help_shows_each_flag_with_its_key_help(capsys):
     (["--initial_clipping_norm", "0.5"], lambda c: c.training.initial_clipping_norm, 0.5),
     (["--kl_beta", "0.01"], lambda c: c.training.step.losses["kl_beta"], 0.01),
     (["--train_vae"], lambda c: c.training.step.train_vae, True),
+    (["--feature_maps_dim", "64"], lambda c: c.model["flow_dim"], 64),
 ])
 def test_derived_flags_set_their_keys(tmp_path, argv, read, value):
     config_file = tmp_path / "c.yaml"

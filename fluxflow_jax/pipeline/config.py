@@ -513,17 +513,17 @@ MODEL_IGNORED = ("feature_maps_dim_disc",)  # the reference's unused image-encod
 # The reference's training flags (``fluxflow-train``): each sets one config key.
 FLAGS: tuple[Flag, ...] = (
     *flags_of("data", DataConfig),
-    Flag("model_checkpoint", "model_checkpoint", "", str,
-         "initial weights: a fluxflow safetensors file or directory"),
-    Flag("model_version", "model", "model_version", str,
-         "PyTorch fluxflow architecture: 0.6.0, 0.7.0, 0.8.0 or 0.3.0"),
+    Flag("model_checkpoint", "model_checkpoint", "", str, "initial weights: a fluxflow "
+         "safetensors file or directory ([Fine-tuning](#fine-tuning-model_checkpoint))"),
+    Flag("model_version", "model", "model_version", str, "PyTorch fluxflow's architecture: "
+         "\"0.6.0\" (default), \"0.7.0\", \"0.8.0\" or \"0.3.0\""),
     Flag("vae_dim", "model", "vae_dim", int, "latent width of the compressor and expander"),
     Flag("text_embedding_dim", "model", "text_embed_dim", int, "text embedding width"),
     Flag("feature_maps_dim", "model", "flow_dim", int, "flow transformer width"),
     Flag("feature_maps_dim_disc", "model", "feature_maps_dim_disc", int,
          "accepted and ignored"),
-    Flag("pretrained_bert_model", "model", "pretrained_bert_model", str,
-         "only null is accepted"),
+    Flag("pretrained_bert_model", "model", "pretrained_bert_model", str, "any value is an "
+         "error: initialise the text encoder from `--model_checkpoint`"),
     *flags_of("training", TrainingConfig), *flags_of("training", StepConfig),
     *flags_of("training", VAEOptions),
     *flags_of("output", OutputConfig))

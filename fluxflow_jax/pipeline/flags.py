@@ -11,28 +11,29 @@ import argparse
 from typing import Any
 
 from fluxflow_jax.pipeline.config import FLAGS
+from fluxflow_jax.settings import METAVAR, plain
 
-_GROUPS = {"data": "data", "model": "model", "model_checkpoint": "model",
-           "training": "training", "output": "output"}
+GROUPS = {"data": "data", "model": "model", "model_checkpoint": "model",  # section -> group
+          "training": "training", "output": "output"}
 
 
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
     """Add every flag of ``FLAGS``; a flag not given leaves no attribute (the YAML's or the
     schema's value stands)."""
     groups = {name: parser.add_argument_group(name) for name in dict.fromkeys(
-        _GROUPS.values())}
+        GROUPS.values())}
     for flag in FLAGS:
         target = f"{flag.section}.{flag.key}" if flag.key else flag.section
         options: dict[str, Any] = {"dest": f"override:{flag.name}",
                                    "default": argparse.SUPPRESS,
-                                   "help": f"{flag.help} (sets {target})"}
+                                   "help": f"{plain(flag.help)} (sets {target})"}
         if flag.kind == "flag":
             options["action"] = "store_true"
         elif isinstance(flag.kind, tuple):
-            options.update(type=flag.kind[0], nargs=flag.kind[1], metavar=flag.name.upper())
+            options.update(type=flag.kind[0], nargs=flag.kind[1], metavar=METAVAR)
         else:
-            options.update(type=flag.kind, metavar=flag.name.upper())
-        groups[_GROUPS[flag.section]].add_argument(f"--{flag.name}", **options)
+            options.update(type=flag.kind, metavar=METAVAR)
+        groups[GROUPS[flag.section]].add_argument(f"--{flag.name}", **options)
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:

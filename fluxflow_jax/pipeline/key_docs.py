@@ -1,6 +1,7 @@
-"""The key tables of docs/pipeline.md, made from the keys' declarations (``settings``).
+"""The key tables of docs/pipeline.md and the flag tables of docs/training.md, made from
+the keys' declarations (``settings``).
 
-Each table stands between ``<!-- keys: NAME -->`` and ``<!-- /keys -->`` in the docs;
+Each table stands between ``<!-- keys: NAME -->`` and ``<!-- /keys -->`` in its page;
 ``tools/config_docs.py`` rewrites them and a test checks they are current.
 """
 
@@ -8,14 +9,15 @@ from __future__ import annotations
 
 import re
 
-from fluxflow_jax.pipeline.config import (STEP_FORMS, TRANSITION_IGNORED, DataConfig,
+from fluxflow_jax.pipeline.config import (FLAGS, STEP_FORMS, TRANSITION_IGNORED, DataConfig,
                                           DatasetConfig, OutputConfig, StepConfig,
                                           TrainingConfig, TransitionConfig)
-from fluxflow_jax.settings import key_table
+from fluxflow_jax.pipeline.flags import GROUPS
+from fluxflow_jax.settings import flag_table, key_table
 from fluxflow_jax.training.flow_step import FlowOptions
 from fluxflow_jax.training.vae_step import VAEOptions
 
-TABLES = {
+KEY_TABLES = {  # docs/pipeline.md
     "data": key_table(DataConfig),
     "training": key_table(TrainingConfig),
     "step": key_table(StepConfig, STEP_FORMS),
@@ -25,14 +27,19 @@ TABLES = {
     "transitions": key_table(TransitionConfig, TRANSITION_IGNORED),
     "output": key_table(OutputConfig),
 }
+FLAG_TABLES = {  # docs/training.md, one per group of --help
+    f"flags_{group}": flag_table([flag for flag in FLAGS if GROUPS[flag.section] == group],
+                                anchors_in="pipeline.md")
+    for group in dict.fromkeys(GROUPS.values())}
+PAGES = {"pipeline.md": KEY_TABLES, "training.md": FLAG_TABLES}  # under docs/
 _BLOCK = re.compile(r"(<!-- keys: (\w+) -->\n).*?(<!-- /keys -->)", re.S)
 
 
-def with_tables(text: str) -> str:
-    """``text`` with every marked table made anew; ``KeyError`` for an unknown name."""
-    return _BLOCK.sub(lambda m: f"{m[1]}\n{TABLES[m[2]]}\n\n{m[3]}", text)
+def with_tables(page: str, text: str) -> str:
+    """``text`` of docs/``page`` with every marked table made anew."""
+    return _BLOCK.sub(lambda m: f"{m[1]}\n{PAGES[page][m[2]]}\n\n{m[3]}", text)
 
 
-def missing_tables(text: str) -> list[str]:
-    """The tables ``text`` has no markers for."""
-    return sorted(set(TABLES) - {m[2] for m in _BLOCK.finditer(text)})
+def missing_tables(page: str, text: str) -> list[str]:
+    """The tables of docs/``page`` that ``text`` has no markers for."""
+    return sorted(set(PAGES[page]) - {m[2] for m in _BLOCK.finditer(text)})
