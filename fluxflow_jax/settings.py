@@ -115,7 +115,7 @@ def flags_of(section: str, cls: type) -> list[Flag]:
         kind = argparse_kind(key.type)
         out.append(Flag(name, section, key.name, kind, key.setting.help))
         out.extend(Flag(alias, section, key.name, kind, f"old name of `--{name}`")
-                   for alias in key.setting.aliases)
+                   for alias in key.setting.aliases if alias != name)
     return out
 
 

@@ -507,23 +507,25 @@ RUN_ONLY_KEYS = ("batch_size", "workers", "use_fp16", "training_steps", "seed", 
 STANDARD_STEP_KEYS = tuple(k for k in STEP_CHECKS if k not in TRAINING_CHECKS
                            and k not in ("name", "description", "dataset"))
 
-MODEL_ALIASES = {"feature_maps_dim": "flow_dim", "text_embedding_dim": "text_embed_dim"}
-MODEL_IGNORED = ("feature_maps_dim_disc",)  # the reference's unused image-encoder width
+MODEL_ALIASES = aliases_of(FluxFlowConfig)
+# Keys of the model section that are no FluxFlowConfig field -> their meaning.
+MODEL_OTHER_KEYS = {
+    "pretrained_bert_model": "only `null` is accepted: initialise the text encoder from "
+                             "`model_checkpoint` instead",
+    "feature_maps_dim_disc": "accepted and ignored (the reference's unused image-encoder "
+                             "width)"}
+MODEL_IGNORED = ("feature_maps_dim_disc",)  # the reader drops it
 
 # The reference's training flags (``fluxflow-train``): each sets one config key.
 FLAGS: tuple[Flag, ...] = (
     *flags_of("data", DataConfig),
     Flag("model_checkpoint", "model_checkpoint", "", str, "initial weights: a fluxflow "
          "safetensors file or directory ([Fine-tuning](#fine-tuning-model_checkpoint))"),
-    Flag("model_version", "model", "model_version", str, "PyTorch fluxflow's architecture: "
-         "\"0.6.0\" (default), \"0.7.0\", \"0.8.0\" or \"0.3.0\""),
-    Flag("vae_dim", "model", "vae_dim", int, "latent width of the compressor and expander"),
-    Flag("text_embedding_dim", "model", "text_embed_dim", int, "text embedding width"),
-    Flag("feature_maps_dim", "model", "flow_dim", int, "flow transformer width"),
+    *flags_of("model", FluxFlowConfig),
+    Flag("pretrained_bert_model", "model", "pretrained_bert_model", str,
+         MODEL_OTHER_KEYS["pretrained_bert_model"]),
     Flag("feature_maps_dim_disc", "model", "feature_maps_dim_disc", int,
-         "accepted and ignored"),
-    Flag("pretrained_bert_model", "model", "pretrained_bert_model", str, "any value is an "
-         "error: initialise the text encoder from `--model_checkpoint`"),
+         MODEL_OTHER_KEYS["feature_maps_dim_disc"]),
     *flags_of("training", TrainingConfig), *flags_of("training", StepConfig),
     *flags_of("training", VAEOptions),
     *flags_of("output", OutputConfig))

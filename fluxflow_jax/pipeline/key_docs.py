@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-from fluxflow_jax.pipeline.config import (FLAGS, STEP_FORMS, TRANSITION_IGNORED, DataConfig,
+from fluxflow_jax.models.config import FluxFlowConfig
+from fluxflow_jax.pipeline.config import (FLAGS, MODEL_OTHER_KEYS, STEP_FORMS, TRANSITION_IGNORED, DataConfig,
                                           DatasetConfig, OutputConfig, StepConfig,
                                           TrainingConfig, TransitionConfig)
 from fluxflow_jax.pipeline.flags import GROUPS
@@ -18,6 +19,7 @@ from fluxflow_jax.training.flow_step import FlowOptions
 from fluxflow_jax.training.vae_step import VAEOptions
 
 KEY_TABLES = {  # docs/pipeline.md
+    "model": key_table(FluxFlowConfig, MODEL_OTHER_KEYS),
     "data": key_table(DataConfig),
     "training": key_table(TrainingConfig),
     "step": key_table(StepConfig, STEP_FORMS),
