@@ -1,6 +1,6 @@
 """Config keys declared once: a dataclass field carries its key's default, check, help text
-and command-line flag, and the config reader's checks, the flags and the key tables of
-docs/pipeline.md are derived from it.
+and command-line flag, and the config reader's checks, the flags (``--help`` included) and
+the key and flag tables of the docs are derived from it.
 
 A key is declared as ``name: type = setting(default, check, help)``; the type is the field's
 annotation, which also gives a flag's argparse type.
@@ -166,29 +166,25 @@ def plain(markdown: str) -> str:
 
 # ----------------------------------------------------------------------------- docs
 
-def key_table(cls: type, extra: Mapping[str, str] = {}) -> str:
+def key_table(cls: type | None, extra: Mapping[str, str] = {}) -> str:
     """The markdown table of ``cls``'s keys (``| key | default | meaning |``); ``extra``:
-    key -> meaning of keys the reader takes without a field (their default: —)."""
+    key -> meaning of keys the reader takes without a field (their default: null)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    for key in keys_of(cls):
+    for key in keys_of(cls) if cls else ():
         meaning = key.setting.help + "".join(f" (alias `{alias}`)"
                                              for alias in key.setting.aliases)
         shown = key.setting.default_text or default_text(key.default)
         rows.append(f"| `{key.name}` | {shown} | {meaning} |")
-    rows.extend(f"| `{name}` | — | {meaning} |" for name, meaning in extra.items())
+    rows.extend(f"| `{name}` | null | {meaning} |" for name, meaning in extra.items())
     return "\n".join(rows)
 
 
 def default_text(value: Any) -> str:
     """A default as the docs write it: YAML words, code-marked strings, lists in brackets."""
-    if value is None or isinstance(value, bool):
+    if value is None or isinstance(value, (bool, tuple, list, dict)):
         return json.dumps(value)
     if isinstance(value, str):
         return f"`{value}`" if value else '""'
-    if isinstance(value, (tuple, list)):
-        return json.dumps(list(value))
-    if isinstance(value, dict):
-        return json.dumps(value)
     if isinstance(value, float):
         mantissa, exponent = f"{value:.0e}".split("e")
         short = f"{mantissa}e{int(exponent)}"  # 5e-4 rather than 0.0005

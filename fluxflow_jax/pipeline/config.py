@@ -130,16 +130,11 @@ FLOW_LOSS_KEYS = {key.name: key.field for key in keys_of(FlowOptions)}  # step k
 
 def _option_checks() -> dict[str, Check]:
     """Type checks of the loss keys; their ranges are checked by the option objects."""
-    checks: dict[str, Check] = {}
-    for options, names in ((VAEOptions(), {k: k for k in VAE_LOSS_KEYS}),
-                           (FlowOptions(), FLOW_LOSS_KEYS)):
-        for key, name in names.items():
-            default = getattr(options, name)
-            checks[key] = (check_bool if isinstance(default, bool) else
-                           integer_at_least(0) if isinstance(default, int) else
-                           check_str if isinstance(default, str) else
-                           optional(in_interval("(-inf, inf)", default or 0.999)))
-    return checks
+    return {key.name: (check_bool if isinstance(key.default, bool) else
+                       integer_at_least(0) if isinstance(key.default, int) else
+                       check_str if isinstance(key.default, str) else
+                       optional(in_interval("(-inf, inf)", key.default or 0.999)))
+            for key in (*keys_of(VAEOptions), *keys_of(FlowOptions))}
 
 
 @dataclass(frozen=True)
@@ -507,6 +502,14 @@ RUN_ONLY_KEYS = ("batch_size", "workers", "use_fp16", "training_steps", "seed", 
 STANDARD_STEP_KEYS = tuple(k for k in STEP_CHECKS if k not in TRAINING_CHECKS
                            and k not in ("name", "description", "dataset"))
 
+# The keys outside the sections' dataclasses -> their meaning.
+TOP_LEVEL_KEYS = {
+    "optimization.optim_sched_config": "the reference's location of the per-model JSON "
+                                       "file; used when `training.optim_sched_config` is not "
+                                       "given",
+    "model_checkpoint": "initial weights: a fluxflow safetensors file or directory "
+                        "([Fine-tuning](#fine-tuning-model_checkpoint))"}
+
 MODEL_ALIASES = aliases_of(FluxFlowConfig)
 # Keys of the model section that are no FluxFlowConfig field -> their meaning.
 MODEL_OTHER_KEYS = {
@@ -519,8 +522,7 @@ MODEL_IGNORED = ("feature_maps_dim_disc",)  # the reader drops it
 # The reference's training flags (``fluxflow-train``): each sets one config key.
 FLAGS: tuple[Flag, ...] = (
     *flags_of("data", DataConfig),
-    Flag("model_checkpoint", "model_checkpoint", "", str, "initial weights: a fluxflow "
-         "safetensors file or directory ([Fine-tuning](#fine-tuning-model_checkpoint))"),
+    Flag("model_checkpoint", "model_checkpoint", "", str, TOP_LEVEL_KEYS["model_checkpoint"]),
     *flags_of("model", FluxFlowConfig),
     Flag("pretrained_bert_model", "model", "pretrained_bert_model", str,
          MODEL_OTHER_KEYS["pretrained_bert_model"]),

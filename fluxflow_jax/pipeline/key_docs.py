@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 
 from fluxflow_jax.models.config import FluxFlowConfig
-from fluxflow_jax.pipeline.config import (FLAGS, MODEL_OTHER_KEYS, STEP_FORMS, TRANSITION_IGNORED, DataConfig,
+from fluxflow_jax.pipeline.config import (FLAGS, MODEL_OTHER_KEYS, STEP_FORMS,
+                                          TOP_LEVEL_KEYS, TRANSITION_IGNORED, DataConfig,
                                           DatasetConfig, OutputConfig, StepConfig,
                                           TrainingConfig, TransitionConfig)
 from fluxflow_jax.pipeline.flags import GROUPS
@@ -28,6 +29,7 @@ KEY_TABLES = {  # docs/pipeline.md
     "datasets": key_table(DatasetConfig),
     "transitions": key_table(TransitionConfig, TRANSITION_IGNORED),
     "output": key_table(OutputConfig),
+    "top_level": key_table(None, TOP_LEVEL_KEYS),
 }
 FLAG_TABLES = {  # docs/training.md, one per group of --help
     f"flags_{group}": flag_table([flag for flag in FLAGS if GROUPS[flag.section] == group],
