@@ -7,15 +7,19 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from fluxflow_jax.checks import integer_at_least, optional
 from fluxflow_jax.cli import build_parser
-from fluxflow_jax.pipeline.config import (DATA_ALIASES, DATA_CHECKS, FLAGS, DataConfig,
-                                          load_config)
+from fluxflow_jax.pipeline.config import (DATA_ALIASES, DATA_CHECKS, FLAGS, STEP_CHECKS,
+                                          DataConfig, load_config)
 from fluxflow_jax.pipeline.flags import overrides
 from fluxflow_jax.pipeline.key_docs import KEY_TABLES, PAGES, missing_tables, with_tables
+from fluxflow_jax.settings import aliases_of, checks_of, flags_of, key_table, plain, setting
+from fluxflow_jax.training.modes import STEP_MODES
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -101,3 +105,32 @@ def test_derived_flags_set_their_keys(tmp_path, argv, read, value):
     config_file.write_text("data: {use_demo: true}\n")
     args = build_parser().parse_args(["train", "--config", str(config_file), *argv])
     assert read(load_config(config_file, overrides(args))) == value
+
+
+def test_one_declaration_gives_the_check_alias_flag_and_table_row():
+    @dataclass(frozen=True)
+    class Section:
+        width: int | None = setting(None, optional(integer_at_least(1)), "the `width`; see "
+                                    "[Widths](#widths), 100%", flag=True, aliases=("w",))
+        sizes: tuple[int, ...] = setting((8, 16), integer_at_least(1), "sizes")
+        switch: bool = setting(False, None, "read elsewhere", flag="on")
+
+    checks = checks_of(Section)
+    assert list(checks) == ["width", "sizes"]
+    assert checks["width"]("s.width", 0) == "'s.width' must be an integer >= 1, got 0 (or null)"
+    assert aliases_of(Section) == {"w": "width"}
+    flags = flags_of("s", Section)
+    assert [(f.name, f.key, f.kind, f.usage) for f in flags] == [
+        ("width", "width", int, "--width VALUE"), ("w", "width", int, "--w VALUE"),
+        ("on", "switch", "flag", "--on")]
+    assert plain(flags[0].help) == "the width; see Widths, 100%%"
+    assert key_table(Section, {"old": "ignored"}).splitlines() == [
+        "| key | default | meaning |", "|---|---|---|",
+        "| `width` | null | the `width`; see [Widths](#widths), 100% (alias `w`) |",
+        "| `sizes` | [8, 16] | sizes |",
+        "| `switch` | false | read elsewhere |",
+        "| `old` | null | ignored |"]
+
+
+def test_every_step_mode_is_a_declared_step_key():
+    assert set(STEP_MODES) <= set(STEP_CHECKS)
