@@ -11,9 +11,10 @@ in v060, 111,437,592 in v030, 110,806,306 in v070 and 112,921,506 in v080.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fluxflow_jax.models.geometry import torch_linspace
+from fluxflow_jax.settings import setting
 
 
 _POSITIVE = ("in_channels", "vae_dim", "downscales", "upscales", "max_hw", "vae_attn_heads",
@@ -74,6 +75,7 @@ ARCHITECTURES = {
 DEFAULT_VERSION = "0.6.0"
 
 
+_FIXED = " (fixed in PyTorch)"  # a value PyTorch's loaders hard-code (_TORCH_FIXED)
 _TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number",
                "int | None": "an integer or null"}
 
@@ -90,38 +92,55 @@ def _has_type(value: object, annotation: str) -> bool:
 
 @dataclass(frozen=True)
 class FluxFlowConfig:
-    # PyTorch fluxflow architecture version (a key of ARCHITECTURES)
-    model_version: str = DEFAULT_VERSION
+    """The architecture; each field is a key of the config's ``model`` section, checked as a
+    whole (``problems``)."""
+
+    model_version: str = setting(
+        DEFAULT_VERSION, None, "PyTorch fluxflow architecture: \"0.6.0\" (what PyTorch "
+        "fluxflow and its trainer build; latent tokens bounded by a final LayerNorm + tanh), "
+        "\"0.7.0\" (bounded tokens plus 5 context channels per latent token, which the "
+        "expander's SPADE reads; latent tokens `vae_dim + 5` wide), \"0.8.0\" (v070's VAE; a "
+        "flow whose pillars are FiLM-modulated by the text + time conditioning and attend to "
+        "the text token) or \"0.3.0\" (older checkpoints; unbounded tokens)", flag=True)
     # VAE (compressor / expander)
-    in_channels: int = 3
-    vae_dim: int = 128
-    downscales: int = 4
-    upscales: int = 4
-    max_hw: int = 1024
-    vae_attn_layers: int = 4
-    vae_attn_heads: int = 8
-    vae_ff_mult: int = 2
-    spade_hidden: int = 128
+    in_channels: int = setting(3, None, "image channels" + _FIXED)
+    vae_dim: int = setting(128, None, "latent width of the compressor and expander", flag=True)
+    downscales: int = setting(4, None, "compressor downsampling stages (latent grid = image / "
+                              "2^downscales)")
+    upscales: int = setting(4, None, "expander upsampling stages; must equal `downscales` for "
+                            "reconstruction")
+    max_hw: int = setting(1024, None,
+                          "normaliser of the latent grid size stored in the hw token")
+    vae_attn_layers: int = setting(4, None, "compressor attention blocks")
+    vae_attn_heads: int = setting(8, None, "compressor attention heads" + _FIXED)
+    vae_ff_mult: int = setting(2, None, "compressor feed-forward multiplier" + _FIXED)
+    spade_hidden: int = setting(128, None, "SPADE hidden width in the expander" + _FIXED)
     # Flow transformer
-    flow_dim: int = 128
-    flow_attn_heads: int = 8
-    flow_transformer_layers: int = 10
-    text_embed_dim: int = 1024
-    time_steps: int = 1000
+    flow_dim: int = setting(128, None, "flow transformer width", flag="feature_maps_dim",
+                            aliases=("feature_maps_dim",))
+    flow_attn_heads: int = setting(8, None, "flow attention heads")
+    flow_transformer_layers: int = setting(10, None, "flow transformer blocks")
+    text_embed_dim: int = setting(1024, None, "text embedding width",
+                                  flag="text_embedding_dim", aliases=("text_embedding_dim",))
+    time_steps: int = setting(1000, None, "diffusion timesteps" + _FIXED)
     # Text encoder (DistilBERT + output head)
-    text_vocab_size: int = 30522
-    text_dim: int = 768
-    text_layers: int = 6
-    text_heads: int = 12
-    text_hidden_dim: int = 3072
-    text_max_positions: int = 512
-    text_head_width: int = 512
-    text_dropout: float = 0.1
-    text_attention_dropout: float = 0.1
+    text_vocab_size: int = setting(30522, None, "text encoder vocabulary; must equal the "
+                                   "tokenizer's for flow steps" + _FIXED)
+    text_dim: int = setting(768, None, "DistilBERT width" + _FIXED)
+    text_layers: int = setting(6, None, "DistilBERT layers" + _FIXED)
+    text_heads: int = setting(12, None, "DistilBERT heads" + _FIXED)
+    text_hidden_dim: int = setting(3072, None, "DistilBERT feed-forward width" + _FIXED)
+    text_max_positions: int = setting(512, None, "DistilBERT positions; `data.max_length` must "
+                                      "not exceed it for flow steps" + _FIXED)
+    text_head_width: int = setting(512, None, "width of the Bezier output head" + _FIXED)
+    text_dropout: float = setting(0.1, None, "text encoder dropout, in [0, 1)")
+    text_attention_dropout: float = setting(0.1, None,
+                                            "text encoder attention dropout, in [0, 1)")
     # Discriminator (spectral-norm PatchDiscriminator of the training framework)
-    disc_base_channels: int = 64
-    disc_depth: int = 4
-    disc_ctx_dim: int | None = field(default=None)  # None: the latent token width
+    disc_base_channels: int = setting(64, None, "discriminator base width")
+    disc_depth: int = setting(4, None, "discriminator downsampling blocks")
+    disc_ctx_dim: int | None = setting(None, None, "discriminator context width; null: the "
+                                       "latent token width (`vae_dim`, plus 5 in v070)")
 
     def __post_init__(self) -> None:
         problems = self.problems()

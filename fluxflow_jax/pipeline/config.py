@@ -20,8 +20,8 @@ from typing import Any
 from fluxflow_jax.checks import (Check, check_bool, check_seed, in_interval, integer_at_least,
                                  one_of, optional)
 from fluxflow_jax.models.config import FluxFlowConfig
-from fluxflow_jax.pipeline.flags import flag_name
 from fluxflow_jax.pipeline.yaml_file import KeyPath, read_yaml
+from fluxflow_jax.settings import Flag, aliases_of, checks_of, flags_of, keys_of, setting
 from fluxflow_jax.suggest import did_you_mean
 from fluxflow_jax.training.flow_step import FlowOptions
 from fluxflow_jax.training.modes import STEP_MODES
@@ -98,119 +98,122 @@ class TransitionConfig:
     smoothed ``metric`` stays below (or, with ``comparison: ">"``, above) ``threshold``
     (``loss_threshold``)."""
 
-    mode: str = "epoch"
-    metric: str | None = None
-    threshold: float | None = None
-    comparison: str = "<"  # ">" for metrics that grow as the model learns (val_psnr)
-    min_epochs: int = 0  # epochs before the threshold is looked at
-    max_epochs: int | None = None  # None: the step's n_epochs
-    patience: int = 1  # consecutive epoch ends the threshold must hold at
+    mode: str = setting("epoch", one_of(("epoch", "loss_threshold")),
+                        "`epoch`: the step runs its epochs; `loss_threshold`: it may end "
+                        "earlier")
+    metric: str | None = setting(None, optional(check_str),
+                                 "required for `loss_threshold`: a metric the step reports "
+                                 "(validation metrics included), or an alias")
+    threshold: float | None = setting(None, optional(in_interval("(-inf, inf)", 0.01)),
+                                      "required for `loss_threshold`")
+    comparison: str = setting("<", one_of(("<", ">")),
+                              "`<`: the step ends when the metric falls below `threshold`; "
+                              "`>`: when it rises above it (`val_psnr`, accuracies)")
+    min_epochs: int = setting(0, integer_at_least(0),
+                              "epochs before the threshold is looked at; must not exceed the "
+                              "step's epochs")
+    max_epochs: int | None = setting(None, _OPTIONAL_POSITIVE_INT,
+                                     "caps the step's epochs: it runs at most "
+                                     "min(`n_epochs`, `max_epochs`)")
+    patience: int = setting(1, integer_at_least(1),
+                            "consecutive epoch ends the threshold must hold at")
 
 
-TRANSITION_CHECKS: dict[str, Check] = {
-    "mode": one_of(("epoch", "loss_threshold")), "metric": optional(check_str),
-    "threshold": optional(in_interval("(-inf, inf)", 0.01)), "comparison": one_of(("<", ">")),
-    "min_epochs": integer_at_least(0), "max_epochs": _OPTIONAL_POSITIVE_INT,
-    "patience": integer_at_least(1)}
+TRANSITION_CHECKS = checks_of(TransitionConfig)
+# Keys the reader accepts and ignores -> their meaning.
+TRANSITION_IGNORED = {"value": "accepted for reference configs; no effect"}
 
 # Loss settings a step may give, routed to the train step's option objects.
-_VAE_MODE_FIELDS = ("train_reconstruction", "use_gan", "train_spade", "use_lpips")
-VAE_LOSS_KEYS = tuple(f.name for f in dataclasses.fields(VAEOptions)
-                      if f.name not in _VAE_MODE_FIELDS)
-FLOW_LOSS_KEYS = {"lambda_align": "lambda_align", "cfg_dropout_prob": "cfg_dropout_prob",
-                  "cfg_dropout_schedule": "cfg_dropout_schedule",
-                  "flow_ema_decay": "ema_decay", "timestep_sampling": "timestep_sampling",
-                  "flow_loss": "flow_loss", "num_train_timesteps": "num_train_timesteps",
-                  "start_step": "start_step"}  # step key -> FlowOptions field
+VAE_LOSS_KEYS = tuple(key.name for key in keys_of(VAEOptions))
+FLOW_LOSS_KEYS = {key.name: key.field for key in keys_of(FlowOptions)}  # step key -> field
 
 
 def _option_checks() -> dict[str, Check]:
     """Type checks of the loss keys; their ranges are checked by the option objects."""
-    checks: dict[str, Check] = {}
-    for options, names in ((VAEOptions(), {k: k for k in VAE_LOSS_KEYS}),
-                           (FlowOptions(), FLOW_LOSS_KEYS)):
-        for key, name in names.items():
-            default = getattr(options, name)
-            checks[key] = (check_bool if isinstance(default, bool) else
-                           integer_at_least(0) if isinstance(default, int) else
-                           check_str if isinstance(default, str) else
-                           optional(in_interval("(-inf, inf)", default or 0.999)))
-    return checks
+    return {key.name: (check_bool if isinstance(key.default, bool) else
+                       integer_at_least(0) if isinstance(key.default, int) else
+                       check_str if isinstance(key.default, str) else
+                       optional(in_interval("(-inf, inf)", key.default or 0.999)))
+            for key in (*keys_of(VAEOptions), *keys_of(FlowOptions))}
 
 
 @dataclass(frozen=True)
 class StepConfig:
     """One pipeline step (or the single step of standard mode)."""
 
-    name: str = ""
-    description: str = ""
-    n_epochs: int | None = None
-    max_steps: int | None = None  # end the step after this many batches
-    train_vae: bool = False
-    train_reconstruction: bool | None = None  # None: as train_vae
-    gan_training: bool = False
-    train_spade: bool = False
-    use_lpips: bool = False
-    train_diff: bool = False
-    train_diff_full: bool = False
-    train_flow: bool = False
-    freeze_vae: bool | None = None  # None: unchanged from the step before
-    freeze_flow: bool | None = None
-    freeze_text_encoder: bool | None = None
-    freeze: tuple[str, ...] = ()
-    unfreeze: tuple[str, ...] = ()
+    name: str = setting("", check_str, "the step's name; must be unique, without `/` or `\\`, "
+                        "not starting with `.` (it names files)", default_text="`step_<i>`")
+    description: str = setting("", check_str, "printed at the step's start and in the plan")
+    n_epochs: int | None = setting(None, _OPTIONAL_POSITIVE_INT,
+                                   "required: the most epochs the step runs", default_text="—")
+    max_steps: int | None = setting(None, _OPTIONAL_POSITIVE_INT,
+                                    "the step ends after this many batches")
+    gradient_accumulation_steps: int | None = setting(
+        None, _OPTIONAL_POSITIVE_INT, "micro-batches per update in this step; null: the run's "
+        "`training.gradient_accumulation_steps`")
+    cache_latents: bool = setting(
+        False, check_bool, "flow steps with the compressor frozen: encode each image once and "
+        "train on the stored posteriors, see [Cached latents](#cached-latents)")
+    dataset: str | None = setting(
+        None, optional(check_str), "the [named dataset](#named-datasets) the step reads; null: "
+        "`training.pipeline.default_dataset`, else the `data` section (pipeline steps only)")
+    use_ema: bool = setting(
+        True, check_bool, "`false`: the step keeps no averages, as `ema_decay: null` and "
+        "`flow_ema_decay: null` would (less memory); the averages of earlier steps stay in "
+        "the state")
+    train_vae: bool = setting(False, check_bool, "VAE part with the reconstruction loss "
+                              "(compressor + expander)", flag=True)
+    train_reconstruction: bool | None = setting(
+        None, optional(check_bool), "null: as `train_vae`; `false` with a VAE part: GAN-only "
+        "(no pixel or LPIPS loss)")
+    gan_training: bool = setting(False, check_bool, "the discriminator and the adversarial "
+                                 "generator loss", flag=True)
+    train_spade: bool = setting(
+        False, check_bool, "the expander's SPADE conditioning on the latent (off: the expander "
+        "runs without SPADE and its SPADE weights are not trained)", flag=True)
+    use_lpips: bool = setting(False, check_bool, "add LPIPS to the reconstruction loss",
+                              flag=True)
+    train_diff: bool = setting(False, check_bool, "flow part: the flow processor (and the "
+                               "text encoder unless frozen)", flag=True)
+    train_diff_full: bool = setting(False, check_bool, "same as `train_diff`", flag=True)
+    train_flow: bool = setting(False, check_bool, "same as `train_diff`")
+    freeze_vae: bool | None = setting(None, optional(check_bool), "`true` freezes compressor "
+                                      "+ expander, `false` unfreezes them, null: unchanged")
+    freeze_flow: bool | None = setting(None, optional(check_bool),
+                                       "the same for the flow processor")
+    freeze_text_encoder: bool | None = setting(None, optional(check_bool),
+                                               "the same for the text encoder")
+    freeze: tuple[str, ...] = setting((), check_str_list, "components to freeze")
+    unfreeze: tuple[str, ...] = setting((), check_str_list, "components to unfreeze")
+    optimizers: Mapping[str, Mapping[str, Any]] = setting(
+        {}, check_mapping, "per-group optimizer configs (`vae`, `discriminator`, `flow`, "
+        "`text_encoder`)")
+    schedulers: Mapping[str, Mapping[str, Any]] = setting({}, check_mapping,
+                                                          "per-group scheduler configs")
+    optim_sched_config: str | None = setting(
+        None, optional(check_str), "per-model JSON file for this step (else "
+        "`training.optim_sched_config`)")
+    lr: float | None = setting(None, optional(_POSITIVE), "learning rate of this step's "
+                               "default optimizers; null: `training.lr`")
+    lr_min: float | None = setting(
+        None, optional(in_interval("[0, 1]", 0.1)), "`eta_min_factor` of this step's default "
+        "cosine schedulers (and of file cosine schedulers without one)")
+    initial_clipping_norm: float | None = setting(
+        None, optional(_POSITIVE), "this step's gradient clip; null: "
+        "`training.initial_clipping_norm`")
+    transition_on: TransitionConfig = setting(
+        TransitionConfig(), None, "when the step ends early: [Transitions](#transitions)",
+        default_text="`epoch`")
     losses: Mapping[str, Any] = field(default_factory=dict)  # VAE_LOSS_KEYS / FLOW_LOSS_KEYS
-    optimizers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    schedulers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    optim_sched_config: str | None = None  # per-model JSON file
-    lr: float | None = None  # learning rate of the default optimizers
-    lr_min: float | None = None  # eta_min_factor of the default cosine schedules
-    initial_clipping_norm: float | None = None  # None: the run's
-    gradient_accumulation_steps: int | None = None  # None: the run's
-    cache_latents: bool = False  # encode each image once (frozen compressor, flow only)
-    use_ema: bool = True  # false: the step keeps no averages (ema_decay and flow_ema_decay off)
-    dataset: str | None = None  # a name in training.pipeline.datasets; None: the default
-    transition_on: TransitionConfig = TransitionConfig()
     origin: str = field(default="", compare=False)  # "file:line", for messages
 
 
-STEP_CHECKS: dict[str, Check] = {
-    "name": check_str, "description": check_str, "n_epochs": _OPTIONAL_POSITIVE_INT,
-    "max_steps": _OPTIONAL_POSITIVE_INT,
-    **{key: check_bool for key in (*STEP_MODES, "use_lpips")},
-    **{key: optional(check_bool) for key in ("train_reconstruction", "freeze_vae",
-                                             "freeze_flow", "freeze_text_encoder")},
-    "freeze": check_str_list, "unfreeze": check_str_list,
-    "optimizers": check_mapping, "schedulers": check_mapping,
-    "optim_sched_config": optional(check_str), "lr": optional(_POSITIVE),
-    "lr_min": optional(in_interval("[0, 1]", 0.1)),
-    "initial_clipping_norm": optional(_POSITIVE),
-    "gradient_accumulation_steps": _OPTIONAL_POSITIVE_INT, "cache_latents": check_bool,
-    "use_ema": check_bool, "dataset": optional(check_str), **_option_checks()}
+STEP_CHECKS: dict[str, Check] = {**checks_of(StepConfig), **_option_checks()}
+# Keys of a step the reader takes apart -> their meaning.
+STEP_FORMS = {"optimization": "the reference's form: `{optimizers: {...}, schedulers: "
+                              "{...}}`, merged into `optimizers` and `schedulers` (giving one "
+                              "both ways is an error)"}
 MODE_KEYS = (*STEP_MODES, "use_lpips", "train_reconstruction")
-
-
-@dataclass(frozen=True)
-class DatasetConfig:
-    """One named dataset of ``training.pipeline.datasets``: an image folder (``local``), tar
-    shards (``webdataset``) or synthetic Gaussian noise (``noise``), read with the data
-    section's image and caption settings, with its own batch size and workers if given."""
-
-    type: str = "local"
-    image_folder: str | None = None  # local
-    captions_file: str | None = None  # local
-    webdataset_url: str | None = None
-    webdataset_token: str | None = None
-    webdataset_image_key: str = "png"
-    webdataset_label_key: str = "json"
-    webdataset_caption_key: str = "prompt"
-    webdataset_size: int = 10000  # samples per epoch
-    webdataset_samples_per_shard: int = 1000
-    dimensions: tuple[int, ...] = (512, 512)  # noise: [height, width]
-    num_samples: int = 10000  # noise
-    noise_std: float = 1.0  # noise
-    batch_size: int | None = None  # None: training.batch_size
-    workers: int | None = None  # None: training.workers
 
 
 def _check_dimensions(key: str, value: Any) -> str | None:
@@ -228,16 +231,48 @@ DATASET_TYPES = {  # type -> the keys that belong to it (the others are common)
     "noise": ("dimensions", "num_samples", "noise_std")}
 DATASET_REQUIRED = {"local": ("image_folder", "captions_file"), "webdataset": ("webdataset_url",),
                     "noise": ()}
-DATASET_CHECKS: dict[str, Check] = {
-    "type": one_of(tuple(DATASET_TYPES)),
-    **{key: optional(check_str) for key in ("image_folder", "captions_file", "webdataset_url",
-                                            "webdataset_token")},
-    **{key: check_str for key in ("webdataset_image_key", "webdataset_label_key",
-                                  "webdataset_caption_key")},
-    "webdataset_size": integer_at_least(1), "webdataset_samples_per_shard": integer_at_least(1),
-    "dimensions": _check_dimensions, "num_samples": integer_at_least(1),
-    "noise_std": in_interval("(0, inf)", 1.0),
-    "batch_size": _OPTIONAL_POSITIVE_INT, "workers": _OPTIONAL_POSITIVE_INT}
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One named dataset of ``training.pipeline.datasets``: an image folder (``local``), tar
+    shards (``webdataset``) or synthetic Gaussian noise (``noise``), read with the data
+    section's image and caption settings, with its own batch size and workers if given."""
+
+    type: str = setting("local", one_of(tuple(DATASET_TYPES)),
+                        "`local` (an image folder), `webdataset` (tar shards) or `noise` "
+                        "(synthetic)")
+    image_folder: str | None = setting(None, optional(check_str),
+                                       "`local`, required: the image folder")
+    captions_file: str | None = setting(None, optional(check_str), "`local`, required: "
+                                        "`image_name<TAB>caption` lines")
+    webdataset_url: str | None = setting(None, optional(check_str), "`webdataset`, required: "
+                                         "shards, as [`data.webdataset_url`](#data)")
+    webdataset_token: str | None = setting(None, optional(check_str), "`webdataset`: bearer "
+                                           "token for `http(s)`/`hf://` shards")
+    webdataset_image_key: str = setting("png", check_str,
+                                        "`webdataset`: as in [`data`](#data)")
+    webdataset_label_key: str = setting("json", check_str,
+                                        "`webdataset`: as in [`data`](#data)")
+    webdataset_caption_key: str = setting("prompt", check_str,
+                                          "`webdataset`: as in [`data`](#data)")
+    webdataset_size: int = setting(10000, integer_at_least(1),
+                                   "`webdataset`: samples per epoch")
+    webdataset_samples_per_shard: int = setting(1000, integer_at_least(1),
+                                                "`webdataset`: assumed shard size")
+    dimensions: tuple[int, ...] = setting((512, 512), _check_dimensions, "`noise`: [height, "
+                                          "width] of every image (each at least 16)")
+    num_samples: int = setting(10000, integer_at_least(1), "`noise`: images per epoch")
+    noise_std: float = setting(
+        1.0, in_interval("(0, inf)", 1.0), "`noise`: σ of the Gaussian pixels, clipped to ±3 "
+        "and mapped onto 0..255 as the reference does; every image has the empty caption")
+    batch_size: int | None = setting(None, _OPTIONAL_POSITIVE_INT, "the batch size of steps "
+                                     "reading this dataset; null: `training.batch_size`")
+    workers: int | None = setting(None, _OPTIONAL_POSITIVE_INT, "loader threads for this "
+                                  "dataset; null: `training.workers`")
+
+
+DATASET_CHECKS = checks_of(DatasetConfig)
 
 
 @dataclass(frozen=True)
@@ -261,122 +296,196 @@ class PipelineConfig:
 class DataConfig:
     """Where the images and captions come from, and how they become batches."""
 
-    data_path: str | None = None
-    captions_file: str | None = None
-    fixed_prompt_prefix: str | None = None
-    use_webdataset: bool = False
-    webdataset_url: str = "hf://datasets/jackyhate/text-to-image-2M/data_512_2M/*.tar"
-    webdataset_token: str | None = None
-    webdataset_image_key: str = "png"
-    webdataset_label_key: str = "json"
-    webdataset_caption_key: str = "prompt"
-    webdataset_size: int | None = None
-    webdataset_samples_per_shard: int = 10000
-    tfds_name: str | None = None
-    tfds_split: str = "train"
-    tfds_data_dir: str | None = None
-    tfds_image_key: str = "image"
-    tfds_caption_key: str = "caption"
-    use_demo: bool = False  # the built-in synthetic dataset
-    demo_samples: int = 256
-    validation_samples: int = 32  # held out for evaluation (demo: the indices after demo_samples)
-    img_size: int = 1024  # short side of the training images
-    fixed_size: bool = False  # square img_size crops instead of aspect buckets
-    reduced_min_sizes: tuple[int, ...] = ()
-    channels: int = 3
-    tokenizer_name: str | None = None  # vocab path; None or a hub name: the default lookup
-    max_length: int = 128
-    seed: int = 42
-    on_bad_sample: str = "skip"
-    dataloader_max_retries: int = 5  # accepted for reference configs; unused
-    dataloader_retry_delay: float = 5.0  # accepted for reference configs; unused
+    data_path: str | None = setting(None, optional(check_str),
+                                    "image folder of a local dataset", flag=True)
+    captions_file: str | None = setting(None, optional(check_str),
+                                        "`image_name<TAB>caption` lines, UTF-8", flag=True)
+    fixed_prompt_prefix: str | None = setting(
+        None, optional(check_str), "every caption becomes `\"<prefix>. <caption>\"` (all "
+        "sources)", flag=True)
+    use_webdataset: bool = setting(False, check_bool, "read WebDataset tar shards", flag=True,
+                                   aliases=("use_tt2m",))
+    webdataset_url: str = setting(
+        "hf://datasets/jackyhate/text-to-image-2M/data_512_2M/*.tar", check_str,
+        "shards: local paths, globs, `{000..099}` braces, `http(s)://`, `hf://datasets/...`",
+        flag=True)
+    webdataset_token: str | None = setting(
+        None, optional(check_str), "bearer token for `http(s)`/`hf://` shards", flag=True,
+        aliases=("tt2m_token",))
+    webdataset_image_key: str = setting("png", check_str, "image member of a sample",
+                                        flag=True)
+    webdataset_label_key: str = setting("json", check_str,
+                                        "JSON member holding the caption field", flag=True)
+    webdataset_caption_key: str = setting(
+        "prompt", check_str, "caption member (e.g. `txt`), else this field of the JSON member",
+        flag=True)
+    webdataset_size: int | None = setting(
+        None, _OPTIONAL_POSITIVE_INT, "samples per epoch; null: shards × "
+        "`webdataset_samples_per_shard`", flag=True)
+    webdataset_samples_per_shard: int = setting(
+        10000, integer_at_least(1), "assumed shard size for the epoch length", flag=True)
+    tfds_name: str | None = setting(None, optional(check_str),
+                                    "a prepared TFDS dataset (ArrayRecord)", flag=True)
+    tfds_split: str = setting("train", check_str, "TFDS split")
+    tfds_data_dir: str | None = setting(None, optional(check_str), "TFDS data directory")
+    tfds_image_key: str = setting("image", check_str, "TFDS image feature")
+    tfds_caption_key: str = setting("caption", check_str, "TFDS caption feature")
+    use_demo: bool = setting(False, check_bool, "the built-in synthetic dataset (captioned "
+                             "shapes, no download)", flag=True)
+    demo_samples: int = setting(256, integer_at_least(1), "demo dataset size")
+    validation_samples: int = setting(
+        32, integer_at_least(1), "held-out samples of [validation](#validation) and "
+        "`fluxflow-jax evaluate`; for the demo data, the indices after `demo_samples` (never "
+        "trained on)")
+    img_size: int = setting(1024, integer_at_least(16), "short side of the training images "
+                            "(aspect kept, 16-pixel grid)", flag=True)
+    fixed_size: bool = setting(False, check_bool,
+                               "square `img_size` centre crops instead of aspect buckets")
+    reduced_min_sizes: tuple[int, ...] = setting(
+        (), check_int_list, "extra smaller scales (each in [16, `img_size`)): every batch is "
+        "also trained at each, one update per scale", flag=True)
+    channels: int = setting(3, integer_at_least(1), "accepted; has no effect (images are RGB; "
+                            "see `model.in_channels`)", flag=True)
+    tokenizer_name: str | None = setting(
+        None, optional(check_str), "vocab file or directory (`vocab.txt`/`tokenizer.json`); "
+        "null, `distilbert-base-uncased` or `bert-base-uncased`: the default lookup", flag=True)
+    max_length: int = setting(128, integer_at_least(2), "caption tokens")
+    seed: int = setting(42, check_seed, "data order (shuffling) seed")
+    on_bad_sample: str = setting(
+        "skip", one_of(("skip", "error")), "`skip` (count, log, replace in the batch) or "
+        "`error` (stop, naming the sample). Images whose header cannot be read are found "
+        "before training (and by `validate`); the others when decoded. Each epoch's skips are "
+        "counted in the log")
+    dataloader_max_retries: int = setting(5, integer_at_least(0),
+                                          "accepted for reference configs; no effect",
+                                          flag=True)
+    dataloader_retry_delay: float = setting(5.0, in_interval("[0, inf)", 5.0),
+                                            "accepted for reference configs; no effect",
+                                            flag=True)
 
 
-DATA_CHECKS: dict[str, Check] = {
-    **{key: optional(check_str) for key in ("data_path", "captions_file",
-                                            "fixed_prompt_prefix", "webdataset_token",
-                                            "tfds_name", "tfds_data_dir", "tokenizer_name")},
-    **{key: check_str for key in ("webdataset_url", "webdataset_image_key",
-                                  "webdataset_label_key", "webdataset_caption_key",
-                                  "tfds_split", "tfds_image_key", "tfds_caption_key")},
-    **{key: check_bool for key in ("use_webdataset", "use_demo", "fixed_size")},
-    "webdataset_size": _OPTIONAL_POSITIVE_INT,
-    "webdataset_samples_per_shard": integer_at_least(1), "demo_samples": integer_at_least(1),
-    "validation_samples": integer_at_least(1),
-    "img_size": integer_at_least(16), "reduced_min_sizes": check_int_list,
-    "channels": integer_at_least(1), "max_length": integer_at_least(2),
-    "seed": check_seed, "on_bad_sample": one_of(("skip", "error")),
-    "dataloader_max_retries": integer_at_least(0),
-    "dataloader_retry_delay": in_interval("[0, inf)", 5.0)}
-DATA_ALIASES = {"use_tt2m": "use_webdataset", "tt2m_token": "webdataset_token"}
+DATA_CHECKS = checks_of(DataConfig)
+DATA_ALIASES = aliases_of(DataConfig)
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    output_path: str = "outputs"
-    log_interval: int = 10  # batches between console lines and metrics records
-    checkpoint_save_interval: int = 50  # batches between checkpoints
-    validation_interval: int | None = None  # batches between held-out validations; None: off
-    keep_last: int = 3  # run checkpoints kept
-    generate_diagrams: bool = True  # training graphs at every step end
-    samples_per_checkpoint: int = 1
-    sample_interval: int | None = None  # global steps between samples; None: per checkpoint
-    no_samples: bool = False
-    test_image_address: tuple[str, ...] = ()
-    sample_captions: tuple[str, ...] = ("A sample caption",)
-    sample_sizes: tuple[Any, ...] | None = None  # None: data.img_size
-    sample_steps: int = 20  # solver steps of the text-to-image samples
-    tensorboard: bool | None = None  # event files; None: when tensorboardX is installed
-    profile_steps: str | None = None  # "A:B": a jax.profiler trace of global steps A+1..B
-    log_level: str = "INFO"
-    log_file: str | None = None
+    """Where and how often a run writes."""
+
+    output_path: str = setting("outputs", check_str,
+                               "directory of everything the run writes", flag=True)
+    log_interval: int = setting(10, integer_at_least(1), "a console line and a metrics record "
+                                "at batch 1, 1 + `log_interval`, ... of every epoch", flag=True)
+    checkpoint_save_interval: int = setting(
+        50, integer_at_least(1), "a run checkpoint every this many batches of a step",
+        flag=True)
+    validation_interval: int | None = setting(
+        None, _OPTIONAL_POSITIVE_INT, "held-out [validation](#validation) every this many "
+        "batches of a step, and at its end; null: none")
+    keep_last: int = setting(3, integer_at_least(1), "run checkpoints kept")
+    generate_diagrams: bool = setting(True, check_bool,
+                                      "draw the training graphs at every step end", flag=True)
+    log_level: str = setting("INFO", one_of(("DEBUG", "INFO", "WARNING", "ERROR")),
+                             "accepted (`DEBUG`, `INFO`, `WARNING`, `ERROR`); no effect yet")
+    log_file: str | None = setting(None, optional(check_str), "accepted; no effect yet")
+    samples_per_checkpoint: int = setting(
+        1, integer_at_least(0), "samples at every N-th interval checkpoint (0: none), and "
+        "always at epoch and step ends ([Samples](#samples))", flag=True)
+    sample_interval: int | None = setting(
+        None, _OPTIONAL_POSITIVE_INT, "samples every this many global steps instead (decoupled "
+        "from checkpoints), and at epoch and step ends; null: by `samples_per_checkpoint`",
+        flag=True)
+    no_samples: bool = setting(False, check_bool, "no samples at all", flag=True)
+    test_image_address: tuple[str, ...] = setting(
+        (), check_str_list, "images reconstructed in VAE steps; []: the data's first 2 (none "
+        "for streaming data)", flag=True)
+    sample_captions: tuple[str, ...] = setting(("A sample caption",), check_str_list,
+                                               "captions drawn in flow steps", flag=True)
+    sample_sizes: tuple[int | str | tuple[int, int], ...] | None = setting(
+        None, optional(_check_sizes), "sizes drawn (512, \"512x384\" or [512, 384]; each a "
+        "size the model makes); null: `data.img_size`", flag=True)
+    sample_steps: int = setting(20, integer_at_least(1),
+                                "DPM-Solver++ steps of the text-to-image samples", flag=True)
+    tensorboard: bool | None = setting(
+        None, optional(check_bool), "[TensorBoard](#tensorboard) event files; null: on when "
+        "`tensorboardX` is installed")
+    profile_steps: str | None = setting(
+        None, optional(_check_step_range), "`\"A:B\"` (flag `--profile_steps A:B`): a "
+        "[profiler trace](#profiling) of global steps A+1 to B", flag=True)
 
 
-OUTPUT_CHECKS: dict[str, Check] = {
-    "output_path": check_str, "log_interval": integer_at_least(1),
-    "checkpoint_save_interval": integer_at_least(1), "keep_last": integer_at_least(1),
-    "validation_interval": _OPTIONAL_POSITIVE_INT,
-    "generate_diagrams": check_bool, "samples_per_checkpoint": integer_at_least(0),
-    "sample_interval": _OPTIONAL_POSITIVE_INT,
-    "no_samples": check_bool, "test_image_address": check_str_list,
-    "sample_captions": check_str_list, "sample_sizes": optional(_check_sizes),
-    "sample_steps": integer_at_least(1), "tensorboard": optional(check_bool),
-    "profile_steps": optional(_check_step_range),
-    "log_level": one_of(("DEBUG", "INFO", "WARNING", "ERROR")),
-    "log_file": optional(check_str)}
+OUTPUT_CHECKS = checks_of(OutputConfig)
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     """Run-wide settings; the step keys given here form standard mode's single step."""
 
-    n_epochs: int = 1
-    batch_size: int = 2
-    workers: int = 1
-    lr: float = 5e-4  # the reference's 5e-7 trains nothing in practice (docs/learning.md)
-    lr_min: float = 0.1
-    preserve_lr: bool = False  # accepted for reference configs: resume restores schedules
-    training_steps: int = 1  # updates per batch
-    use_fp16: bool = False  # mixed precision, as bf16 (see precision)
-    precision: str | None = None  # fp32 | bf16; None: bf16 if use_fp16, else fp32
-    remat: bool = False  # recompute block activations in the backward pass (less memory)
-    initial_clipping_norm: float = 1.0
-    # micro-batches of batch_size per optimizer update (the effective batch: their sum)
-    gradient_accumulation_steps: int = 1
-    max_steps: int | None = None  # every step ends after this many batches
-    seed: int = 0  # model initialisation and training randomness
-    devices: int | None = None  # data-parallel devices; None: all
-    shard_params: bool = False  # split parameters, moments and EMA over them (FSDP style)
-    lpips_weights: str | None = None  # None: the default path (fluxflow-jax lpips-weights)
-    # Multi-host (jax.distributed): on, auto-detecting the cluster (SLURM, Open MPI, TPU pods,
-    # Kubernetes) unless the coordinator and this process are given.
-    distributed: bool = False
-    coordinator_address: str | None = None  # host:port of process 0
-    num_processes: int | None = None
-    process_id: int | None = None
-    optim_sched_config: str | None = None
+    n_epochs: int = setting(1, integer_at_least(1), "standard mode's epochs (pipeline steps "
+                            "give their own `n_epochs`)", flag=True)
+    batch_size: int = setting(2, integer_at_least(1), "global batch size (the micro-batch "
+                              "with `gradient_accumulation_steps`)", flag=True)
+    gradient_accumulation_steps: int = setting(
+        1, integer_at_least(1), "micro-batches of `batch_size` per optimizer update "
+        "(`--gradient_accumulation_steps`); a step may give its own, see [Gradient "
+        "accumulation](#gradient-accumulation)", flag=True)
+    workers: int = setting(1, integer_at_least(1), "data loader threads", flag=True)
+    lr: float = setting(
+        5e-4, _POSITIVE, "(the reference's: 5e-7, which trains nothing in practice; "
+        "docs/learning.md) learning rate of the default optimizers when a step gives no `lr` "
+        "(shared out per group, see [Optimizers](#optimizers-and-schedulers))", flag=True)
+    lr_min: float = setting(0.1, in_interval("[0, 1]", 0.1), "`eta_min_factor` given to "
+                            "cosine schedulers of the per-model JSON file that lack one",
+                            flag=True)
+    training_steps: int = setting(1, integer_at_least(1), "updates per batch (the batch is "
+                                  "trained this many times)", flag=True)
+    initial_clipping_norm: float | None = setting(
+        1.0, optional(_POSITIVE), "global gradient-norm clip of every optimizer group; "
+        "`null`: no clipping", flag=True)
+    max_steps: int | None = setting(None, _OPTIONAL_POSITIVE_INT,
+                                    "every step ends after this many batches", flag=True)
+    seed: int = setting(0, check_seed, "model initialisation and training randomness",
+                        flag=True)
+    devices: int | None = setting(None, _OPTIONAL_POSITIVE_INT, "data-parallel devices; null: "
+                                  "all devices (of all hosts)", flag=True)
+    shard_params: bool = setting(
+        False, check_bool, "split parameters, optimizer moments and EMA over the devices "
+        "instead of replicating them (FSDP style), see [Speed and memory](#speed-and-memory)",
+        flag=True)
+    precision: str | None = setting(
+        None, optional(one_of(("fp32", "bf16"))), "`fp32` or `bf16` (mixed precision, see "
+        "[Speed and memory](#speed-and-memory)); null: `bf16` if `use_fp16`, else `fp32`",
+        flag=True)
+    remat: bool = setting(False, check_bool, "recompute each block's activations in the "
+                          "backward pass: less memory, about one more forward pass of compute",
+                          flag=True)
+    distributed: bool = setting(
+        False, check_bool, "multi-host: join the other processes (`jax.distributed`) before "
+        "training, see [Multi-host runs](#multi-host-runs)", flag=True)
+    coordinator_address: str | None = setting(
+        None, optional(check_str), "`host:port` of process 0 (else `JAX_COORDINATOR_ADDRESS` "
+        "or cluster detection); giving it turns `distributed` on", flag=True)
+    num_processes: int | None = setting(
+        None, _OPTIONAL_POSITIVE_INT, "the run's process count (else `JAX_NUM_PROCESSES` or "
+        "cluster detection)", flag=True)
+    process_id: int | None = setting(
+        None, optional(integer_at_least(0)), "this process's index (else `JAX_PROCESS_ID` or "
+        "cluster detection)", flag=True)
+    lpips_weights: str | None = setting(
+        None, optional(check_str), "LPIPS weights file; null: "
+        "`~/.cache/fluxflow_jax/lpips_vgg16.safetensors`, created on first need (as "
+        "`fluxflow-jax lpips-weights` does)")
+    optim_sched_config: str | None = setting(
+        None, optional(check_str), "per-model optimizer/scheduler JSON file for every step",
+        flag=True)
+    use_fp16: bool = setting(False, check_bool, "the reference's mixed-precision switch: "
+                             "trains in `bf16` unless `precision` says otherwise", flag=True)
+    preserve_lr: bool = setting(False, check_bool, "accepted for reference configs; no effect "
+                                "(resume always restores the schedules)", flag=True)
+    pipeline: PipelineConfig | None = setting(
+        None, None, "`defaults` and `steps`; its presence selects pipeline mode",
+        default_text="—")
     step: StepConfig = StepConfig()  # standard mode's step
-    pipeline: PipelineConfig | None = None
 
     @property
     def compute_precision(self) -> str:
@@ -385,19 +494,7 @@ class TrainingConfig:
         return self.precision or ("bf16" if self.use_fp16 else "fp32")
 
 
-TRAINING_CHECKS: dict[str, Check] = {
-    "n_epochs": integer_at_least(1), "batch_size": integer_at_least(1),
-    "workers": integer_at_least(1), "lr": _POSITIVE, "lr_min": in_interval("[0, 1]", 0.1),
-    "preserve_lr": check_bool, "training_steps": integer_at_least(1),
-    "use_fp16": check_bool, "precision": optional(one_of(("fp32", "bf16"))),
-    "remat": check_bool, "initial_clipping_norm": optional(_POSITIVE),
-    "gradient_accumulation_steps": integer_at_least(1),
-    "max_steps": _OPTIONAL_POSITIVE_INT, "seed": check_seed,
-    "devices": _OPTIONAL_POSITIVE_INT, "shard_params": check_bool,
-    "lpips_weights": optional(check_str),
-    "distributed": check_bool, "coordinator_address": optional(check_str),
-    "num_processes": _OPTIONAL_POSITIVE_INT, "process_id": optional(integer_at_least(0)),
-    "optim_sched_config": optional(check_str)}
+TRAINING_CHECKS = checks_of(TrainingConfig)
 # Run-wide keys the reference also parses (and ignores) in a step.
 RUN_ONLY_KEYS = ("batch_size", "workers", "use_fp16", "training_steps", "seed", "devices",
                  "precision", "remat", "shard_params")
@@ -405,8 +502,40 @@ RUN_ONLY_KEYS = ("batch_size", "workers", "use_fp16", "training_steps", "seed", 
 STANDARD_STEP_KEYS = tuple(k for k in STEP_CHECKS if k not in TRAINING_CHECKS
                            and k not in ("name", "description", "dataset"))
 
-MODEL_ALIASES = {"feature_maps_dim": "flow_dim", "text_embedding_dim": "text_embed_dim"}
-MODEL_IGNORED = ("feature_maps_dim_disc",)  # the reference's unused image-encoder width
+# The keys outside the sections' dataclasses -> their meaning.
+TOP_LEVEL_KEYS = {
+    "optimization.optim_sched_config": "the reference's location of the per-model JSON "
+                                       "file; used when `training.optim_sched_config` is not "
+                                       "given",
+    "model_checkpoint": "initial weights: a fluxflow safetensors file or directory "
+                        "([Fine-tuning](#fine-tuning-model_checkpoint))"}
+
+MODEL_ALIASES = aliases_of(FluxFlowConfig)
+# Keys of the model section that are no FluxFlowConfig field -> their meaning.
+MODEL_OTHER_KEYS = {
+    "pretrained_bert_model": "only `null` is accepted: initialise the text encoder from "
+                             "`model_checkpoint` instead",
+    "feature_maps_dim_disc": "accepted and ignored (the reference's unused image-encoder "
+                             "width)"}
+MODEL_IGNORED = ("feature_maps_dim_disc",)  # the reader drops it
+
+# The reference's training flags (``fluxflow-train``): each sets one config key.
+FLAGS: tuple[Flag, ...] = (
+    *flags_of("data", DataConfig),
+    Flag("model_checkpoint", "model_checkpoint", "", str, TOP_LEVEL_KEYS["model_checkpoint"]),
+    *flags_of("model", FluxFlowConfig),
+    Flag("pretrained_bert_model", "model", "pretrained_bert_model", str,
+         MODEL_OTHER_KEYS["pretrained_bert_model"]),
+    Flag("feature_maps_dim_disc", "model", "feature_maps_dim_disc", int,
+         MODEL_OTHER_KEYS["feature_maps_dim_disc"]),
+    *flags_of("training", TrainingConfig), *flags_of("training", StepConfig),
+    *flags_of("training", VAEOptions),
+    *flags_of("output", OutputConfig))
+
+
+def flag_name(section: str, key: str = "") -> str:
+    """The flag that sets ``section.key`` (the first listed where several do)."""
+    return next(flag.name for flag in FLAGS if (flag.section, flag.key) == (section, key))
 
 
 @dataclass(frozen=True)
@@ -527,7 +656,7 @@ def _read_transition(reader: _Reader, value: Any, path: KeyPath) -> TransitionCo
         return TransitionConfig(mode="loss_threshold", metric=match.group(1),
                                 threshold=threshold, comparison=match.group(2))
     values = reader.fields(reader.mapping(value, path), path, TRANSITION_CHECKS,
-                           ignored=("value",))
+                           ignored=tuple(TRANSITION_IGNORED))
     return _build(TransitionConfig, values)
 
 

@@ -22,6 +22,7 @@ from flax import nnx
 from fluxflow_jax.checks import field_problems, in_interval, integer_at_least, one_of, optional
 from fluxflow_jax.models.compressor import Posterior
 from fluxflow_jax.models.config import FluxFlowConfig
+from fluxflow_jax.settings import field_checks, setting
 from fluxflow_jax.training import diffusion, losses
 from fluxflow_jax.training.accumulation import MicroBatches, pooled_std
 from fluxflow_jax.training.groups import OptimizerGroup, global_norm
@@ -36,27 +37,43 @@ POSTERIOR_KEYS = ("latent_mu", "latent_logvar", "latent_grid")
 class FlowOptions:
     """What the flow stage adds to the v-prediction loss (defaults: the seed's)."""
 
-    lambda_align: float = 0.0
-    cfg_dropout_prob: float = 0.0  # share of samples trained with a zero text embedding
-    # "fixed": each sample's chance is cfg_dropout_prob; "timestep": the 0.8.1 trainer's
-    # scaling by the sample's timestep (cfg_dropout_probability)
-    cfg_dropout_schedule: str = "fixed"
-    ema_decay: float | None = 0.9999
-    timestep_sampling: str = "cosine"  # diffusion.TIMESTEP_SAMPLING
-    flow_loss: str = "mse"  # "mse" | "smooth_l1" (losses.v_prediction_loss)
-    num_train_timesteps: int = diffusion.NUM_TIMESTEPS  # the noise schedule's length N
-    start_step: int = 0  # t is drawn from [start_step, N - 1]
+    lambda_align: float = setting(
+        0.0, in_interval("[0, inf)", 0.1), "text-image alignment term; active only when "
+        "`vae_dim == text_embed_dim` (else a warning and off)")
+    cfg_dropout_prob: float = setting(
+        0.0, in_interval("[0, 1)", 0.1), "share of samples trained with a zero text embedding "
+        "(for classifier-free guidance); 0.8.1 always scales it by the timestep: "
+        "`cfg_dropout_schedule: timestep` does the same")
+    cfg_dropout_schedule: str = setting(
+        "fixed", one_of(("fixed", "timestep")), "`fixed`: each sample drops its text with "
+        "chance `cfg_dropout_prob`; `timestep`: 0.8.1's scaling, chance "
+        "`cfg_dropout_prob`·(0.5 + 0.5·t/`num_train_timesteps`) clipped to [0, min(0.5, "
+        "2·`cfg_dropout_prob`)], more at the noisier timesteps. 0.8.1 drops every sample of a "
+        "batch with these chances' batch mean, which loses the tie to each sample's timestep; "
+        "here each sample uses its own (the same share dropped on average)")
+    ema_decay: float | None = setting(
+        0.9999, optional(in_interval("(0, 1]", 0.9999)), "EMA of the flow processor and text "
+        "encoder (`FlowOptions.ema_decay`); null: none", key="flow_ema_decay")
+    timestep_sampling: str = setting(
+        "cosine", one_of(diffusion.TIMESTEP_SAMPLING), "how training draws t: `cosine` (cos² "
+        "weights, mostly low noise; the reference's) or `uniform`")
+    flow_loss: str = setting(
+        "mse", one_of(("mse", "smooth_l1")), "`mse` of the v-prediction, or `smooth_l1`, the "
+        "0.8.1 PyTorch trainer's (0.8.1 has no key for it: it always uses it): smooth-L1 (β "
+        "0.01) of prediction and target divided by the clean latent's std (v060, v030), or for "
+        "v070 and v080 the latent and the context channels each divided by their own "
+        "v-target's std, the two losses added")
+    num_train_timesteps: int = setting(
+        diffusion.NUM_TIMESTEPS, integer_at_least(2), "N, the noise schedule's length (linear "
+        "betas 1e-4..0.02 over N steps)")
+    start_step: int = setting(
+        0, integer_at_least(0), "timesteps are drawn from [`start_step`, N − 1] (cos² weights "
+        "or uniformly over that window), and the flow is given (t − `start_step`) / max(1, N "
+        "− 1 − `start_step`) as its time, as 0.8.1 does. Generation (`generate`, samples, "
+        "evaluation) always runs the full 1000-step schedule")
 
     def problems(self) -> list[str]:
-        problems = field_problems(self, {
-            "timestep_sampling": one_of(diffusion.TIMESTEP_SAMPLING),
-            "flow_loss": one_of(("mse", "smooth_l1")),
-            "lambda_align": in_interval("[0, inf)", 0.1),
-            "cfg_dropout_prob": in_interval("[0, 1)", 0.1),
-            "cfg_dropout_schedule": one_of(("fixed", "timestep")),
-            "ema_decay": optional(in_interval("(0, 1]", 0.9999)),
-            "num_train_timesteps": integer_at_least(2),
-            "start_step": integer_at_least(0)})
+        problems = field_problems(self, field_checks(FlowOptions))
         if not problems and self.start_step >= self.num_train_timesteps:
             problems.append(f"'start_step' ({self.start_step}) must be below "
                             f"'num_train_timesteps' ({self.num_train_timesteps}): timesteps "

@@ -23,6 +23,7 @@ from flax import nnx
 
 from fluxflow_jax.checks import (check_bool, field_problems, in_interval, integer_at_least,
                                  one_of, optional)
+from fluxflow_jax.settings import field_checks, setting
 from fluxflow_jax.training import image_statistics, losses
 from fluxflow_jax.training.accumulation import MicroBatches
 from fluxflow_jax.training.balancing import adaptive_weights, push
@@ -33,38 +34,72 @@ from fluxflow_jax.training.routing import fork
 from fluxflow_jax.training.state import BALANCED_LOSSES, Networks, TrainState, Update
 
 
+_NON_NEGATIVE = in_interval("[0, inf)", 0.1)
+
+
 @dataclass(frozen=True)
 class VAEOptions:
-    """What the VAE-GAN stage trains and how (defaults: the seed's)."""
+    """What the VAE-GAN stage trains and how (defaults: the seed's). The mode fields come
+    from a step's mode keys; the others are its loss keys."""
 
     train_reconstruction: bool = True  # False: GAN-only, no pixel or perceptual loss
     use_gan: bool = True
     train_spade: bool = True  # decoder SPADE conditioning on the latent
     use_lpips: bool = True
-    lambda_lpips: float = 0.1
-    mse_weight: float = 0.1
-    frequency_alpha: float = 1.0
-    kl_beta: float = 1e-4
-    kl_warmup_steps: int = 5000
-    kl_free_bits: float = 0.0
-    kl_reduction: Literal["sum", "mean"] = "sum"
-    lambda_adv: float = 0.1
-    r1_interval: int = 16
-    r1_gamma: float = 5.0
-    instance_noise_std: float = 0.01
-    instance_noise_decay: float = 0.9999
-    adaptive_weights: bool = True
-    ema_decay: float | None = 0.999
-    train_kl: bool = True
+    lambda_lpips: float = setting(0.1, _NON_NEGATIVE, "weight of LPIPS in the reconstruction "
+                                  "loss", flag=True)
+    mse_weight: float = setting(0.1, _NON_NEGATIVE, "weight of MSE in the reconstruction loss "
+                                "(L1 + `mse_weight`·MSE + `lambda_lpips`·LPIPS)")
+    frequency_alpha: float = setting(1.0, _NON_NEGATIVE, "weight of the high-frequency part "
+                                     "of the frequency-aware L1")
+    kl_beta: float = setting(1e-4, _NON_NEGATIVE, "final KL weight β", flag=True)
+    kl_warmup_steps: int = setting(5000, integer_at_least(0), "cosine β warm-up, in updates "
+                                   "counted over the whole run", flag=True)
+    kl_free_bits: float = setting(0.0, _NON_NEGATIVE, "per-element KL floor", flag=True)
+    kl_reduction: Literal["sum", "mean"] = setting(
+        "sum", one_of(("sum", "mean")), "`sum` (per sample, as the reference; grows with "
+        "resolution) or `mean`")
+    lambda_adv: float = setting(0.1, _NON_NEGATIVE, "adversarial generator loss weight",
+                                flag=True)
+    r1_interval: int = setting(16, integer_at_least(1), "R1 penalty on real images every this "
+                               "many updates (run-wide count)")
+    r1_gamma: float = setting(5.0, _NON_NEGATIVE,
+                              "R1 weight (the discriminator adds `r1_gamma`/2 · R1)")
+    instance_noise_std: float = setting(0.01, _NON_NEGATIVE, "σ of the noise added to the "
+                                        "discriminator's real and fake inputs")
+    instance_noise_decay: float = setting(0.9999, in_interval("(0, 1]", 0.9999), "σ decays "
+                                          "as `instance_noise_std`·decay^update")
+    adaptive_weights: bool = setting(True, check_bool, "weight reconstruction, KL and GAN "
+                                     "losses by inverse recent magnitude (clamped to [0, 5])")
+    ema_decay: float | None = setting(0.999, optional(in_interval("(0, 1]", 0.999)),
+                                      "EMA of compressor and expander; null: none")
+    train_kl: bool = setting(True, check_bool, "train the KL term; false: no KL loss "
+                             "(`loss_kl` and `kl_beta` are then not reported)")
     # The 0.8.1 trainer's image-statistics terms (image_statistics.py), added with its fixed
     # weights when the reconstruction trains. Off by default, as in the seed's trainer (0.8.1
     # turns them on).
-    train_colorstats: bool = False
-    train_histogram: bool = False
-    train_contrast: bool = False
-    train_coarseness: bool = False
-    soft_histogram: bool = True  # False: 0.8.1's hard counts, which have no gradient
-    spade_training_mode: Literal["full", "alternate"] = "full"  # alternate: even batches
+    train_colorstats: bool = setting(
+        False, check_bool, "add 0.05 · colour statistics: mean over R, G, B of (mean "
+        "difference)² + (std difference)² between reconstruction and input "
+        "([Image-statistics terms](#image-statistics-terms))")
+    train_histogram: bool = setting(
+        False, check_bool, "add 0.02 · histogram matching: per channel, the mean \\|CDF "
+        "difference\\| of 64-bin value histograms on [-1, 1]")
+    train_contrast: bool = setting(
+        False, check_bool, "add 0.1 · contrast: [Σ over R, G, B of (std ratio − 1)² + MSE of "
+        "the per-image stds] / 4")
+    train_coarseness: bool = setting(
+        False, check_bool, "add 0.02 · coarseness: per channel, the mean \\|CDF difference\\| "
+        "of the variances of 16×16 tiles (Gaussian-smoothed into 32 bins on [0, 1])")
+    soft_histogram: bool = setting(
+        True, check_bool, "the histogram term's counts share each value between its two "
+        "nearest bins, so the term has a gradient; false: 0.8.1's hard counts, which have none "
+        "(the term is then reported and trains nothing)")
+    spade_training_mode: Literal["full", "alternate"] = setting(
+        "full", one_of(("full", "alternate")), "with `train_spade`: `full` decodes every batch "
+        "with SPADE; `alternate` only the even batches (2, 4, ... counted over the run), the "
+        "others without (0.8.1 also gives its discriminator no context on SPADE batches; here "
+        "it always gets the latent's, as in the seed's trainer)")
 
     def problems(self) -> list[str]:
         """Every invalid field, each phrased with its fix."""
@@ -79,22 +114,8 @@ class VAEOptions:
                      if getattr(self, f"train_{name}"))
 
 
-_NON_NEGATIVE = in_interval("[0, inf)", 0.1)
-_VAE_CHECKS = {
-    **{name: check_bool for name in ("train_reconstruction", "use_gan", "train_spade",
-                                     "use_lpips", "adaptive_weights", "train_kl",
-                                     "train_colorstats", "train_histogram", "train_contrast",
-                                     "train_coarseness", "soft_histogram")},
-    **{name: _NON_NEGATIVE for name in ("lambda_lpips", "mse_weight", "frequency_alpha",
-                                        "kl_beta", "kl_free_bits", "lambda_adv", "r1_gamma",
-                                        "instance_noise_std")},
-    "kl_warmup_steps": integer_at_least(0),
-    "r1_interval": integer_at_least(1),
-    "kl_reduction": one_of(("sum", "mean")),
-    "spade_training_mode": one_of(("full", "alternate")),
-    "instance_noise_decay": in_interval("(0, 1]", 0.9999),
-    "ema_decay": optional(in_interval("(0, 1]", 0.999)),
-}
+_MODE_FIELDS = ("train_reconstruction", "use_gan", "train_spade", "use_lpips")
+_VAE_CHECKS = {**{name: check_bool for name in _MODE_FIELDS}, **field_checks(VAEOptions)}
 
 
 def unused_expander_leaf(options: VAEOptions) -> Callable[[tuple], bool]:
