@@ -1,5 +1,5 @@
-"""tools/reference_vae_probe.py: its oracle tokens and its unit-variance rescaling, on the
-real PyTorch fluxflow networks."""
+"""tools/reference_vae_probe.py: its oracle tokens, its unit-variance rescaling and its
+silu start, on the real PyTorch fluxflow networks."""
 
 import sys
 from pathlib import Path
@@ -47,3 +47,19 @@ def test_unit_variance_rescales_every_layer_to_std_one():
     after = layer_stds()
     assert len(after) > 10
     assert all(abs(std - 1) < 1e-4 for std in after), after
+
+
+def test_silu_start_turns_each_bezier_activation_into_silu_of_one_projection():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4 * 5, 3, padding=1)
+    block = nn.Sequential(layer, probe.BezierActivation(t_pre_activation="tanh",
+                                                        p_preactivation="silu"))
+    x = torch.randn(2, 3, 8, 8)
+    probe.start_as_silu(block)
+    weight, bias = layer.weight.view(4, 5, 3, 3, 3), layer.bias.view(4, 5)
+    for k in (2, 3, 4):  # the control points share p0's weights
+        torch.testing.assert_close(weight[:, k], weight[:, 1])
+    assert bias[:, 1:].abs().sum() == 0 and bias[:, 0].abs().sum() > 0  # t keeps its own
+    expected = nn.functional.silu(nn.functional.conv2d(x, weight[:, 1], padding=1))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)

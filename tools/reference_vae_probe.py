@@ -8,9 +8,14 @@ OPTIONS is a comma-separated list:
   output has std 1 on the first 16 training images (layer-sequential unit variance);
 - ``deterministic``: decode the posterior mean (no reparameterisation noise);
 - ``frozen_encoder``: train the decoder only;
-- ``oracle``: no encoder: the decoder reads each image's 8x8-average-pooled colours
+- ``oracle``: no encoder: the decoder reads each image's average-pooled colours (8x8 for
+  3 downscales)
   (its three channels repeated over the latent width), to see what the decoder alone learns;
-- ``dim=N``: latent width (default 16, the quickstart's).
+- ``silu_start``: every encoder layer that feeds a Bezier activation gets the same weights
+  for its four control-point channels (Kaiming-normal with gain 1.7), so each activation
+  starts as ``silu`` of one convolution (equal control points make the curve constant in t);
+- ``dim=N``: latent width (default 16, the quickstart's);
+- ``downscales=N``: down- and up-scaling stages (default 3, the quickstart's).
 
 It trains the real ``fluxflow`` 0.8.1 ``FluxCompressor`` and ``FluxExpander`` (3 down- and
 up-scales, one attention layer) on demo samples 0-511 at 32 px, batch 4, AdamW (betas
@@ -26,6 +31,7 @@ import time
 
 import numpy as np
 import torch
+from fluxflow.models.activations import BezierActivation
 from fluxflow.models.v060.vae import FluxCompressor, FluxExpander
 from torch import nn
 
@@ -40,9 +46,9 @@ def images(indices) -> torch.Tensor:
     return torch.tensor(pixels, dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
 
 
-def oracle_tokens(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Packed tokens of the 8x8-pooled colours, with the hw token."""
-    pooled = nn.functional.avg_pool2d(x, 8)
+def oracle_tokens(x: torch.Tensor, dim: int, factor: int = 8) -> torch.Tensor:
+    """Packed tokens of the ``factor`` x ``factor``-pooled colours, with the hw token."""
+    pooled = nn.functional.avg_pool2d(x, factor)
     h, w = pooled.shape[2:]
     tokens = pooled.repeat(1, dim // 3 + 1, 1, 1)[:, :dim].flatten(2).permute(0, 2, 1)
     hw = torch.zeros(x.shape[0], 1, dim)
@@ -74,15 +80,42 @@ def scale_to_unit_variance(module: nn.Module, forward) -> None:
         handle.remove()
 
 
+def start_as_silu(module: nn.Module, gain: float = 1.7) -> None:
+    """Give each layer feeding a Bezier activation the same weights (and zero bias) for its
+    four control-point channels of every group of five, so the activation computes
+    ``silu`` of that shared projection whatever its t channel says."""
+    for sequence in (m for m in module.modules() if isinstance(m, nn.Sequential)):
+        children = list(sequence.children())
+        for layer, after in zip(children, children[1:]):
+            if not (isinstance(after, BezierActivation)
+                    and isinstance(layer, (nn.Conv2d, nn.Linear))):
+                continue
+            with torch.no_grad():
+                groups = layer.weight.view(layer.weight.shape[0] // 5, 5,
+                                           *layer.weight.shape[1:])
+                fan_in = layer.weight[0].numel()
+                shared = torch.randn_like(groups[:, 1]) * gain / fan_in ** 0.5
+                groups[:, 1:] = shared.unsqueeze(1)
+                if layer.bias is not None:
+                    layer.bias.view(-1, 5)[:, 1:] = 0.0
+
+
+def option(options: list[str], name: str, default: int) -> int:
+    return next((int(o[len(name) + 1:]) for o in options if o.startswith(f"{name}=")),
+                default)
+
+
 def main(steps: int, lr: float, options: list[str]) -> None:
     torch.manual_seed(0)
-    dim = next((int(o[4:]) for o in options if o.startswith("dim=")), 16)
-    encoder = FluxCompressor(d_model=dim, downscales=3, attn_layers=1, attn_heads=2,
+    dim, scales = option(options, "dim", 16), option(options, "downscales", 3)
+    encoder = FluxCompressor(d_model=dim, downscales=scales, attn_layers=1, attn_heads=2,
                              use_gradient_checkpointing=False)
-    decoder = FluxExpander(d_model=dim, upscales=3, use_gradient_checkpointing=False)
+    decoder = FluxExpander(d_model=dim, upscales=scales, use_gradient_checkpointing=False)
+    if "silu_start" in options:
+        start_as_silu(encoder)
     if "deterministic" in options:
         encoder.reparameterize = lambda mu, logvar: mu
-    encode = ((lambda x: oracle_tokens(x, dim)) if "oracle" in options else encoder)
+    encode = ((lambda x: oracle_tokens(x, dim, 2**scales)) if "oracle" in options else encoder)
     if "unit_variance" in options:
         first = images(range(16))
         scale_to_unit_variance(encoder, lambda: encoder(first))
