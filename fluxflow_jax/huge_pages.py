@@ -1,14 +1,12 @@
 """Large host allocations in transparent huge pages, for processes that run train steps.
 
-XLA:CPU allocates a step's temporaries afresh on every call, and glibc serves blocks above
-32 MiB with ``mmap`` and gives them back with ``munmap``, so each step touches its
-temporaries as new 4 KiB pages: 154,000 page faults and 0.33 s of kernel time per
-reference-size flow step on the 2-core development machine, 40,000 per tiny VAE-GAN step.
-glibc's ``glibc.malloc.hugetlb=1`` tunable (glibc 2.35+) asks for transparent huge pages on
-those mappings, 512 times fewer faults: the reference flow step went from 609 to 493 ms, the
-tiny VAE-GAN step from 326 to 291 ms. Limiting glibc's own reuse instead (one arena, no
-``mmap``) removed the faults but slowed the tiny VAE-GAN step to 446 ms (its threads contend
-for the arena's lock).
+XLA:CPU allocates a step's temporaries afresh on every call, and glibc serves large blocks
+with ``mmap`` and gives them back with ``munmap``, so each step touches its temporaries as
+new 4 KiB pages and spends kernel time on the page faults. glibc's ``glibc.malloc.hugetlb=1``
+tunable (glibc 2.35+) asks for transparent huge pages on those mappings, 512 times fewer
+faults (measured effect: README, Performance). Limiting glibc's own reuse instead (one
+arena, no ``mmap``) removes the faults too but makes the step's threads contend for the
+arena's lock.
 
 glibc reads tunables when a process starts, so ``fluxflow-jax train`` executes itself again,
 once, with the tunable added to ``GLIBC_TUNABLES``. Nothing changes where a user already
