@@ -37,6 +37,11 @@ from fluxflow_jax.training.state import BALANCED_LOSSES, Networks, TrainState, U
 _NON_NEGATIVE = in_interval("[0, inf)", 0.1)
 
 
+def _statistic(name: str, meaning: str) -> Any:
+    """The switch of one image-statistics term, its help naming the term's fixed weight."""
+    return setting(False, check_bool, f"add {image_statistics.WEIGHTS[name]} · {meaning}")
+
+
 @dataclass(frozen=True)
 class VAEOptions:
     """What the VAE-GAN stage trains and how (defaults: the seed's). The mode fields come
@@ -78,19 +83,19 @@ class VAEOptions:
     # The 0.8.1 trainer's image-statistics terms (image_statistics.py), added with its fixed
     # weights when the reconstruction trains. Off by default, as in the seed's trainer (0.8.1
     # turns them on).
-    train_colorstats: bool = setting(
-        False, check_bool, "add 0.05 · colour statistics: mean over R, G, B of (mean "
-        "difference)² + (std difference)² between reconstruction and input "
-        "([Image-statistics terms](#image-statistics-terms))")
-    train_histogram: bool = setting(
-        False, check_bool, "add 0.02 · histogram matching: per channel, the mean \\|CDF "
-        "difference\\| of 64-bin value histograms on [-1, 1]")
-    train_contrast: bool = setting(
-        False, check_bool, "add 0.1 · contrast: [Σ over R, G, B of (std ratio − 1)² + MSE of "
-        "the per-image stds] / 4")
-    train_coarseness: bool = setting(
-        False, check_bool, "add 0.02 · coarseness: per channel, the mean \\|CDF difference\\| "
-        "of the variances of 16×16 tiles (Gaussian-smoothed into 32 bins on [0, 1])")
+    train_colorstats: bool = _statistic(
+        "colorstats", "colour statistics: mean over R, G, B of (mean difference)² + (std "
+        "difference)² between reconstruction and input ([Image-statistics "
+        "terms](#image-statistics-terms))")
+    train_histogram: bool = _statistic(
+        "histogram", "histogram matching: per channel, the mean \\|CDF difference\\| of "
+        "64-bin value histograms on [-1, 1]")
+    train_contrast: bool = _statistic(
+        "contrast", "contrast: [Σ over R, G, B of (std ratio − 1)² + MSE of the per-image "
+        "stds] / 4")
+    train_coarseness: bool = _statistic(
+        "coarseness", "coarseness: per channel, the mean \\|CDF difference\\| of the "
+        "variances of 16×16 tiles (Gaussian-smoothed into 32 bins on [0, 1])")
     soft_histogram: bool = setting(
         True, check_bool, "the histogram term's counts share each value between its two "
         "nearest bins, so the term has a gradient; false: 0.8.1's hard counts, which have none "
