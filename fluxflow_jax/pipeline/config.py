@@ -446,6 +446,12 @@ class TrainingConfig:
                                     "every step ends after this many batches", flag=True)
     seed: int = setting(0, check_seed, "model initialisation and training randomness",
                         flag=True)
+    compressor_start: str = setting(
+        "reference", one_of(("reference", "pass_through")), "how a fresh compressor starts: "
+        "`reference` (PyTorch's initialisation, whose encoder output does not yet depend on "
+        "the image) or `pass_through` (its encoder starts as an average pooling of the image; "
+        "weights only, PyTorch loads the result; see [docs/learning.md](learning.md))",
+        flag=True)
     devices: int | None = setting(None, _OPTIONAL_POSITIVE_INT, "data-parallel devices; null: "
                                   "all devices (of all hosts)", flag=True)
     shard_params: bool = setting(

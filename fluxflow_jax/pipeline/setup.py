@@ -18,6 +18,7 @@ from fluxflow_jax.data import (CaptionedFolder, DataConfigError, DataLoader, Dem
                                TokenizerError, WebDatasetSource)
 from fluxflow_jax.interop import CheckpointError, load_fluxflow
 from fluxflow_jax.models.bundle import COMPONENTS, FluxFlowModels
+from fluxflow_jax.models.compressor_start import start_as_pass_through
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.pipeline.config import (ConfigError, DataConfig, DatasetConfig, Feed,
                                           RunConfig, StepConfig)
@@ -223,13 +224,22 @@ def initial_models(run: RunConfig) -> FluxFlowModels:
     """Fresh models (seeded by training.seed), or ``model_checkpoint``'s weights with any
     component it lacks freshly initialised."""
     if run.model_checkpoint is None:
-        return FluxFlowModels.create(run.model_config(), nnx.Rngs(run.training.seed)).train()
+        return _started(run, FluxFlowModels.create(run.model_config(),
+                                                    nnx.Rngs(run.training.seed))).train()
     loaded = _checkpoint_models(run)
     missing = [c for c in COMPONENTS if getattr(loaded, c) is None]
-    fresh = FluxFlowModels.create(loaded.config, nnx.Rngs(run.training.seed), tuple(missing))
+    fresh = _started(run, FluxFlowModels.create(loaded.config, nnx.Rngs(run.training.seed),
+                                                tuple(missing)))
     for name in missing:
         setattr(loaded, name, getattr(fresh, name))
     return loaded.train()
+
+
+def _started(run: RunConfig, models: FluxFlowModels) -> FluxFlowModels:
+    """Fresh ``models`` with the start ``training.compressor_start`` asks for."""
+    if run.training.compressor_start == "pass_through" and models.compressor is not None:
+        start_as_pass_through(models.compressor)
+    return models
 
 
 def load_lpips(run: RunConfig, stages: list[Stage], *, fetch: bool = True) -> LPIPS | None:
