@@ -63,3 +63,41 @@ def test_silu_start_turns_each_bezier_activation_into_silu_of_one_projection():
     expected = nn.functional.silu(nn.functional.conv2d(x, weight[:, 1], padding=1))
     with torch.no_grad():
         torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pass_through_is_the_same_start_in_pytorch_and_in_fluxflow_jax():
+    """The probe's PyTorch start and fluxflow-jax's give the same weights from the same
+    initial ones, and PyTorch's encoder then carries the pooled image in its latent grid."""
+    import numpy as np
+    from flax import nnx
+
+    from fluxflow_jax.interop.keymap import compressor_table
+    from fluxflow_jax.interop.state import export_tensors
+    from fluxflow_jax.models import FluxFlowConfig
+    from fluxflow_jax.models.compressor import FluxCompressor
+    from fluxflow_jax.models.compressor_start import start_as_pass_through
+
+    config = FluxFlowConfig(vae_dim=16, downscales=3, upscales=3, vae_attn_layers=1,
+                            vae_attn_heads=2)
+    ours = FluxCompressor(config, rngs=nnx.Rngs(0))
+    torch_encoder = probe.FluxCompressor(d_model=16, downscales=3, attn_layers=1,
+                                         attn_heads=2, use_gradient_checkpointing=False)
+    as_torch = lambda: {k: torch.tensor(v) for k, v in
+                        export_tensors(ours, compressor_table(config)).items()}
+    torch_encoder.load_state_dict(as_torch())
+    probe.start_as_pass_through(torch_encoder)
+    start_as_pass_through(ours)
+    expected = torch_encoder.state_dict()
+    for key, value in as_torch().items():
+        torch.testing.assert_close(value, expected[key], atol=1e-7, rtol=0, msg=key)
+
+    x = probe.images(range(32))
+    with torch.no_grad():
+        h = torch_encoder.add_coord_channels(x)
+        for first, down in zip(torch_encoder.encoder_first_step, torch_encoder.encoder_z):
+            h = down(first(h))
+        latent = torch_encoder.latent_proj(h)
+    pooled = nn.functional.avg_pool2d(x, 8)
+    for channel in range(3):
+        r = np.corrcoef(latent[:, channel].flatten(), pooled[:, channel].flatten())[0, 1]
+        assert r > 0.8, (channel, r)

@@ -14,6 +14,12 @@ OPTIONS is a comma-separated list:
 - ``silu_start``: every encoder layer that feeds a Bezier activation gets the same weights
   for its four control-point channels (Kaiming-normal with gain 1.7), so each activation
   starts as ``silu`` of one convolution (equal control points make the curve constant in t);
+- ``pass_through``: the encoder starts as an average pooling of the image, as fluxflow-jax's
+  ``training.compressor_start: pass_through`` does (``fluxflow_jax.models.compressor_start``):
+  each control-point channel passes its matching input channel through (identity, or the
+  centre 2x2 average of the stride-2 kernels), at gains that keep the pooled image at 0.1
+  inside the encoder and lift it to 3 in the latent grid;
+- ``encoder_lr=X``: the encoder's learning rate (default: LR, the decoder's);
 - ``dim=N``: latent width (default 16, the quickstart's);
 - ``downscales=N``: down- and up-scaling stages (default 3, the quickstart's).
 
@@ -100,19 +106,50 @@ def start_as_silu(module: nn.Module, gain: float = 1.7) -> None:
                     layer.bias.view(-1, 5)[:, 1:] = 0.0
 
 
-def option(options: list[str], name: str, default: int) -> int:
-    return next((int(o[len(name) + 1:]) for o in options if o.startswith(f"{name}=")),
+def pass_through(layer: nn.Conv2d, gain: float) -> None:
+    """``layer``'s control-point outputs: ``gain`` x the matching input channel (the centre
+    2x2 taps averaged for 8x8 kernels, the centre tap otherwise), no bias."""
+    with torch.no_grad():
+        groups = layer.weight.view(layer.weight.shape[0] // 5, 5, *layer.weight.shape[1:])
+        groups[:, 1:] = 0.0
+        size = layer.weight.shape[-1]
+        for f in range(min(groups.shape[0], groups.shape[2])):
+            if size == 8:
+                groups[f, 1:, f, 3:5, 3:5] = gain / 4
+            else:
+                groups[f, 1:, f, size // 2, size // 2] = gain
+        if layer.bias is not None:
+            layer.bias.view(-1, 5)[:, 1:] = 0.0
+
+
+def start_as_pass_through(encoder: nn.Module, signal: float = 0.1, latent: float = 3.0
+                          ) -> None:
+    scale = 1.0
+    for first, down in zip(encoder.encoder_first_step, encoder.encoder_z):
+        pass_through(first[0], 2 * signal / scale)
+        pass_through(down[0], 2.0)
+        scale = signal
+    pass_through(encoder.latent_proj[0][0], 2.0)
+    pass_through(encoder.latent_proj[1][0], 2 * latent / signal)
+    pass_through(encoder.mu_proj[0][0], 2 * signal / latent)
+    pass_through(encoder.mu_proj[1][0], 2.0)
+
+
+def option(options: list[str], name: str, default: float) -> float:
+    return next((float(o[len(name) + 1:]) for o in options if o.startswith(f"{name}=")),
                 default)
 
 
 def main(steps: int, lr: float, options: list[str]) -> None:
     torch.manual_seed(0)
-    dim, scales = option(options, "dim", 16), option(options, "downscales", 3)
+    dim, scales = int(option(options, "dim", 16)), int(option(options, "downscales", 3))
     encoder = FluxCompressor(d_model=dim, downscales=scales, attn_layers=1, attn_heads=2,
                              use_gradient_checkpointing=False)
     decoder = FluxExpander(d_model=dim, upscales=scales, use_gradient_checkpointing=False)
     if "silu_start" in options:
         start_as_silu(encoder)
+    if "pass_through" in options:
+        start_as_pass_through(encoder)
     if "deterministic" in options:
         encoder.reparameterize = lambda mu, logvar: mu
     encode = ((lambda x: oracle_tokens(x, dim, 2**scales)) if "oracle" in options else encoder)
@@ -120,10 +157,11 @@ def main(steps: int, lr: float, options: list[str]) -> None:
         first = images(range(16))
         scale_to_unit_variance(encoder, lambda: encoder(first))
         scale_to_unit_variance(decoder, lambda: decoder(encode(first)))
-    params = list(decoder.parameters())
+    groups = [{"params": list(decoder.parameters())}]
     if not {"oracle", "frozen_encoder"} & set(options):
-        params += list(encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+        groups.append({"params": list(encoder.parameters()),
+                       "lr": option(options, "encoder_lr", lr)})
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     held = images(HELD_OUT)
 
     def psnr() -> float:
