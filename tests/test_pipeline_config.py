@@ -798,10 +798,15 @@ def test_compressor_lr_scale_outside_a_trained_compressor_exits_2(tmp_path, caps
     assert problem in line, line
 
 
-def test_compressor_lr_scale_reaches_the_stage(tmp_path):
-    [scaled, plain] = stages(tmp_path, [step("a", train_vae=True, compressor_lr_scale=0.05),
-                                        step("b", train_vae=True)])
+def test_compressor_lr_scale_reaches_the_stage_and_the_plan(tmp_path, capsys):
+    steps = [step("a", train_vae=True, compressor_lr_scale=0.05), step("b", train_vae=True)]
+    [scaled, plain] = stages(tmp_path, steps)
     assert (scaled.config.compressor_lr_scale, plain.config.compressor_lr_scale) == (0.05, 1.0)
+    code, out, err = cli(capsys, "validate", str(write(tmp_path, document(steps))))
+    assert (code, err) == (0, "")
+    vae_lines = [line for line in out.splitlines() if line.startswith("  vae: trains ")]
+    assert [line.endswith(", compressor at 0.05x that lr") for line in vae_lines] == [
+        True, False]
 
 
 def test_standard_mode_refuses_pipeline_only_keys(tmp_path):
