@@ -63,6 +63,56 @@ def test_group_equals_plain_optax_on_trainable_leaves_and_leaves_frozen_ones_alo
         jax.tree.leaves(params["a"]["used"]))
 
 
+def test_a_scaled_component_trains_as_at_a_scaled_learning_rate_weight_decay_included():
+    """Component "a" at 0.5: AdamW at half the group's scheduled rate (decay included, as a
+    PyTorch parameter group with its own lr); "b" at the group's rate; no extra state."""
+    group = OptimizerGroup.build("vae", ("a", "b"), ADAMW, COSINE, total_steps=5,
+                                 clip_norm=None, scales={"a": 0.5, "c": 3.0})
+    plain = OptimizerGroup.build("vae", ("a", "b"), ADAMW, COSINE, total_steps=5,
+                                 clip_norm=None)
+    params = tiny_params()
+    opt_state = group.init(params)
+    assert jax.tree.structure(opt_state) == jax.tree.structure(plain.init(params))
+    references = {name: (optax.adamw(make_schedule(COSINE, lr, 5), b1=0.9, b2=0.99,
+                                     weight_decay=0.1), params[name])
+                  for name, lr in (("a", 0.005), ("b", 0.01))}
+    references = {name: (tx, p, tx.init(p)) for name, (tx, p) in references.items()}
+    for k in range(3):
+        grads = random_like(group.trainable(params), k)
+        assert float(group.learning_rate(opt_state)) == pytest.approx(
+            float(make_schedule(COSINE, 0.01, 5)(k)))  # the group's, not the scaled one
+        params, opt_state = group.apply(grads, opt_state, params, jnp.zeros([]))
+        for name, (tx, reference, state) in references.items():
+            updates, state = tx.update(grads[name], state, reference)
+            reference = optax.apply_updates(reference, updates)
+            references[name] = (tx, reference, state)
+            jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6),
+                         params[name], reference)
+
+
+def test_a_scaled_component_gets_exactly_the_scaled_update_and_scale_1_changes_nothing():
+    params = tiny_params()
+    grads = random_like(params, 3)
+    unscaled = OptimizerGroup.build("vae", ("a", "b"), ADAMW, COSINE, total_steps=5)
+    at_one = OptimizerGroup.build("vae", ("a", "b"), ADAMW, COSINE, total_steps=5,
+                                  scales={"a": 1.0, "b": 1.0})
+    halved = OptimizerGroup.build("vae", ("a", "b"), ADAMW, COSINE, total_steps=5,
+                                  scales={"a": 0.5})
+    assert jax.tree.structure(at_one.transform.init(params)) == jax.tree.structure(
+        unscaled.transform.init(params))
+    updates = {name: group.transform.update(grads, group.transform.init(params), params,
+                                            value=jnp.zeros([]))[0]
+               for name, group in (("unscaled", unscaled), ("at_one", at_one),
+                                   ("halved", halved))}
+    for a, b in zip(jax.tree.leaves(updates["at_one"]), jax.tree.leaves(updates["unscaled"]),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    jax.tree.map(lambda h, u: np.testing.assert_array_equal(h, 0.5 * u),
+                 updates["halved"]["a"], updates["unscaled"]["a"])
+    jax.tree.map(np.testing.assert_array_equal, updates["halved"]["b"],
+                 updates["unscaled"]["b"])
+
+
 def test_learning_rate_follows_schedule_and_plateau():
     plateau = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}
     group = OptimizerGroup.build("flow", ("a",), {"type": "SGD", "lr": 0.1}, plateau,

@@ -779,6 +779,36 @@ def test_bad_values_of_the_0_8_1_keys_exit_2_naming_the_key(tmp_path, capsys, ke
     assert line.endswith(problem), line
 
 
+@pytest.mark.parametrize("keys, problem", [
+    ({"train_diff": True, "compressor_lr_scale": 0.05},
+     "compressor_lr_scale (0.05) scales the compressor's updates, which this step does not "
+     "train: turn on train_vae (and leave the compressor unfrozen) or remove the key"),
+    ({"gan_training": True, "freeze": ["compressor"], "compressor_lr_scale": 0.05},
+     "compressor_lr_scale (0.05) scales the compressor's updates, which this step does not "
+     "train"),
+    ({"train_vae": True, "compressor_lr_scale": -0.5},
+     "'training.pipeline.steps[0].compressor_lr_scale' must be a number in [0, inf), got "
+     "-0.5; e.g. 0.05")])
+def test_compressor_lr_scale_outside_a_trained_compressor_exits_2(tmp_path, capsys, keys,
+                                                                   problem):
+    path = write(tmp_path, document([step("a", **keys)]))
+    code, out, err = cli(capsys, "validate", str(path))
+    assert code == 2 and out == "" and "Traceback" not in err
+    [line] = err.splitlines()[1:]
+    assert problem in line, line
+
+
+def test_compressor_lr_scale_reaches_the_stage_and_the_plan(tmp_path, capsys):
+    steps = [step("a", train_vae=True, compressor_lr_scale=0.05), step("b", train_vae=True)]
+    [scaled, plain] = stages(tmp_path, steps)
+    assert (scaled.config.compressor_lr_scale, plain.config.compressor_lr_scale) == (0.05, 1.0)
+    code, out, err = cli(capsys, "validate", str(write(tmp_path, document(steps))))
+    assert (code, err) == (0, "")
+    vae_lines = [line for line in out.splitlines() if line.startswith("  vae: trains ")]
+    assert [line.endswith(", compressor at 0.05x that lr") for line in vae_lines] == [
+        True, False]
+
+
 def test_standard_mode_refuses_pipeline_only_keys(tmp_path):
     assert config_problems(tmp_path, document(training={"train_vae": True, "name": "x"})) == [
         "unknown key 'training.name'"]

@@ -1,5 +1,6 @@
 """The jitted VAE-GAN and flow train steps: learning, routing, freezing, guards, EMA."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import jax
@@ -137,6 +138,24 @@ def test_nan_batch_leaves_the_vae_gan_state_bitwise_unchanged(vae_run, models):
     assert int(new_state.step) == 31 and int(new_state.skipped) == 1
     assert_same(new_state.replace(step=0, skipped=0), vae_run.final.replace(step=0, skipped=0))
     assert len(vae_run.step.compilations) == 1
+
+
+def test_compressor_lr_scale_scales_the_compressors_first_update_only(vae_run, models):
+    """The same first update as ``vae_run``'s, with the compressor's change halved; the
+    expander, the discriminator and the reported learning rate are unchanged."""
+    stage = dataclasses.replace(VAE_GAN, compressor_lr_scale=0.5)
+    halved = run(TrainStep(models, stage), models, {"images": IMAGES}, 1)
+    assert halved.metrics[0]["lr_vae"] == pytest.approx(2e-3)
+    before = leaves_by_path(vae_run.initial.params["compressor"])
+    full = leaves_by_path(vae_run.after_first.params["compressor"])
+    half = leaves_by_path(halved.final.params["compressor"])
+    assert np.mean([np.any(full[k] != before[k]) for k in before]) > 0.9
+    for k, p in before.items():  # p + u/2 - p against (p + u - p) / 2: rounding of p apart
+        np.testing.assert_allclose(half[k] - p, 0.5 * (full[k] - p), rtol=1e-5,
+                                   atol=2 * np.spacing(np.abs(p).max()), err_msg=k)
+    for name in ("expander", "discriminator"):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9),
+                     halved.final.params[name], vae_run.after_first.params[name])
 
 
 # Frozen encoder and discriminator, SPADE off, LPIPS (random weights) on.
@@ -467,6 +486,11 @@ def test_alignment_with_mismatched_widths_warns_once_and_is_off():
                  schedulers={"vae": {"type": "StepLR", "gamma": 2}}), None,
      "optimizers.vae: 'lr': Learning rate must be positive"),
     (StageConfig(flow=FlowOptions(cfg_dropout_prob=1.0)), None, "cfg_dropout_prob"),
+    (StageConfig(flow=FlowOptions(), compressor_lr_scale=0.05), None,
+     "compressor_lr_scale (0.05) scales the compressor's updates, which this step does not "
+     "train"),
+    (StageConfig(vae=VAEOptions(use_lpips=False), compressor_lr_scale=-1), None,
+     "'compressor_lr_scale' must be a number in [0, inf), got -1"),
 ])
 def test_invalid_stages_are_reported(models, stage, lpips, message):
     with pytest.raises(StageConfigError) as raised:

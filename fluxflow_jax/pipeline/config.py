@@ -25,6 +25,7 @@ from fluxflow_jax.settings import Flag, aliases_of, checks_of, flags_of, keys_of
 from fluxflow_jax.suggest import did_you_mean
 from fluxflow_jax.training.flow_step import FlowOptions
 from fluxflow_jax.training.modes import STEP_MODES
+from fluxflow_jax.training.train_step import COMPRESSOR_LR_SCALE
 from fluxflow_jax.training.vae_step import VAEOptions
 
 
@@ -201,6 +202,10 @@ class StepConfig:
     initial_clipping_norm: float | None = setting(
         None, optional(_POSITIVE), "this step's gradient clip; null: "
         "`training.initial_clipping_norm`")
+    compressor_lr_scale: float = setting(
+        1.0, COMPRESSOR_LR_SCALE, "the compressor trains at this times the `vae` group's "
+        "learning rate (its weight decay too), see [Optimizer groups](#optimizer-groups); "
+        "steps that train the compressor only")
     transition_on: TransitionConfig = setting(
         TransitionConfig(), None, "when the step ends early: [Transitions](#transitions)",
         default_text="`epoch`")

@@ -29,6 +29,7 @@ from fluxflow_jax.pipeline.setup import (Loaders, check_output_path, check_text_
 from fluxflow_jax.pipeline.stages import Stage, build_stages
 from fluxflow_jax.pipeline.validation import Validation
 from fluxflow_jax.training import modes
+from fluxflow_jax.training.train_step import StageConfig
 
 
 class Plan(NamedTuple):
@@ -120,6 +121,13 @@ def _transition(stage: Stage) -> str:
             f"else {limit}")
 
 
+def _compressor_scale(stage: StageConfig, components: tuple[str, ...]) -> str:
+    """The plan's note on a group whose compressor trains at its own share of the rate."""
+    scale = stage.compressor_lr_scale
+    return (f", compressor at {scale}x that lr" if "compressor" in components and scale != 1
+            else "")
+
+
 def describe(config: RunConfig, plan: Plan) -> str:
     """The run's plan: data, parameters, and per stage what trains, how and for how long."""
     loader, stages = plan.loader, plan.stages
@@ -163,7 +171,8 @@ def describe(config: RunConfig, plan: Plan) -> str:
             lines.append(f"  {group}: trains {', '.join(components)} ({trained:,} "
                          f"parameters) with {optimizer.get('type', 'AdamW')} lr "
                          f"{optimizer.get('lr', 'default')}, "
-                         f"{scheduler.get('type', 'CosineAnnealingLR')}")
+                         f"{scheduler.get('type', 'CosineAnnealingLR')}"
+                         + _compressor_scale(stage.config, components))
         if stage.ema_components:
             lines.append(f"  EMA kept: {', '.join(stage.ema_components)}")
     return "\n".join(lines)

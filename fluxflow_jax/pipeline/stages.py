@@ -253,7 +253,8 @@ def build_stages(run: RunConfig,
         clip = step.initial_clipping_norm or run.training.initial_clipping_norm
         config = StageConfig(vae=vae, flow=flow, frozen=frozen, optimizers=optimizers,
                              schedulers=schedulers, total_steps=max(1, updates),
-                             gradient_clip_norm=clip, gradient_accumulation_steps=accumulation)
+                             gradient_clip_norm=clip, gradient_accumulation_steps=accumulation,
+                             compressor_lr_scale=step.compressor_lr_scale)
         if vae is not None or flow is not None:
             problems += config.problems()
         transition = _transition(step, config, validation.names(run, config), problems)

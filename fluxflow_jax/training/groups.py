@@ -7,6 +7,11 @@ on trainable leaves and ``set_to_zero`` on frozen ones, which therefore hold no 
 state. Frozen leaves are never differentiated either: the step takes gradients of
 ``trainable(params)`` only, and ``apply`` fills in zeros for the rest and leaves frozen
 leaves untouched, so they stay bitwise identical.
+
+A component may train at a fraction of its group's learning rate (``scales``): its
+updates are multiplied after the optimizer, weight decay included, as a PyTorch parameter
+group with its own learning rate would have them. The scaling holds no state, so the
+optimizer state is the same whatever the scales.
 """
 
 from __future__ import annotations
@@ -91,6 +96,23 @@ def clip_by_measured_norm(max_norm: float) -> optax.GradientTransformationExtraA
     return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
 
 
+def scale_components(inner: optax.GradientTransformation, scales: Mapping[str, float]
+                     ) -> optax.GradientTransformationExtraArgs:
+    """``inner`` with each named component's updates multiplied by its scale.
+
+    ``inner`` updates a dict {component: tree}. Its state is returned as is (no empty
+    state of a chain link), so a checkpoint resumes whatever the scales.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def update(updates, state, params=None, **extra):
+        updates, state = inner.update(updates, state, params, **extra)
+        return {c: jax.tree.map(lambda u, s=scales[c]: u * jnp.asarray(s, u.dtype), tree)
+                if c in scales else tree for c, tree in updates.items()}, state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
 @dataclass(frozen=True, eq=False)
 class OptimizerGroup:
     name: str
@@ -104,10 +126,13 @@ class OptimizerGroup:
     def build(cls, name: str, components: tuple[str, ...], optimizer: Mapping[str, Any],
               scheduler: Mapping[str, Any], total_steps: int, *,
               clip_norm: float | None = 1.0, frozen_leaf: FrozenLeaf = lambda c, p: False,
-              ema_decay: float | None = None) -> "OptimizerGroup":
+              ema_decay: float | None = None,
+              scales: Mapping[str, float] | None = None) -> "OptimizerGroup":
         """The group's transform from the reference-style optimizer and scheduler configs.
 
         ``clip_norm`` clips the group's global gradient norm (None: no clipping).
+        ``scales`` multiplies a component's updates (its learning rate and weight decay);
+        components left out, or at 1, train at the group's rate.
         """
         base_lr = float(optimizer.get("lr", 1e-4))
         schedule = make_schedule(scheduler, base_lr, total_steps)
@@ -121,8 +146,13 @@ class OptimizerGroup:
                 lambda path, _: FROZEN if frozen_leaf(path[0].key, _path_names(path[1:]))
                 else TRAINABLE, tree)
 
+        trainable = optax.chain(*chain)
+        own_scales = {c: float(s) for c, s in (scales or {}).items()
+                      if c in components and s != 1.0}
+        if own_scales:
+            trainable = scale_components(trainable, own_scales)
         transform = optax.multi_transform(
-            {TRAINABLE: optax.chain(*chain), FROZEN: optax.set_to_zero()}, labels)
+            {TRAINABLE: trainable, FROZEN: optax.set_to_zero()}, labels)
         return cls(name, components, frozen_leaf, transform, schedule, ema_decay)
 
     # -- views of the parameters -------------------------------------------------------

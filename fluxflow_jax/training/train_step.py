@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from fluxflow_jax import parallel
-from fluxflow_jax.checks import integer_at_least
+from fluxflow_jax.checks import in_interval, integer_at_least
 from fluxflow_jax.models.bundle import COMPONENTS, FluxFlowModels
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.models.text_encoder import LANGUAGE_MODEL, in_language_model
@@ -42,6 +42,8 @@ from fluxflow_jax.training.vae_step import VAEOptions, unused_expander_leaf, vae
 # What a stage may freeze: a component, or the text encoder's DistilBERT alone (its head
 # still trains).
 FREEZABLE = (*COMPONENTS, LANGUAGE_MODEL)
+# The compressor's share of the vae group's learning rate (0: the compressor stays put).
+COMPRESSOR_LR_SCALE = in_interval("[0, inf)", 0.05)
 
 
 class StageConfigError(ValueError):
@@ -65,6 +67,7 @@ class StageConfig:
     total_steps: int = 1
     gradient_clip_norm: float | None = 1.0
     gradient_accumulation_steps: int = 1  # micro-batches per update (see accumulation)
+    compressor_lr_scale: float = 1.0  # the compressor's share of the vae group's rate
 
     def required_components(self) -> set[str]:
         return modes.required_components(self.vae, self.flow)
@@ -87,12 +90,24 @@ class StageConfig:
         accumulation_problem = integer_at_least(1)("gradient_accumulation_steps",
                                                    self.gradient_accumulation_steps)
         out += [accumulation_problem] if accumulation_problem else []
+        out += self._compressor_scale_problems()
         out += [f"optimizers.{name}: {p}" for name, config in self.optimizers.items()
                 if name in GROUPS for p in optimizer_config_problems(config)]
         out += [f"schedulers.{name}: {p}" for name, config in self.schedulers.items()
                 if name in GROUPS for p in scheduler_config_problems(
                     config, None if length_problem else self.total_steps)]
         return out
+
+    def _compressor_scale_problems(self) -> list[str]:
+        scale = self.compressor_lr_scale
+        problem = COMPRESSOR_LR_SCALE("compressor_lr_scale", scale)
+        if problem:
+            return [problem]
+        if scale != 1 and "compressor" not in self.group_components().get("vae", ()):
+            return [f"compressor_lr_scale ({scale}) scales the compressor's updates, which "
+                    "this step does not train: turn on train_vae (and leave the compressor "
+                    "unfrozen) or remove the key"]
+        return []
 
     def group_components(self) -> dict[str, tuple[str, ...]]:
         """The components each active optimizer group trains (frozen ones left out)."""
@@ -125,7 +140,7 @@ def _build_groups(stage: StageConfig) -> dict[str, OptimizerGroup]:
             stage.schedulers.get(name) or default_scheduler_config(name),
             stage.total_steps, clip_norm=stage.gradient_clip_norm,
             frozen_leaf=frozen_leaf,
-            ema_decay=ema[name])
+            ema_decay=ema[name], scales={"compressor": stage.compressor_lr_scale})
         for name, components in stage.group_components().items()}
 
 
