@@ -460,6 +460,22 @@ def test_a_frozen_language_model_trains_only_the_text_encoders_head(models):
     assert all(m["grad_norm_text"] > 0 for m in result.metrics)
 
 
+@pytest.mark.parametrize("frozen, dropout", [(frozenset(), True),
+                                             (frozenset({"language_model"}), False)])
+def test_text_dropout_only_where_the_language_model_trains(models, frozen, dropout):
+    """A frozen language model gives the features it gives at inference: its dropout is
+    off (the head has none), so the step's text encoder ignores the dropout key."""
+    stage = StageConfig(flow=FlowOptions(), frozen=frozen,
+                        optimizers={"flow": ADAM, "text_encoder": ADAM},
+                        schedulers={"flow": CONSTANT, "text_encoder": CONSTANT})
+    networks = TrainStep(models, stage).networks
+    params, buffers = split_models(models)
+    encoder = networks.bind("text_encoder", params, buffers)
+    ids, mask = TEXT_BATCH["input_ids"], TEXT_BATCH["attention_mask"]
+    first, second = (encoder(ids, mask, rngs=nnx.Rngs(dropout=seed)) for seed in (0, 1))
+    assert (not np.allclose(first, second)) == dropout
+
+
 def test_alignment_with_mismatched_widths_warns_once_and_is_off():
     config = TINY.replace(text_embed_dim=24)
     models = FluxFlowModels.create(config, nnx.Rngs(0),

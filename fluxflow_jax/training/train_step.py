@@ -173,8 +173,11 @@ class TrainStep:
         self.stage = stage
         self.config = models.config
         self.groups = _build_groups(stage)
+        # Dropout only where weights learn: a frozen language model (its head has no
+        # dropout) gives the features it gives at inference.
+        text_dropout = "text_encoder" in self.groups and LANGUAGE_MODEL not in stage.frozen
         self.networks = Networks.from_models(
-            models, train_mode=("text_encoder",) if "text_encoder" in self.groups else (),
+            models, train_mode=("text_encoder",) if text_dropout else (),
             compute_dtype=compute_dtype(precision), remat=remat)
         self.alignment_active = (stage.flow.alignment_active(models.config) if stage.flow
                                  else False)
