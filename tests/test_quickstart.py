@@ -63,7 +63,7 @@ def test_quickstart_runs_every_stage(quickstart):
         assert (out / "graph" / f"training_losses_{stage}.png").is_file()
     assert (out / "graph" / "training_overview.png").is_file()
     assert sorted(p.name for p in (out / "samples").iterdir()) == [
-        "sample_flow_epoch_1_batch_1_64x64.png", "sample_vae_gan_epoch_1_batch_1_vae.png",
+        "sample_flow_epoch_1_batch_1_32x32.png", "sample_vae_gan_epoch_1_batch_1_vae.png",
         "sample_vae_warmup_epoch_1_batch_1_vae.png"]
     loaded = load_fluxflow(out)
     assert set(loaded.present()) == {"compressor", "flow_processor", "expander",

@@ -69,15 +69,16 @@ def test_trainer_yaml_parses_into_the_same_pipeline(tool, parse_pipeline_config,
     model = ModelConfig(**document["model"])
     assert (model.model_type, model.model_version, model.vae_dim, model.feature_maps_dim,
             model.text_embedding_dim) == ("bezier", "0.6.0", 16, 32, 32)
-    assert document["data"]["img_size"] == 64 and document["training"]["batch_size"] == 2
+    assert document["data"]["img_size"] == 32 and document["training"]["batch_size"] == 4
 
     pipeline = parse_pipeline_config(document["training"]["pipeline"])
     ours_steps = read_config(ours).training.pipeline.steps
     assert [s.name for s in pipeline.steps] == [s.name for s in ours_steps]
     assert [s.n_epochs for s in pipeline.steps] == [s.n_epochs for s in ours_steps] \
-        == [2, 1, 2]
-    assert all(s.batch_size == 2 and s.workers == 0 and s.lr == 5e-4 and
-               s.kl_warmup_steps == 20 and not s.use_lpips for s in pipeline.steps)
+        == [10, 1, 2]
+    assert [s.max_steps for s in pipeline.steps] == [None, 16, None]
+    assert all(s.batch_size == 4 and s.workers == 0 and s.lr == 2e-3 and not s.use_lpips
+               for s in pipeline.steps)
     vae, gan, flow = pipeline.steps
     assert vae.train_vae and vae.train_spade and not vae.gan_training
     assert gan.gan_training and gan.lambda_adv == 0.1 and gan.r1_interval == 4
