@@ -29,8 +29,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fluxflow_jax.evaluation.held_out import HeldOut
+    from fluxflow_jax.models.bundle import FluxFlowModels
 
 GRID, BATCH = 8, 8
 TIMESTEPS = (1.0, 0.7, 0.4)
@@ -72,7 +77,7 @@ def reference_flow(vae_dim: int = 16, flow_dim: int = 32, embed: int = 32) -> Fl
     return run
 
 
-def run_and_held_out(run_dir: Path, samples: int):
+def run_and_held_out(run_dir: Path, samples: int) -> tuple[FluxFlowModels, HeldOut]:
     """A fluxflow-jax run's newest models and ``samples`` of its held-out data."""
     from fluxflow_jax.evaluation.checkpoint import recorded_data
     from fluxflow_jax.evaluation.held_out import held_out
@@ -83,7 +88,7 @@ def run_and_held_out(run_dir: Path, samples: int):
     return run_models(run_dir), held_out(data, load_tokenizer(data), samples)
 
 
-def trained_flow(models, held) -> tuple[Flow, int]:
+def trained_flow(models: FluxFlowModels, held: HeldOut) -> tuple[Flow, int]:
     """A trained flow on the first ``BATCH`` held-out captions, and its latent width."""
     import jax.numpy as jnp
 
@@ -104,7 +109,8 @@ def trained_flow(models, held) -> tuple[Flow, int]:
     return run, width
 
 
-def background_by_kind(models, held) -> dict[str, tuple[int, float]]:
+def background_by_kind(models: FluxFlowModels, held: HeldOut
+                       ) -> dict[str, tuple[int, float]]:
     """Background accuracy of the generations for one-colour and two-tone backgrounds:
     kind -> (held-out samples of that kind, share right)."""
     import jax.numpy as jnp
