@@ -5,9 +5,9 @@ drawn from the cos^2 weights over the timestep window, the token noised on the V
 and the flow processor (given t's place in the window as a float, t/999 by default) predicts
 v = alpha * eps - sigma * x0 for the image tokens. The text encoder trains with it (dropout
 on) unless frozen, in which case it runs in eval mode and is not differentiated; with only
-its language model frozen, it runs in eval mode too (the head it trains has no dropout). The images
-may come as their cached posterior instead (``POSTERIOR_KEYS``): the tokens are then sampled
-from it, as the compressor samples them.
+its language model frozen, it runs in eval mode too (the head it trains has no dropout).
+The images may come as their cached posterior instead (``POSTERIOR_KEYS``): the tokens are
+then sampled from it, as the compressor samples them.
 """
 
 from __future__ import annotations
