@@ -26,6 +26,7 @@ another. The numbers are recorded in docs/learning.md.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -134,17 +135,21 @@ def background_by_kind(models: FluxFlowModels, held: HeldOut
 
 
 def main(argv: list[str]) -> int:
-    if argv:
-        samples = int(argv[argv.index("--samples") + 1]) if "--samples" in argv else 32
-        models, held = run_and_held_out(Path(argv[0]), samples)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", nargs="?", type=Path,
+                        help="a fluxflow-jax run; without it, PyTorch's initialised flow")
+    parser.add_argument("--samples", type=int, default=32, help="held-out captions scored")
+    args = parser.parse_args(argv)
+    if args.run_dir:
+        models, held = run_and_held_out(args.run_dir, args.samples)
         flow, width = trained_flow(models, held)
-        print(f"trained flow of {argv[0]}")
+        print(f"trained flow of {args.run_dir}")
     else:
         flow, width = reference_flow(), 16
         print("PyTorch fluxflow 0.8.1 v060 FluxFlowProcessor, initialised")
     for (t, k), residual in shift_residuals(flow, width).items():
         print(f"t={t:.1f} shift {k}: |f(roll x) - roll f(x)| / |f(x)| = {residual:.4f}")
-    if argv:
+    if args.run_dir:
         for kind, (count, right) in background_by_kind(models, held).items():
             print(f"background right, {kind} backgrounds ({count} samples): {right:.1%}")
     return 0

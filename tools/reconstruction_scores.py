@@ -11,6 +11,7 @@ PSNR; the numbers are recorded in docs/learning.md.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -41,8 +42,11 @@ def reconstruction_scores(run_dir: Path, samples: int) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> int:
-    samples = int(argv[argv.index("--samples") + 1]) if "--samples" in argv else 64
-    for name, value in reconstruction_scores(Path(argv[0]), samples).items():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a fluxflow-jax run directory")
+    parser.add_argument("--samples", type=int, default=64, help="held-out images scored")
+    args = parser.parse_args(argv)
+    for name, value in reconstruction_scores(args.run_dir, args.samples).items():
         print(f"{name}: {value:.4f}")
     return 0
 
