@@ -97,8 +97,17 @@ class BertTextEncoder(nnx.Module):
                                     attention_mask.astype(bool), rngs, remat=self.remat)
         return x
 
+    def features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        """DistilBERT's part: its last hidden state averaged over all positions
+        [B, text_dim], what the head projects (and what a text cache stores)."""
+        return self.hidden_states(input_ids, attention_mask, rngs=rngs).mean(axis=1)
+
+    def project(self, features: jax.Array) -> jax.Array:
+        """The head's part: ``features`` [B, text_dim] -> [B, text_embed_dim]."""
+        x = bezier_activation(self.head_norm1(self.head_proj1(features)))
+        return bezier_activation(self.head_norm2(self.head_proj2(x)))
+
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
-        pooled = self.hidden_states(input_ids, attention_mask, rngs=rngs).mean(axis=1)
-        x = bezier_activation(self.head_norm1(self.head_proj1(pooled)))
-        return bezier_activation(self.head_norm2(self.head_proj2(x)))
+        return self.project(self.features(input_ids, attention_mask, rngs=rngs))

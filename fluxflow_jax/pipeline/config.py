@@ -155,6 +155,10 @@ class StepConfig:
     cache_latents: bool = setting(
         False, check_bool, "flow steps with the compressor frozen: encode each image once and "
         "train on the stored posteriors, see [Cached latents](#cached-latents)")
+    cache_text: bool = setting(
+        False, check_bool, "flow steps with the language model frozen: run it once per caption "
+        "and train the text encoder's head on the stored features, see [Cached "
+        "text](#cached-text)")
     dataset: str | None = setting(
         None, optional(check_str), "the [named dataset](#named-datasets) the step reads; null: "
         "`training.pipeline.default_dataset`, else the `data` section (pipeline steps only)")

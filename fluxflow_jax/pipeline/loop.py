@@ -24,6 +24,7 @@ from fluxflow_jax.pipeline.latent_cache import LatentCache
 from fluxflow_jax.pipeline.position import Position
 from fluxflow_jax.pipeline.speed import SpeedMeter
 from fluxflow_jax.pipeline.stages import Stage
+from fluxflow_jax.pipeline.text_cache import TextCache
 from fluxflow_jax.training.state import PackedState, TrainState
 from fluxflow_jax.training.train_step import TrainStep
 
@@ -40,7 +41,7 @@ def train_stage(run: Run, stage: Stage, position: Position, state: TrainState | 
                                 carried_averages=stage.ema_components)
         position.state_stage = stage.index
     resuming = bool(position.batch or position.epoch or position.stage_batches)
-    step_inputs = _latent_inputs(run, stage, step, state)
+    step_inputs = _cached_inputs(run, stage, step, state)
     packed, info = PackedState.pack(state), None
     for hook in hooks:
         hook.start_stage(stage, position, resuming)
@@ -74,14 +75,23 @@ def train_stage(run: Run, stage: Stage, position: Position, state: TrainState | 
     return packed.unpack()
 
 
-def _latent_inputs(run: Run, stage: Stage, step: TrainStep, state: TrainState
+def _cached_inputs(run: Run, stage: Stage, step: TrainStep, state: TrainState
                    ) -> Callable[[dict], dict]:
     """The step's inputs from a batch's: with ``cache_latents``, the images' cached
-    posteriors instead of the images."""
-    if not stage.step.cache_latents:
-        return lambda inputs: inputs
-    return LatentCache(run.output / "latent_cache", step.networks, state.params["compressor"],
-                       state.buffers["compressor"], run.models.config.model_version).inputs
+    posteriors instead of the images; with ``cache_text``, the captions' cached language
+    model features instead of their tokens."""
+    caches = [cache(run.output / folder, step.networks, state.params[component],
+                    state.buffers[component], run.models.config.model_version)
+              for wanted, cache, folder, component in (
+                  (stage.step.cache_latents, LatentCache, "latent_cache", "compressor"),
+                  (stage.step.cache_text, TextCache, "text_cache", "text_encoder"))
+              if wanted]
+
+    def inputs(batch: dict) -> dict:
+        for cache in caches:
+            batch = cache.inputs(batch)
+        return batch
+    return inputs
 
 
 def _train_batch(run: Run, step: TrainStep, stage: Stage, state: PackedState,

@@ -255,6 +255,10 @@ def build_stages(run: RunConfig,
                              schedulers=schedulers, total_steps=max(1, updates),
                              gradient_clip_norm=clip, gradient_accumulation_steps=accumulation,
                              compressor_lr_scale=step.compressor_lr_scale)
+        if step.cache_text and (flow is None or not config.language_model_frozen):
+            problems.append("cache_text needs a flow step whose language model is frozen: add "
+                            "freeze: [language_model] (or freeze_text_encoder: true), or set "
+                            "cache_text: false")
         if vae is not None or flow is not None:
             problems += config.problems()
         transition = _transition(step, config, validation.names(run, config), problems)

@@ -7,7 +7,8 @@ v = alpha * eps - sigma * x0 for the image tokens. The text encoder trains with 
 on) unless frozen, in which case it runs in eval mode and is not differentiated; with only
 its language model frozen, it runs in eval mode too (the head it trains has no dropout).
 The images may come as their cached posterior instead (``POSTERIOR_KEYS``): the tokens are
-then sampled from it, as the compressor samples them.
+then sampled from it, as the compressor samples them. The captions may come as their frozen
+language model's cached features (``TEXT_FEATURES``): only the text encoder's head runs.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from fluxflow_jax.training.state import Networks, TrainState, Update
 
 # Batch entries that stand for the images: their cached posterior (``latent_cache``).
 POSTERIOR_KEYS = ("latent_mu", "latent_logvar", "latent_grid")
+# The batch entry that stands for the captions: their language model features (``text_cache``).
+TEXT_FEATURES = "text_features"
+TEXT_KEYS = ("input_ids", "attention_mask")
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,7 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
     trained = {name: groups[name] for name in MODES["flow"].groups if name in groups}
     cached = POSTERIOR_KEYS[0] in batch
     source = {k: batch[k] for k in (POSTERIOR_KEYS if cached else ("images",))}
+    text = {k: batch[k] for k in ((TEXT_FEATURES,) if TEXT_FEATURES in batch else TEXT_KEYS)}
 
     def posterior(module, part) -> Posterior:
         """The images' latent distribution: given (a cache's), or from the compressor."""
@@ -144,7 +149,7 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
     hw = latent.mu.shape[1:3]
     x0_shape = jax.eval_shape(nets.outputs, latent.packed)
     draws = {  # for the effective batch, as one batch of its size draws them
-        **source, "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+        **source, **text,
         "latent_noise": jax.random.normal(
             k_latent, latent.mu.shape, jnp.promote_types(latent.mu.dtype, jnp.float32)),
         "t": t,
@@ -176,9 +181,13 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
             for name, group in trained.items():
                 params = group.with_trainable(params, trainable[name])
             encoder = nets.bind("text_encoder", params, state.buffers)
-            rngs = nnx.Rngs(dropout=part["dropout_key"]) if "text_encoder" in trained else None
-            embeddings = jnp.where(part["keep_text"], nets.outputs(encoder(
-                part["input_ids"], part["attention_mask"], rngs=rngs)), 0.0)
+            if TEXT_FEATURES in part:
+                encoded = encoder.project(nets.inputs(part[TEXT_FEATURES]))
+            else:
+                rngs = (nnx.Rngs(dropout=part["dropout_key"]) if "text_encoder" in trained
+                        else None)
+                encoded = encoder(part["input_ids"], part["attention_mask"], rngs=rngs)
+            embeddings = jnp.where(part["keep_text"], nets.outputs(encoded), 0.0)
             processor = nets.bind("flow_processor", params, state.buffers)
             prediction = nets.outputs(processor(nets.inputs(noisy), nets.inputs(embeddings),
                                                 diffusion.model_time(t, **window),

@@ -28,7 +28,8 @@ from fluxflow_jax.suggest import did_you_mean
 from fluxflow_jax.training import modes
 from fluxflow_jax.training.accumulation import MicroBatches
 from fluxflow_jax.training.compiler import compiler_options
-from fluxflow_jax.training.flow_step import POSTERIOR_KEYS, FlowOptions, flow_update
+from fluxflow_jax.training.flow_step import (POSTERIOR_KEYS, TEXT_FEATURES, TEXT_KEYS,
+                                             FlowOptions, flow_update)
 from fluxflow_jax.training.groups import OptimizerGroup
 from fluxflow_jax.training.lpips import LPIPS
 from fluxflow_jax.training.modes import GROUPS
@@ -109,6 +110,12 @@ class StageConfig:
                     "unfrozen) or remove the key"]
         return []
 
+    @property
+    def language_model_frozen(self) -> bool:
+        """Whether the text encoder's DistilBERT learns nothing here: it then runs in eval
+        mode (no dropout), so its features may come cached (``TEXT_FEATURES``)."""
+        return bool({LANGUAGE_MODEL, "text_encoder"} & self.frozen)
+
     def group_components(self) -> dict[str, tuple[str, ...]]:
         """The components each active optimizer group trains (frozen ones left out)."""
         trained = {g: tuple(c for c in cs if c not in self.frozen)
@@ -125,13 +132,12 @@ def ema_components(stage: StageConfig) -> tuple[str, ...]:
 
 def _build_groups(stage: StageConfig) -> dict[str, OptimizerGroup]:
     unused = unused_expander_leaf(stage.vae) if stage.vae else (lambda path: False)
-    language_model_frozen = LANGUAGE_MODEL in stage.frozen
     ema = modes.ema_decays(stage.vae, stage.flow)
 
     def frozen_leaf(component: str, path: tuple) -> bool:
         if component == "expander":
             return unused(path)
-        return (component == "text_encoder" and language_model_frozen
+        return (component == "text_encoder" and stage.language_model_frozen
                 and in_language_model(path))
     return {
         name: OptimizerGroup.build(
@@ -175,7 +181,7 @@ class TrainStep:
         self.groups = _build_groups(stage)
         # Dropout only where weights learn: a frozen language model (its head has no
         # dropout) gives the features it gives at inference.
-        text_dropout = "text_encoder" in self.groups and LANGUAGE_MODEL not in stage.frozen
+        text_dropout = "text_encoder" in self.groups and not stage.language_model_frozen
         self.networks = Networks.from_models(
             models, train_mode=("text_encoder",) if text_dropout else (),
             compute_dtype=compute_dtype(precision), remat=remat)
@@ -379,10 +385,15 @@ def metric_names(stage: StageConfig) -> tuple[str, ...]:
 def _check_batch(batch: Mapping[str, jax.Array], stage: StageConfig,
                  config: FluxFlowConfig) -> None:
     """Shape errors named in the batch's terms, at trace time, instead of deep in a model.
-    A flow-only stage may take the images' cached posterior instead of the images."""
+    A flow-only stage may take the images' cached posterior instead of the images, and a
+    flow stage with its language model frozen the captions' cached features."""
     cached = stage.vae is None and POSTERIOR_KEYS[0] in batch
-    wanted = (POSTERIOR_KEYS if cached else ("images",)) + (
-        ("input_ids", "attention_mask") if stage.flow else ())
+    if TEXT_FEATURES in batch and not (stage.flow and stage.language_model_frozen):
+        raise ValueError(f"batch['{TEXT_FEATURES}'] (cached language model features) needs a "
+                         "flow stage whose language model is frozen; give the captions "
+                         f"({list(TEXT_KEYS)}) instead")
+    text = (TEXT_FEATURES,) if TEXT_FEATURES in batch else TEXT_KEYS
+    wanted = (POSTERIOR_KEYS if cached else ("images",)) + (text if stage.flow else ())
     missing = [key for key in wanted if key not in batch]
     if missing:
         raise ValueError(f"the batch lacks {missing}; this stage reads {list(wanted)}")
