@@ -6,7 +6,8 @@ them back instead of running it again (``LatentCache``: the compressor's posteri
 is a digest of the weights, the architecture version and the arithmetic, so a changed
 network finds no cache. Inside, each batch row's entry is named by a digest of its inputs
 (their sizes and bytes), so changed data finds no entries and is encoded anew. A resumed run
-finds its cache again.
+finds its cache again. Entries also stay in memory, up to ``MEMORY_BYTES`` per cache, so a
+dataset that fits is read from disk at most once per run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxflow_jax.atomic import atomic_write
+
+MEMORY_BYTES = 1 << 30  # entries each cache keeps in memory besides the disk
 
 
 def weights_digest(params: Any, buffers: Any, model_version: str, compute_dtype: Any) -> str:
@@ -60,37 +63,55 @@ class EncodingCache:
     """
 
     def __init__(self, folder: Path, encode: Callable[..., tuple],
-                 input_keys: tuple[str, ...], output_keys: tuple[str, ...]):
+                 input_keys: tuple[str, ...], output_keys: tuple[str, ...],
+                 memory_bytes: int = MEMORY_BYTES):
         self.folder = Path(folder)
         self._encode = encode
         self.input_keys, self.output_keys = input_keys, output_keys
         self.encoded = 0  # rows encoded (not found in the cache) so far
+        self._memory: dict[str, dict[str, np.ndarray]] = {}
+        self._memory_room = memory_bytes
 
     def inputs(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``batch`` (host arrays) with its ``input_keys`` replaced by the stored outputs
         (``output_keys``), encoding and storing those the cache lacks."""
         count = len(batch[self.input_keys[0]])
-        paths = [self.folder / f"{row_digest({k: batch[k][i] for k in self.input_keys})}.npz"
-                 for i in range(count)]
-        found = [self._read(path) for path in paths]
+        names = [row_digest({k: batch[k][i] for k in self.input_keys}) for i in range(count)]
+        found = [self._find(name) for name in names]
         missing = [i for i, entry in enumerate(found) if entry is None]
         if missing:  # the whole batch: one program per batch shape
             encoded = jax.device_get(self._encode(*(batch[k] for k in self.input_keys)))
             for i in missing:
                 found[i] = {key: np.asarray(part[i])
                             for key, part in zip(self.output_keys, encoded, strict=True)}
-                _write(paths[i], found[i])
+                _write(self._path(names[i]), found[i])
+                self._remember(names[i], found[i])
             self.encoded += len(missing)
         stacked = {key: np.stack([entry[key] for entry in found]) for key in self.output_keys}
         return {**{k: v for k, v in batch.items() if k not in self.input_keys}, **stacked}
 
-    def _read(self, path: Path) -> dict[str, np.ndarray] | None:
-        """A stored entry; None when absent or unreadable (it is then encoded again)."""
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{name}.npz"
+
+    def _find(self, name: str) -> dict[str, np.ndarray] | None:
+        """The entry named ``name``, from memory, else from disk; None when absent or
+        unreadable (it is then encoded again)."""
+        if name in self._memory:
+            return self._memory[name]
         try:
-            with np.load(path, allow_pickle=False) as entry:
-                return {key: entry[key] for key in self.output_keys}
+            with np.load(self._path(name), allow_pickle=False) as stored:
+                entry = {key: stored[key] for key in self.output_keys}
         except (OSError, KeyError, ValueError):
             return None
+        self._remember(name, entry)
+        return entry
+
+    def _remember(self, name: str, entry: dict[str, np.ndarray]) -> None:
+        """Keep ``entry`` in memory while the cache's share of memory lasts."""
+        size = sum(value.nbytes for value in entry.values())
+        if size <= self._memory_room:
+            self._memory[name] = entry
+            self._memory_room -= size
 
 
 def _write(path: Path, entry: Mapping[str, np.ndarray]) -> None:
