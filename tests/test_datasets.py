@@ -100,6 +100,25 @@ def test_without_a_dataset_a_step_reads_the_data_section(tmp_path, folder):
     assert isinstance(Loaders(config).for_step(config.steps()[0], 1).source, DemoSource)
 
 
+def test_a_data_dataset_reads_the_data_section_at_its_own_batch_size(tmp_path):
+    """`type: data`: the data section's samples, batched apart from the steps reading the
+    section itself."""
+    steps = [{"name": "a", "n_epochs": 1, "train_vae": True},
+             {"name": "b", "n_epochs": 1, "train_vae": True, "dataset": "wide"}]
+    config = load_config(write(tmp_path, steps, {"wide": {"type": "data", "batch_size": 4}}))
+    plan = check_run(config)
+    assert plan.problems == []
+    assert [(s.feed.dataset, s.feed.batch_size) for s in plan.stages] == \
+        [(None, 2), ("wide", 4)]
+    section, wide = (Loaders(config).for_step(step, 1) for step in config.steps())
+    assert wide is not section and isinstance(wide.source, DemoSource)
+    captions = [sorted(c for b in loader.epoch(0) for c in b.captions)
+                for loader in (section, wide)]
+    assert captions[0] == captions[1] and len(captions[0]) == DATA["demo_samples"]
+    assert [s.batches_per_epoch for s in plan.stages] == \
+        [DATA["demo_samples"] // 2, DATA["demo_samples"] // 4]
+
+
 @pytest.mark.parametrize("datasets, step, message", [
     ({}, {"dataset": "missing"}, "'training.pipeline.steps[0].dataset' names the dataset "
      "'missing', which training.pipeline.datasets does not define; define it under "
@@ -109,7 +128,7 @@ def test_without_a_dataset_a_step_reads_the_data_section(tmp_path, folder):
     ({"web": {"type": "webdataset"}}, {},
      "'training.pipeline.datasets.web' is of type webdataset, which needs 'webdataset_url'"),
     ({"web": {"type": "web"}}, {}, "'training.pipeline.datasets.web.type' must be one of "
-     "['local', 'webdataset', 'noise'], got 'web'"),
+     "['local', 'webdataset', 'noise', 'data'], got 'web'"),
     ({"local": {"image_folder": "x", "captions_file": "y", "noise_std": 2.0}}, {},
      "'training.pipeline.datasets.local.noise_std' applies to datasets of type noise, and "
      "this one is local"),

@@ -237,20 +237,23 @@ DATASET_TYPES = {  # type -> the keys that belong to it (the others are common)
     "webdataset": ("webdataset_url", "webdataset_token", "webdataset_image_key",
                    "webdataset_label_key", "webdataset_caption_key", "webdataset_size",
                    "webdataset_samples_per_shard"),
-    "noise": ("dimensions", "num_samples", "noise_std")}
+    "noise": ("dimensions", "num_samples", "noise_std"),
+    "data": ()}
 DATASET_REQUIRED = {"local": ("image_folder", "captions_file"), "webdataset": ("webdataset_url",),
-                    "noise": ()}
+                    "noise": (), "data": ()}
 
 
 @dataclass(frozen=True)
 class DatasetConfig:
     """One named dataset of ``training.pipeline.datasets``: an image folder (``local``), tar
-    shards (``webdataset``) or synthetic Gaussian noise (``noise``), read with the data
-    section's image and caption settings, with its own batch size and workers if given."""
+    shards (``webdataset``), synthetic Gaussian noise (``noise``) or the data section's own
+    source (``data``), read with the data section's image and caption settings, with its
+    own batch size and workers if given."""
 
     type: str = setting("local", one_of(tuple(DATASET_TYPES)),
-                        "`local` (an image folder), `webdataset` (tar shards) or `noise` "
-                        "(synthetic)")
+                        "`local` (an image folder), `webdataset` (tar shards), `noise` "
+                        "(synthetic) or `data` (the [`data`](#data) section's source, so "
+                        "that a step reads it at another batch size)")
     image_folder: str | None = setting(None, optional(check_str),
                                        "`local`, required: the image folder")
     captions_file: str | None = setting(None, optional(check_str), "`local`, required: "

@@ -74,6 +74,8 @@ def make_source(data: DataConfig):
 def make_dataset_source(dataset: DatasetConfig, data: DataConfig):
     """The source of one named dataset; images and captions are read with the data
     section's settings (fixed_prompt_prefix, seed), as the reference does."""
+    if dataset.type == "data":
+        return make_source(data)
     if dataset.type == "noise":
         height, width = dataset.dimensions
         return NoiseSource(dataset.num_samples, height, width, dataset.noise_std, data.seed)
