@@ -137,7 +137,8 @@ def generate(models: FluxFlowModels, input_ids: jax.Array, attention_mask: jax.A
         noise = jax.random.normal(key, shape, jnp.float32)
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape}")
-    graphdefs = tuple(Networks.from_models(models).graphdefs[name] for name in _NETWORKS)
+    networks = Networks.from_models(models)
+    graphdefs = tuple(networks.graphdefs[name] for name in _NETWORKS)
     states = tuple(nnx.state(getattr(models, name)) for name in _NETWORKS)
     dynamic = (states, input_ids, attention_mask, empty_ids, empty_mask,
                jnp.float32(guidance), jnp.asarray(noise))
