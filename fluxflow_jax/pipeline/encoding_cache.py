@@ -109,7 +109,7 @@ class EncodingCache:
     def _remember(self, name: str, entry: dict[str, np.ndarray]) -> None:
         """Keep ``entry`` in memory while the cache's share of memory lasts."""
         size = sum(value.nbytes for value in entry.values())
-        if size <= self._memory_room:
+        if name not in self._memory and size <= self._memory_room:
             self._memory[name] = entry
             self._memory_room -= size
 

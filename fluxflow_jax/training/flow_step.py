@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,11 @@ POSTERIOR_KEYS = ("latent_mu", "latent_logvar", "latent_grid")
 # The batch entry that stands for the captions: their language model features (``text_cache``).
 TEXT_FEATURES = "text_features"
 TEXT_KEYS = ("input_ids", "attention_mask")
+
+
+def text_inputs(batch: Mapping[str, Any]) -> tuple[str, ...]:
+    """The batch entries that carry the captions: their cached features, else the tokens."""
+    return (TEXT_FEATURES,) if TEXT_FEATURES in batch else TEXT_KEYS
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,7 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
     trained = {name: groups[name] for name in MODES["flow"].groups if name in groups}
     cached = POSTERIOR_KEYS[0] in batch
     source = {k: batch[k] for k in (POSTERIOR_KEYS if cached else ("images",))}
-    text = {k: batch[k] for k in ((TEXT_FEATURES,) if TEXT_FEATURES in batch else TEXT_KEYS)}
+    text = {k: batch[k] for k in text_inputs(batch)}
 
     def posterior(module, part) -> Posterior:
         """The images' latent distribution: given (a cache's), or from the compressor."""

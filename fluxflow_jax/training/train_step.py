@@ -29,7 +29,7 @@ from fluxflow_jax.training import modes
 from fluxflow_jax.training.accumulation import MicroBatches
 from fluxflow_jax.training.compiler import compiler_options
 from fluxflow_jax.training.flow_step import (POSTERIOR_KEYS, TEXT_FEATURES, TEXT_KEYS,
-                                             FlowOptions, flow_update)
+                                             FlowOptions, flow_update, text_inputs)
 from fluxflow_jax.training.groups import OptimizerGroup
 from fluxflow_jax.training.lpips import LPIPS
 from fluxflow_jax.training.modes import GROUPS
@@ -392,8 +392,8 @@ def _check_batch(batch: Mapping[str, jax.Array], stage: StageConfig,
         raise ValueError(f"batch['{TEXT_FEATURES}'] (cached language model features) needs a "
                          "flow stage whose language model is frozen; give the captions "
                          f"({list(TEXT_KEYS)}) instead")
-    text = (TEXT_FEATURES,) if TEXT_FEATURES in batch else TEXT_KEYS
-    wanted = (POSTERIOR_KEYS if cached else ("images",)) + (text if stage.flow else ())
+    wanted = (POSTERIOR_KEYS if cached else ("images",)) + (
+        text_inputs(batch) if stage.flow else ())
     missing = [key for key in wanted if key not in batch]
     if missing:
         raise ValueError(f"the batch lacks {missing}; this stage reads {list(wanted)}")
