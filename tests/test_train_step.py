@@ -14,7 +14,7 @@ from fluxflow_jax.models.text_encoder import in_language_model
 from fluxflow_jax.training.flow_step import FlowOptions
 from fluxflow_jax.training.lpips import LPIPS
 from fluxflow_jax.training.modes import part_metrics
-from fluxflow_jax.training.state import Networks, PackedState, split_models
+from fluxflow_jax.training.state import Networks, PackedState, split_models, write_to_models
 from fluxflow_jax.training.train_step import (StageConfig, StageConfigError, TrainStep,
                                               metric_names)
 from fluxflow_jax.training.vae_step import VAEOptions, generator_outputs, generator_terms
@@ -458,6 +458,14 @@ def test_a_frozen_language_model_trains_only_the_text_encoders_head(models):
                   jax.tree.leaves(result.final.opt_states["text_encoder"]))
     assert 2 * head_size <= moments < 2 * head_size + 100  # Adam's two, for the head only
     assert all(m["grad_norm_text"] > 0 for m in result.metrics)
+    # The average holds the head only; the averaged weights pair it with DistilBERT as it is.
+    average = result.final.ema["text_encoder"]
+    assert sorted(average) == head
+    fresh = FluxFlowModels.create(TINY, nnx.Rngs(1))  # the module-wide models stay as they are
+    on_device = jax.tree.map(jnp.asarray, result.final)
+    averaged = nnx.state(write_to_models(on_device, fresh, ema=True).text_encoder, nnx.Param)
+    for name in before:
+        assert_same(averaged[name], average[name] if name in head else after[name])
 
 
 @pytest.mark.parametrize("frozen, dropout", [(frozenset(), True),

@@ -65,8 +65,9 @@ def _latest_weights(run_dir: Path, models: FluxFlowModels, ema: bool,
         raise CheckpointError(f"the latest checkpoint of {run_dir} keeps no averages (its "
                               "step sets ema_decay: null); drop --ema")
     for name, module in models.present().items():
-        params = averaged[name] if ema and name in averaged else arrays["params"][name]
-        values = {**_named(arrays["buffers"][name]), **_named(params)}
+        values = {**_named(arrays["buffers"][name]), **_named(arrays["params"][name])}
+        if ema and name in averaged:  # the leaves the step trained; frozen ones as they are
+            values.update(_named(averaged[name]))
         _set_from(module, values, f"the checkpoint's {name}")
     return models
 

@@ -63,7 +63,8 @@ class FlowOptions:
         "here each sample uses its own (the same share dropped on average)")
     ema_decay: float | None = setting(
         0.9999, optional(in_interval("(0, 1]", 0.9999)), "EMA of the flow processor and text "
-        "encoder (`FlowOptions.ema_decay`); null: none", key="flow_ema_decay")
+        "encoder (of the leaves the step trains: with a frozen language model, the text "
+        "encoder's head; `FlowOptions.ema_decay`); null: none", key="flow_ema_decay")
     timestep_sampling: str = setting(
         "cosine", one_of(diffusion.TIMESTEP_SAMPLING), "how training draws t: `cosine` (cos² "
         "weights, mostly low noise; the reference's) or `uniform`")

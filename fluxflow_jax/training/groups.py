@@ -202,13 +202,13 @@ class OptimizerGroup:
         scale = _field_of(opt_state, PlateauState, "scale", jnp.ones([], jnp.float32))
         return jnp.asarray(self.schedule(count), jnp.float32) * scale
 
+    def averaged(self, component: str, tree: nnx.State) -> nnx.State:
+        """The leaves of a component's tree its average holds: the ones the group trains."""
+        return self._partition(component, tree)[1]
+
     def update_ema(self, ema: Params, params: Params) -> Params:
-        """EMA of the trainable leaves; frozen leaves keep their average unchanged."""
+        """The averages (``averaged`` leaves) moved towards the current weights."""
         if self.ema_decay is None:
             return ema
-        out = dict(ema)
-        for c in self.components:
-            frozen, average = self._partition(c, ema[c])
-            current = self._partition(c, params[c])[1]
-            out[c] = nnx.merge_state(frozen, ema_update(average, current, self.ema_decay))
-        return out
+        return {**ema, **{c: ema_update(ema[c], self.averaged(c, params[c]), self.ema_decay)
+                          for c in self.components}}

@@ -33,7 +33,7 @@ class TrainState:
     params: dict[str, nnx.State]  # component -> nnx.Param leaves
     buffers: dict[str, nnx.State]  # component -> other variables (spectral u/v, rotary table)
     opt_states: dict[str, Any]  # optimizer group -> optax state
-    ema: dict[str, nnx.State]  # component -> averaged parameters (trained components)
+    ema: dict[str, nnx.State]  # component -> averages of the leaves its stage trains
     loss_history: LossHistory  # recent values of BALANCED_LOSSES
 
 
@@ -85,14 +85,21 @@ def split_models(models: FluxFlowModels) -> tuple[dict[str, nnx.State], dict[str
     return copy(params), copy(buffers)
 
 
-def new_train_state(models: FluxFlowModels, opt_states: dict[str, Any],
-                    ema_components: Collection[str]) -> TrainState:
+def new_train_state(models: FluxFlowModels, opt_states: dict[str, Any]) -> TrainState:
+    """A state from the models' weights, with no averages yet."""
     params, buffers = split_models(models)
     return TrainState(
         step=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32), params=params,
-        buffers=buffers, opt_states=opt_states,
-        ema={c: jax.tree.map(jnp.copy, params[c]) for c in ema_components},
+        buffers=buffers, opt_states=opt_states, ema={},
         loss_history=new_history(len(BALANCED_LOSSES)))
+
+
+def with_average(state: TrainState, component: str) -> nnx.State:
+    """A component's weights with its averaged leaves in place of the current ones: an
+    average holds only the leaves its stage trains, since a frozen leaf's average is the
+    leaf itself."""
+    params = state.params[component]
+    return nnx.merge_state(params, state.ema[component]) if component in state.ema else params
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,7 +156,7 @@ def write_to_models(state: TrainState, models: FluxFlowModels, *,
     it instead of their current weights. Sharded weights are gathered: the modules hold
     each weight whole on every device."""
     for name, module in models.present().items():
-        params = state.ema.get(name, state.params[name]) if ema else state.params[name]
+        params = with_average(state, name) if ema else state.params[name]
         nnx.update(module, jax.tree.map(parallel.whole_copy, params),
                    jax.tree.map(parallel.whole_copy, state.buffers[name]))
     return models

@@ -37,7 +37,8 @@ from fluxflow_jax.training.optimizers import default_optimizer_config, optimizer
 from fluxflow_jax.training.performance import MemoryUse, flops_per_device, memory_use
 from fluxflow_jax.training.precision import PRECISIONS, compute_dtype
 from fluxflow_jax.training.schedules import default_scheduler_config, scheduler_config_problems
-from fluxflow_jax.training.state import Networks, PackedState, TrainState, new_train_state
+from fluxflow_jax.training.state import (Networks, PackedState, TrainState,
+                                         new_train_state, with_average)
 from fluxflow_jax.training.vae_step import VAEOptions, unused_expander_leaf, vae_gan_update
 
 # What a stage may freeze: a component, or the text encoder's DistilBERT alone (its head
@@ -235,16 +236,20 @@ class TrainStep:
         ``previous``, the last state of the stage before, hands over the weights, counters
         and averages instead: only the optimizer states and loss histories start anew.
         ``carried_averages`` are averaged components kept beyond this stage's own (an average
-        of an earlier stage, carried unchanged so it can still be exported).
+        of an earlier stage, carried unchanged so it can still be exported, whole). The stage's
+        own averages hold only the leaves it trains.
         """
-        own = ema_components(self.stage)
-        averaged = [*own, *(c for c in carried_averages if c not in own)]
-        state = new_train_state(models, {}, averaged)
+        state = new_train_state(models, {})
         if previous is not None:
-            state = state.replace(
-                step=previous.step, skipped=previous.skipped, params=previous.params,
-                buffers=previous.buffers,
-                ema={c: previous.ema.get(c, previous.params[c]) for c in averaged})
+            state = state.replace(step=previous.step, skipped=previous.skipped,
+                                  params=previous.params, buffers=previous.buffers,
+                                  ema=previous.ema)
+        averaging = {c: group for group in self.groups.values() if group.ema_decay is not None
+                     for c in group.components}
+        ema = {c: with_average(state, c) for c in carried_averages if c not in averaging}
+        ema.update({c: group.averaged(c, with_average(state, c))
+                    for c, group in averaging.items()})
+        state = state.replace(ema=ema)
         state = state.replace(opt_states={name: group.init(state.params)
                                           for name, group in self.groups.items()})
         # Committed to its devices, as a restored checkpoint is: the step then compiles once
