@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 
@@ -39,3 +40,16 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new
     one, never a partial file."""
     os.replace(write_temp(path, data, mode), path)
+
+
+def atomic_copy(source: Path, path: Path) -> None:
+    """Give ``path`` the content of ``source`` atomically, as a hard link where the file
+    system has them (no second copy on disk; replacing either name later leaves the other
+    as it is), else as a copy."""
+    link = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        os.link(source, link)
+    except OSError:
+        atomic_write(path, source.read_bytes())
+        return
+    os.replace(link, path)

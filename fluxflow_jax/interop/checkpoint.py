@@ -35,7 +35,7 @@ import safetensors.numpy
 from flax import nnx
 
 import fluxflow_jax
-from fluxflow_jax.atomic import atomic_write, write_temp
+from fluxflow_jax.atomic import atomic_copy, atomic_write, write_temp
 from fluxflow_jax.interop.keymap import COMPONENT_TABLES
 from fluxflow_jax.interop.state import (CheckpointError, check_coverage, export_tensors,
                                         import_tensors)
@@ -347,7 +347,7 @@ def infer_config(groups: Mapping[str, Mapping[str, np.ndarray]], architecture: M
 
 
 def save_fluxflow(path: str | os.PathLike, models: FluxFlowModels, *,
-                  weights_name: str = "flxflow_final.safetensors",
+                  weights_name: str = WEIGHT_FILES[1],
                   training_info: Mapping[str, Any] | None = None,
                   warn_torch: bool = True) -> Path:
     """Write ``models`` as a PyTorch-loadable fluxflow checkpoint directory (see module doc).
@@ -367,13 +367,9 @@ def save_fluxflow(path: str | os.PathLike, models: FluxFlowModels, *,
     note = models.config.torch_note(tuple(present))
     if note and warn_torch:
         warnings.warn(f"writing {out}: {note}", TorchIncompatibilityWarning, stacklevel=2)
-    payloads: dict[str, bytes] = {}
-    if vae_parts:
-        payloads[weights_name] = serialize_components(models, _VAE_COMPONENTS)
-    if "text_encoder" in present:
-        payloads[TEXT_ENCODER_FILE] = serialize_components(models, ("text_encoder",))
-    if "discriminator" in present:
-        payloads[DISCRIMINATOR_FILE] = serialize_components(models, ("discriminator",))
+    payloads = {name: serialize_components(models, components)
+                for components, name in layout_files(weights_name).items()
+                if all(c in present for c in components)}
     metadata = _metadata(models.config, payloads, weights_name if vae_parts else None,
                          training_info)
     out.mkdir(parents=True, exist_ok=True)
@@ -414,19 +410,32 @@ def step_file_names(step: str, *, ema: bool = False) -> dict[str, tuple[str, ...
 
 
 def save_step_files(directory: str | os.PathLike, models: FluxFlowModels, step: str, *,
-                    ema: bool = False) -> list[Path]:
+                    ema: bool = False,
+                    copies_of: Mapping[tuple[str, ...], Path] | None = None) -> list[Path]:
     """A pipeline step's weights, beside the run's latest checkpoint, under per-step names:
     ``flxflow_step_<step>_final.safetensors``, ``text_encoder_step_<step>.safetensors`` and
     ``D_img_step_<step>.safetensors`` (``..._ema...`` for averaged weights; each file written
     atomically). They share the directory's ``model_metadata.json`` (``save_fluxflow``),
-    whose architecture they have."""
+    whose architecture they have. ``copies_of`` maps components to a file already holding
+    exactly their weights (e.g. the latest checkpoint's): their step file becomes a copy of
+    it (``atomic_copy``) instead of a second serialization."""
     present = models.present()
     written = []
     for name, components in step_file_names(step, ema=ema).items():
         if all(c in present for c in components):
-            atomic_write(Path(directory) / name, serialize_components(models, components))
+            source = (copies_of or {}).get(components)
+            if source is None:
+                atomic_write(Path(directory) / name, serialize_components(models, components))
+            else:
+                atomic_copy(source, Path(directory) / name)
             written.append(Path(directory) / name)
     return written
+
+
+def layout_files(weights_name: str = WEIGHT_FILES[1]) -> dict[tuple[str, ...], str]:
+    """{components: file name} of the files ``save_fluxflow`` writes."""
+    return {_VAE_COMPONENTS: weights_name, ("text_encoder",): TEXT_ENCODER_FILE,
+            ("discriminator",): DISCRIMINATOR_FILE}
 
 
 def serialize_components(models: FluxFlowModels, components: tuple[str, ...]) -> bytes:

@@ -8,10 +8,12 @@ from pathlib import Path
 
 from fluxflow_jax.evaluation.checkpoint import data_record
 from fluxflow_jax.interop import save_fluxflow, save_step_files
+from fluxflow_jax.interop.checkpoint import layout_files
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.pipeline.config import DataConfig
 from fluxflow_jax.pipeline.hooks import Hook, StepInfo
-from fluxflow_jax.training.state import PackedState, write_to_models
+from fluxflow_jax.pipeline.stages import Stage
+from fluxflow_jax.training.state import PackedState, TrainState, write_to_models
 
 
 class StageExport(Hook):
@@ -27,16 +29,28 @@ class StageExport(Hook):
         stage, position = info.stage, info.position
         with info.writing(state):
             unpacked = state.unpack()
-            if stage.name and stage.ema_components:  # the averages, for `export --step --ema`
-                averaged = write_to_models(unpacked, self.models, ema=True)
-                if self.writer:
-                    save_step_files(self.output, averaged, stage.name, ema=True)
             models = write_to_models(unpacked, self.models)
             if self.writer:
-                if stage.name:
-                    save_step_files(self.output, models, stage.name)
                 save_fluxflow(self.output, models, training_info={
                     "step": stage.label, "global_step": position.global_step,
                     **data_record(self.data)}, warn_torch=False)
+            if stage.name:
+                self._save_step_files(unpacked, stage)
         position.stages_completed.append(stage.label)
         position.next_stage()
+
+    def _save_step_files(self, state: TrainState, stage: Stage) -> None:
+        """The step's files: copies of the latest checkpoint's, except where the step keeps
+        averages (for `export --step --ema`), which are serialized from them."""
+        latest = {components: self.output / name
+                  for components, name in layout_files().items()}
+        if self.writer:
+            save_step_files(self.output, self.models, stage.name, copies_of=latest)
+        if not stage.ema_components:
+            return
+        averaged = write_to_models(state, self.models, ema=True)
+        if self.writer:
+            save_step_files(self.output, averaged, stage.name, ema=True, copies_of={
+                components: path for components, path in latest.items()
+                if not set(components) & set(stage.ema_components)})
+        write_to_models(state, self.models)  # the models go on with the trained weights
