@@ -63,6 +63,14 @@ def sharded_state(tree: Any, mesh: Mesh, min_elements: int = MIN_SHARDED_ELEMENT
         lambda leaf: NamedSharding(mesh, sharded_spec(leaf.shape, devices, min_elements)), tree)
 
 
+def whole(array: jax.Array) -> jax.Array:
+    """``array`` itself where each of its devices holds it whole, else a gathered copy."""
+    sharding = array.sharding
+    if sharding.is_fully_replicated or not isinstance(sharding, NamedSharding):
+        return array
+    return whole_copy(array)
+
+
 def whole_copy(array: jax.Array) -> jax.Array:
     """A copy of ``array`` held whole on each of its devices, gathered if it was sharded:
     what host code (saving, sampling) reads, on any number of hosts."""

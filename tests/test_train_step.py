@@ -14,7 +14,8 @@ from fluxflow_jax.models.text_encoder import in_language_model
 from fluxflow_jax.training.flow_step import FlowOptions
 from fluxflow_jax.training.lpips import LPIPS
 from fluxflow_jax.training.modes import part_metrics
-from fluxflow_jax.training.state import Networks, PackedState, split_models, write_to_models
+from fluxflow_jax.training.state import (Networks, PackedState, new_train_state, split_models,
+                                         viewing, write_to_models)
 from fluxflow_jax.training.train_step import (StageConfig, StageConfigError, TrainStep,
                                               metric_names)
 from fluxflow_jax.training.vae_step import VAEOptions, generator_outputs, generator_terms
@@ -539,3 +540,19 @@ def test_batch_problems_are_named_before_any_model_runs(models):
         step(state, dict(TEXT_BATCH, images=IMAGES.transpose(0, 3, 1, 2)), key)
     with pytest.raises(ValueError, match="30x32 must have sides divisible by 4"):
         step(state, dict(TEXT_BATCH, images=IMAGES[:, :30]), key)
+
+
+def test_viewing_lends_the_states_own_weights_and_gives_the_old_ones_back():
+    """Samples and validation read the state's arrays without copying them; the models
+    then hold their earlier weights again, since the next step donates the state's."""
+    models = FluxFlowModels.create(TINY, nnx.Rngs(2))
+    before = jax.tree.map(np.asarray, nnx.state(models.flow_processor, nnx.Param))
+    state = new_train_state(models, {})
+    state = state.replace(params={**state.params, "flow_processor": jax.tree.map(
+        lambda p: p + 1, state.params["flow_processor"])})
+    with viewing(state, models) as lent:
+        inside = jax.tree.leaves(nnx.state(lent.flow_processor, nnx.Param))
+        assert all(a is b for a, b in zip(inside, jax.tree.leaves(
+            state.params["flow_processor"]), strict=True))
+    jax.tree.map(np.testing.assert_array_equal,
+                 nnx.state(models.flow_processor, nnx.Param), before)

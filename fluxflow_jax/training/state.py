@@ -9,7 +9,8 @@ in ``Networks``: static graph definitions that turn state back into callable mod
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import contextlib
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -160,3 +161,21 @@ def write_to_models(state: TrainState, models: FluxFlowModels, *,
         nnx.update(module, jax.tree.map(parallel.whole_copy, params),
                    jax.tree.map(parallel.whole_copy, state.buffers[name]))
     return models
+
+
+@contextlib.contextmanager
+def viewing(state: TrainState, models: FluxFlowModels) -> Iterator[FluxFlowModels]:
+    """``models`` holding the state's own weights (not copies; sharded ones gathered) for
+    the block, e.g. to sample from them between two steps; afterwards the weights they
+    held before, since the next step donates the state's arrays."""
+    present = models.present()
+    held = {name: jax.tree.map(lambda leaf: leaf, nnx.state(module))
+            for name, module in present.items()}
+    try:
+        for name, module in present.items():
+            nnx.update(module, jax.tree.map(parallel.whole, state.params[name]),
+                       jax.tree.map(parallel.whole, state.buffers[name]))
+        yield models
+    finally:
+        for name, module in present.items():
+            nnx.update(module, held[name])

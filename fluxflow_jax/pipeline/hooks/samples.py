@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.pipeline.config import OutputConfig
 from fluxflow_jax.pipeline.hooks import Hook, StepInfo
 from fluxflow_jax.pipeline.samples import Samples
-from fluxflow_jax.training.state import PackedState, write_to_models
+from fluxflow_jax.training.state import PackedState, viewing
 
 
 class SampleImages(Hook):
@@ -27,8 +29,8 @@ class SampleImages(Hook):
     def __call__(self, state: PackedState, info: StepInfo) -> None:
         if not (info.done or info.epoch_end or self._periodic(info)):
             return
-        with info.writing(state):
-            if not info.done:  # a stage end has just written its weights into the models
-                write_to_models(state.unpack(), self.models)
-            info.samples = self.samples.write(self.models, info.stage, info.epoch + 1,
-                                             info.batch)
+        # A stage end has just written its weights into the models.
+        weights = nullcontext(self.models) if info.done else viewing(state.unpack(),
+                                                                      self.models)
+        with info.writing(state), weights as models:
+            info.samples = self.samples.write(models, info.stage, info.epoch + 1, info.batch)

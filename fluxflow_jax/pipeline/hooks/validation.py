@@ -9,7 +9,7 @@ from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.pipeline import validation
 from fluxflow_jax.pipeline.hooks import Hook, StepInfo
 from fluxflow_jax.pipeline.validation import Validation
-from fluxflow_jax.training.state import PackedState, write_to_models
+from fluxflow_jax.training.state import PackedState, viewing
 
 
 class Validate(Hook):
@@ -31,9 +31,8 @@ class Validate(Hook):
     def __call__(self, state: PackedState, info: StepInfo) -> None:
         if not self._due(info):
             return
-        with info.speed.excluded():
-            values = self.measure(write_to_models(state.unpack(), self.models),
-                                  info.stage.config)
+        with info.speed.excluded(), viewing(state.unpack(), self.models) as models:
+            values = self.measure(models, info.stage.config)
         info.validation = values
         self.echo(validation.summary(values))
         metric = info.stage.transition.metric
