@@ -40,8 +40,9 @@ class StageExport(Hook):
         position.next_stage()
 
     def _save_step_files(self, state: TrainState, stage: Stage) -> None:
-        """The step's files: copies of the latest checkpoint's, except where the step keeps
-        averages (for `export --step --ema`), which are serialized from them."""
+        """The step's files, as links to the latest files just written; where the step
+        keeps averages, also its averaged files (for `export --step --ema`), those whose
+        components have no average again as links."""
         latest = {components: self.output / name
                   for components, name in layout_files().items()}
         if self.writer:
