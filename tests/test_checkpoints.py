@@ -9,6 +9,7 @@ from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.parallel import data_mesh, replicated
 from fluxflow_jax.pipeline.checkpoints import RunCheckpointError, RunCheckpoints
 from fluxflow_jax.training import StageConfig, TrainStep, VAEOptions
+from fluxflow_jax.training.flow_step import FlowOptions
 from tiny import TINY
 
 IMAGES = np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
@@ -107,3 +108,22 @@ def test_unfit_or_missing_checkpoints_are_named(setup, tmp_path):
         with pytest.raises(RunCheckpointError,
                            match=r"does not fit this run .*bias.value is \[50\], expected \[90\]"):
             checkpoints.restore(TrainStep(wider, STAGE).init_state(wider))
+
+
+def test_an_average_of_frozen_leaves_from_an_older_checkpoint_is_dropped(tmp_path):
+    """Checkpoints written before averages left out the leaves their stage does not train
+    (here the frozen DistilBERT beside the trained head) still resume, to the same state."""
+    adam = {"type": "AdamW", "lr": 1e-3}
+    stage = StageConfig(flow=FlowOptions(), frozen=frozenset({"language_model"}),
+                        optimizers={"flow": adam, "text_encoder": adam}, total_steps=10)
+    models = FluxFlowModels.create(TINY, nnx.Rngs(0))
+    step = TrainStep(models, stage)
+    state = step.init_state(models)
+    expected = host(state)
+    older = state.replace(ema={**state.ema, "text_encoder": state.params["text_encoder"]})
+    with RunCheckpoints(tmp_path) as checkpoints:
+        checkpoints.save(1, older, {"number": 1})
+    with RunCheckpoints(tmp_path) as reopened:
+        restored, record = reopened.restore(step.init_state(models))
+    assert record == {"number": 1}
+    jax.tree.map(np.testing.assert_array_equal, host(restored), expected)

@@ -29,6 +29,7 @@ from fluxflow_jax.training.state import TrainState
 
 T = TypeVar("T")
 DAMAGED_SUFFIX = ".damaged"  # a damaged checkpoint set aside: orbax lists it no more
+_AVERAGES = "ema"  # the state's field of averages, as its leaf names start
 
 
 class RunCheckpointError(ValueError):
@@ -202,6 +203,8 @@ class RunCheckpoints:
             raise RunCheckpointError(f"no checkpoint in {self.directory}")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         problems = _differences(_shapes(self._state_metadata(step)), _shapes(target))
+        if problems and all(p.startswith(f"unexpected {_AVERAGES}.") for p in problems):
+            return self._without_extra_averages(target, step), self.record(step)
         if problems:
             raise RunCheckpointError(
                 f"checkpoint {step} in {self.directory} does not fit this run (another model "
@@ -211,6 +214,16 @@ class RunCheckpoints:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()))
         return restored.state, restored.record
+
+    def _without_extra_averages(self, target: Any, step: int) -> TrainState:
+        """Checkpoint ``step``'s arrays for ``target``'s leaves, matched by name: for a
+        checkpoint whose averages also hold leaves their stage does not train (as written
+        before averages left those out), which are dropped."""
+        stored = self.restore_arrays(step)
+        by_name = dict(zip(leaf_names(stored), jax.tree.leaves(stored), strict=True))
+        leaves = [jax.device_put(by_name[name], leaf.sharding)
+                  for name, leaf in zip(leaf_names(target), jax.tree.leaves(target), strict=True)]
+        return jax.tree.unflatten(jax.tree.structure(target), leaves)
 
     def _state_metadata(self, step: int) -> Any:
         """The stored state's structure, shapes and dtypes (without reading its arrays)."""
