@@ -164,16 +164,20 @@ def write_to_models(state: TrainState, models: FluxFlowModels, *,
 
 
 @contextlib.contextmanager
-def viewing(state: TrainState, models: FluxFlowModels) -> Iterator[FluxFlowModels]:
+def viewing(state: TrainState, models: FluxFlowModels, *,
+            ema: bool = False) -> Iterator[FluxFlowModels]:
     """``models`` holding the state's own weights (not copies; sharded ones gathered) for
-    the block, e.g. to sample from them between two steps; afterwards the weights they
-    held before, since the next step donates the state's arrays."""
+    the block, e.g. to sample from them between two steps; with ``ema``, averaged leaves in
+    place of the trained ones, as ``write_to_models`` puts them. Afterwards the models hold
+    the weights they held before, since the next step donates the state's arrays."""
     present = models.present()
+    # A new tree: the Variables nnx.state returns would follow the module's updates.
     held = {name: jax.tree.map(lambda leaf: leaf, nnx.state(module))
             for name, module in present.items()}
     try:
         for name, module in present.items():
-            nnx.update(module, jax.tree.map(parallel.whole, state.params[name]),
+            params = with_average(state, name) if ema else state.params[name]
+            nnx.update(module, jax.tree.map(parallel.whole, params),
                        jax.tree.map(parallel.whole, state.buffers[name]))
         yield models
     finally:

@@ -13,7 +13,7 @@ from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.pipeline.config import DataConfig
 from fluxflow_jax.pipeline.hooks import Hook, StepInfo
 from fluxflow_jax.pipeline.stages import Stage
-from fluxflow_jax.training.state import PackedState, TrainState, write_to_models
+from fluxflow_jax.training.state import PackedState, TrainState, viewing, write_to_models
 
 
 class StageExport(Hook):
@@ -49,9 +49,8 @@ class StageExport(Hook):
             save_step_files(self.output, self.models, stage.name, copies_of=latest)
         if not stage.ema_components:
             return
-        averaged = write_to_models(state, self.models, ema=True)
-        if self.writer:
-            save_step_files(self.output, averaged, stage.name, ema=True, copies_of={
-                components: path for components, path in latest.items()
-                if not set(components) & set(stage.ema_components)})
-        write_to_models(state, self.models)  # the models go on with the trained weights
+        with viewing(state, self.models, ema=True) as averaged:
+            if self.writer:
+                save_step_files(self.output, averaged, stage.name, ema=True, copies_of={
+                    components: path for components, path in latest.items()
+                    if not set(components) & set(stage.ema_components)})
