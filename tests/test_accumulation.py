@@ -60,8 +60,10 @@ def test_pooled_std_is_the_std_of_the_union():
         np.std(groups, ddof=1), rel=1e-6)
 
 
-def _two_updates(stage: StageConfig, mesh=None, remat: bool = False):
-    models = FluxFlowModels.create(dataclasses.replace(TINY, **NO_DROPOUT), nnx.Rngs(0))
+def _two_updates(stage: StageConfig, mesh=None, remat: bool = False,
+                 flow_noise: str = "gaussian"):
+    config = dataclasses.replace(TINY, **NO_DROPOUT, flow_noise=flow_noise)
+    models = FluxFlowModels.create(config, nnx.Rngs(0))
     step = TrainStep(models, stage, mesh=mesh, remat=remat)
     state, metrics = step.init_state(models), []
     for k in range(2):
@@ -86,16 +88,18 @@ def test_micro_batches_on_eight_devices_give_one_devices_big_batch_updates():
     assert whole[1]["r1_penalty"] > 0
 
 
-def test_the_flow_update_accumulates_with_remat():
+@pytest.mark.parametrize("flow_noise", ["gaussian", "encoded_noise_image"])
+def test_the_flow_update_accumulates_with_remat(flow_noise):
     """Two micro-batches of 8 with remat against one batch of 16 without (a regression:
-    the compressor bound outside the micro-batch scan made remat raise a trace error)."""
+    the compressor bound outside the micro-batch scan made remat raise a trace error),
+    with either noise (encoded noise images pass the compressor per micro-batch)."""
     flow = StageConfig(flow=FlowOptions(cfg_dropout_prob=0.5),
                        optimizers={g: SGD for g in ("flow", "text_encoder")},
                        schedulers={g: CONSTANT for g in ("flow", "text_encoder")},
                        total_steps=2)
-    whole_state, whole = _two_updates(flow)
+    whole_state, whole = _two_updates(flow, flow_noise=flow_noise)
     state, metrics = _two_updates(dataclasses.replace(flow, gradient_accumulation_steps=2),
-                                  remat=True)
+                                  remat=True, flow_noise=flow_noise)
     for a, b in zip(whole, metrics, strict=True):
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=2e-5, abs=1e-7), key

@@ -2,7 +2,8 @@
 ``fluxflow``, sample with the same starting noise in both (diffusers' DPM-Solver++ on the
 PyTorch side), decode, and compare the images; in float64 and in float32. And the other
 way: a checkpoint PyTorch ``fluxflow`` saved, brought in with ``fluxflow-jax import``.
-Architecture v060, the default of both."""
+And where generation starts: encoded noise images are the tokens PyTorch's
+``FluxFlowPipeline`` starts from. Architecture v060, the default of both."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from fluxflow.models.versioning import save_versioned_checkpoint
 import torch_reference as ref
 from fluxflow_jax import cli
 from fluxflow_jax.interop import FluxFlowModels, load_fluxflow, save_fluxflow
-from fluxflow_jax.sampling import generate
+from fluxflow_jax.models import flow_noise
+from fluxflow_jax.sampling import generate, latent_grid, starting_noise
 from fluxflow_jax.training import FlowOptions, StageConfig, TrainStep
 from fluxflow_jax.training.state import write_to_models
 
@@ -103,3 +105,22 @@ def test_same_images_in_both_frameworks(origin, guidance, precision, request):
     tolerance = 1e-5 if precision == "float64" else ref.FLOAT32_CHAIN_TOL
     assert ref.relative_error(actual, expected) <= tolerance
     assert np.std(actual) > 0.01  # an image, not a constant
+
+
+def test_encoded_noise_starts_where_pytorchs_pipeline_starts(exported):
+    """``FluxFlowPipeline`` starts from its compressor's tokens of randn(B, 3, H, W) * 2 - 1;
+    a model trained against ``encoded_noise_image`` starts from the same tokens here."""
+    with jax.enable_x64():
+        models = load_fluxflow(exported, dtype=jnp.float64).with_settings(
+            flow_noise="encoded_noise_image")
+        draws = flow_noise.draw(models.config, jax.random.key(2), BATCH,
+                                latent_grid(models.config, HEIGHT, WIDTH), jnp.float64)
+        ours = np.asarray(starting_noise(models, draws))
+    pipe = ref.load_export(exported, CFG.model_version).to(torch.float64).eval()
+    ref.inject_noise(pipe.compressor, torch.from_numpy(
+        np.array(draws["noise_latent"]).transpose(0, 3, 1, 2)))
+    with torch.no_grad():
+        theirs = pipe.compressor(torch.from_numpy(
+            np.array(draws["noise_image"]).transpose(0, 3, 1, 2)))[:, :-1]
+    assert ref.relative_error(ours, theirs.numpy()) <= 1e-9
+    assert np.std(ours) > 0.1

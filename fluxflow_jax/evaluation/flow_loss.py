@@ -2,7 +2,8 @@
 compares across runs, checkpoints and validation points (the training loss draws both).
 
 The image tokens are the compressor's mean latents (no sampling noise); each timestep's
-noise is fixed per held-out sample (``fixed_noise``).
+noise (of the kind the flow trains against, ``flow_noise``) is fixed per held-out sample
+(``fixed_noise``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fluxflow_jax.evaluation.fixed_noise import per_sample_noise
+from fluxflow_jax.evaluation.fixed_noise import per_sample_keys
+from fluxflow_jax.models import flow_noise
 from fluxflow_jax.training import diffusion
 
 TIMESTEPS = (100, 300, 500, 700, 900)  # spread over the schedule's 1000
@@ -39,7 +41,9 @@ def v_losses(graphdefs: tuple, states: tuple, images: jax.Array, input_ids: jax.
     text = text_encoder(input_ids, attention_mask)
     losses = []
     for step, t in enumerate(TIMESTEPS):
-        noise = per_sample_noise(NOISE_SEED, indices, x0.shape[1:], x0.dtype, stream=step)
+        keys = per_sample_keys(NOISE_SEED, indices, stream=step)
+        noise = flow_noise.tokens(
+            flow_noise.per_sample_draws(compressor.config, keys, hw, x0.dtype), compressor)
         times = jnp.full((batch,), t)
         noisy = jnp.concatenate([diffusion.add_noise(x0, noise, times), hw_token], axis=1)
         prediction = flow(noisy, text, diffusion.model_time(times), hw=hw)[:, :-1]

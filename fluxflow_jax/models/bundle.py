@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from flax import nnx
 
 from fluxflow_jax.models.compressor import FluxCompressor
-from fluxflow_jax.models.config import FluxFlowConfig
+from fluxflow_jax.models.config import WEIGHTLESS_FIELDS, FluxFlowConfig
 from fluxflow_jax.models.discriminator import PatchDiscriminator
 from fluxflow_jax.models.expander import FluxExpander
 from fluxflow_jax.models.flow import FluxFlowProcessor
@@ -59,6 +60,18 @@ class FluxFlowModels:
         """The components that exist, by name."""
         return {name: getattr(self, name) for name in COMPONENTS
                 if getattr(self, name) is not None}
+
+    def with_settings(self, **fields: Any) -> "FluxFlowModels":
+        """These networks under a config that differs in fields that shape no weight
+        (``WEIGHTLESS_FIELDS``)."""
+        shaping = sorted(set(fields) - set(WEIGHTLESS_FIELDS))
+        if shaping:
+            raise ValueError(f"{shaping} shape the weights; build new networks to change them")
+        self.config = dataclasses.replace(self.config, **fields)
+        for module in self.present().values():
+            if hasattr(module, "config"):  # the discriminator keeps none
+                module.config = self.config
+        return self
 
     def eval(self) -> "FluxFlowModels":
         for module in self.present().values():

@@ -23,6 +23,10 @@ _POSITIVE = ("in_channels", "vae_dim", "downscales", "upscales", "max_hw", "vae_
              "text_dim", "text_layers", "text_heads", "text_hidden_dim", "text_max_positions",
              "text_head_width", "disc_base_channels")
 _NON_NEGATIVE = ("vae_attn_layers", "disc_depth")
+# What the flow trains against and generation starts from (models/flow_noise.py).
+FLOW_NOISES = ("gaussian", "encoded_noise_image")
+# Fields that shape no weight: a run may set them on a checkpoint's models.
+WEIGHTLESS_FIELDS = ("flow_noise",)
 # Values the PyTorch loaders build regardless of a checkpoint's metadata, per component.
 _TORCH_FIXED = {
     "compressor": {"vae_attn_heads": 8, "vae_ff_mult": 2},
@@ -123,6 +127,12 @@ class FluxFlowConfig:
     text_embed_dim: int = setting(1024, None, "text embedding width",
                                   flag="text_embedding_dim", aliases=("text_embedding_dim",))
     time_steps: int = setting(1000, None, "diffusion timesteps" + _FIXED)
+    flow_noise: str = setting(
+        "gaussian", None, "the noise the flow trains against and generation starts from: "
+        "`gaussian` tokens (PyTorch's trainer), or `encoded_noise_image`, the compressor's "
+        "tokens of a random image, where PyTorch's `FluxFlowPipeline` starts; those carry the "
+        "latent grid's positions, which the flow has no other way to know (docs/learning.md, "
+        "2.1). Checkpoints that do not record it were trained on `gaussian`")
     # Text encoder (DistilBERT + output head)
     text_vocab_size: int = setting(30522, None, "text encoder vocabulary; must equal the "
                                    "tokenizer's for flow steps" + _FIXED)
@@ -180,6 +190,9 @@ class FluxFlowConfig:
         out += [f"{name} must be in [0, 1) (got {getattr(self, name)})"
                 for name in ("text_dropout", "text_attention_dropout")
                 if not 0 <= getattr(self, name) < 1]
+        if self.flow_noise not in FLOW_NOISES:
+            out.append(f"flow_noise must be one of {list(FLOW_NOISES)}, got "
+                       f"{self.flow_noise!r}")
         if self.disc_ctx_dim is not None and self.disc_ctx_dim < 0:
             out.append(f"disc_ctx_dim must be >= 0, or None for the latent token width "
                        f"(got {self.disc_ctx_dim})")

@@ -19,7 +19,7 @@ from fluxflow_jax.data import (CaptionedFolder, DataConfigError, DataLoader, Dem
 from fluxflow_jax.interop import CheckpointError, load_fluxflow
 from fluxflow_jax.models.bundle import COMPONENTS, FluxFlowModels
 from fluxflow_jax.models.compressor_start import start_as_pass_through
-from fluxflow_jax.models.config import FluxFlowConfig
+from fluxflow_jax.models.config import WEIGHTLESS_FIELDS, FluxFlowConfig
 from fluxflow_jax.pipeline.config import (ConfigError, DataConfig, DatasetConfig, Feed,
                                           RunConfig, StepConfig)
 from fluxflow_jax.pipeline.stages import Stage
@@ -209,12 +209,13 @@ def _checkpoint_models(run: RunConfig) -> FluxFlowModels:
         raise ConfigError([f"model_checkpoint: {err}"]) from None
     differing = [f"model.{key} is {value!r}, the checkpoint has "
                  f"{getattr(loaded.config, key)!r}" for key, value in run.model.items()
-                 if getattr(loaded.config, key) != value]
+                 if key not in WEIGHTLESS_FIELDS and getattr(loaded.config, key) != value]
     if differing:
         raise ConfigError([f"model_checkpoint {run.model_checkpoint} does not match the "
                            f"model section: {'; '.join(differing)} (remove those keys to "
                            "take the checkpoint's architecture)"])
-    return loaded
+    return loaded.with_settings(**{key: value for key, value in run.model.items()
+                                   if key in WEIGHTLESS_FIELDS})
 
 
 def model_config(run: RunConfig) -> FluxFlowConfig:

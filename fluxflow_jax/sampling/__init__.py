@@ -3,7 +3,7 @@
 from fluxflow_jax.sampling.dpm_solver import (SolverSchedule, dpm_solver_timesteps,
                                               euler_sample, sample, solver_schedule,
                                               trajectory)
-from fluxflow_jax.sampling.generate import generate, latent_grid, to_uint8
+from fluxflow_jax.sampling.generate import generate, latent_grid, starting_noise, to_uint8
 
 __all__ = ["SolverSchedule", "dpm_solver_timesteps", "euler_sample", "generate", "latent_grid",
-           "sample", "solver_schedule", "to_uint8", "trajectory"]
+           "sample", "solver_schedule", "starting_noise", "to_uint8", "trajectory"]

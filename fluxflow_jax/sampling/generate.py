@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fluxflow_jax.models import flow_noise
 from fluxflow_jax.models.bundle import FluxFlowModels
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.models.geometry import hw_token
@@ -85,6 +86,23 @@ def _generate(graphdefs, states, input_ids, attention_mask, null_ids, null_mask,
     return jnp.clip(images, -1, 1)
 
 
+@partial(jax.jit, static_argnames=("graphdef",))
+def _encoded_noise(graphdef, state, draws):
+    return flow_noise.tokens(draws, nnx.merge(graphdef, state))
+
+
+def starting_noise(models: FluxFlowModels, draws: flow_noise.Draws) -> jax.Array:
+    """The flow's starting tokens from ``flow_noise.draw``'s arrays (for
+    ``encoded_noise_image``, through the models' compressor)."""
+    if "noise" in draws:
+        return draws["noise"]
+    if models.compressor is None:
+        raise ValueError("the flow starts from encoded noise images (flow_noise "
+                         f"{models.config.flow_noise!r}), which needs the compressor; the "
+                         "models lack it")
+    return _encoded_noise(*nnx.split(models.compressor), dict(draws))
+
+
 def _executable(graphdefs: tuple, dynamic: tuple, statics: dict[str, Any],
                 check: Callable[[MemoryUse | None], None] | None) -> jax.stages.Compiled:
     """The sampler compiled for these networks, options and argument shapes, once; ``check``
@@ -108,8 +126,9 @@ def generate(models: FluxFlowModels, input_ids: jax.Array, attention_mask: jax.A
              memory_check: Callable[[MemoryUse | None], None] | None = None) -> jax.Array:
     """Images [B, h * 2^upscales, w * 2^upscales, 3] in [-1, 1] for token batches [B, L].
 
-    The image tokens start as Gaussian noise, with the hw token of the requested size kept
-    fixed. Each step feeds the flow t / 999 and, when ``guidance`` != 1, mixes
+    The image tokens start as the noise the flow trained against (``flow_noise``: Gaussian
+    tokens, or the compressor's tokens of a noise image), with the hw token of the requested
+    size kept fixed. Each step feeds the flow t / 999 and, when ``guidance`` != 1, mixes
     v = v_null + guidance * (v_cond - v_null); the null embedding is the zero vector (what
     training's CFG dropout substitutes) or, for ``null="empty"``, the text encoder applied to
     ``empty_ids`` / ``empty_mask`` (an empty prompt, [1, L'] or [B, L']). The starting noise
@@ -134,7 +153,7 @@ def generate(models: FluxFlowModels, input_ids: jax.Array, attention_mask: jax.A
         raise ValueError("pass exactly one of key= (a PRNG key) or noise= (an array "
                          f"shaped {shape})")
     if noise is None:
-        noise = jax.random.normal(key, shape, jnp.float32)
+        noise = starting_noise(models, flow_noise.draw(models.config, key, len(input_ids), grid))
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape}")
     networks = Networks.from_models(models)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fluxflow_jax.checks import field_problems, in_interval, integer_at_least, one_of, optional
+from fluxflow_jax.models import flow_noise
 from fluxflow_jax.models.compressor import Posterior
 from fluxflow_jax.models.config import FluxFlowConfig
 from fluxflow_jax.settings import field_checks, setting
@@ -154,13 +155,12 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
     latent = jax.eval_shape(sampled, source)
     hw = latent.mu.shape[1:3]
     x0_shape = jax.eval_shape(nets.outputs, latent.packed)
+    noise_draws = flow_noise.draw(compressor().config, k_noise, rows, hw, x0_shape.dtype)
     draws = {  # for the effective batch, as one batch of its size draws them
-        **source, **text,
+        **source, **text, **noise_draws,
         "latent_noise": jax.random.normal(
             k_latent, latent.mu.shape, jnp.promote_types(latent.mu.dtype, jnp.float32)),
         "t": t,
-        "noise": jax.random.normal(k_noise, (rows, x0_shape.shape[1] - 1, x0_shape.shape[2]),
-                                   x0_shape.dtype),
         "keep_text": jax.random.bernoulli(
             k_cfg, 1.0 - cfg_dropout_probability(options, t)[:, None], (rows, 1)),
         # Dropout masks are drawn per micro-batch: the same distribution, other draws.
@@ -177,7 +177,9 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
             posterior(module, part), noise=part["latent_noise"]).packed))
         x0, hw_token = packed[:, :-1], packed[:, -1:]
         context_dims = module.config.architecture.context_dims
-        t, noise = part["t"], part["noise"]
+        t = part["t"]
+        noise = nets.outputs(flow_noise.tokens({k: part[k] for k in noise_draws}, module,
+                                               nets.inputs))
         schedule = options.num_train_timesteps
         noisy = jnp.concatenate([diffusion.add_noise(x0, noise, t, schedule), hw_token], axis=1)
         target = diffusion.v_target(x0, noise, t, schedule)
@@ -212,10 +214,11 @@ def flow_update(options: FlowOptions, nets: Networks, groups: Mapping[str, Optim
         return averaged, {"mean": mean, "deviations": jnp.sum((prediction - mean) ** 2)}
 
     averaged, stacked = micro.run(micro_batch, parts)
+    prediction_size = rows * (x0_shape.shape[1] - 1) * x0_shape.shape[2]
     grads, total = averaged.pop("grads"), averaged["flow_loss"]
     metrics = {name: jnp.zeros([], jnp.float32) for name in part_metrics("flow", options)}
     metrics.update(averaged, pred_std=pooled_std(stacked["mean"], stacked["deviations"],
-                                                 draws["noise"].size // micro.count))
+                                                 prediction_size // micro.count))
     finite = jnp.isfinite(total)
     norms = {name: global_norm(grads[name]) for name in trained}
     for name, group in trained.items():
