@@ -119,7 +119,7 @@ def _generate(args: argparse.Namespace) -> int:
     from fluxflow_jax.data.tokenizer import Tokenizer
     from fluxflow_jax.interop import load_fluxflow
     from fluxflow_jax.pipeline.memory import GENERATE_LEVERS, check_fits
-    from fluxflow_jax.sampling import generate, latent_grid, to_uint8
+    from fluxflow_jax.sampling import generate, latent_grid, needed_networks, to_uint8
     from fluxflow_jax.sampling.prompts import read_prompts
 
     prompts = read_prompts(args.prompt, args.prompts_file, args.text_prompts_path)
@@ -130,7 +130,7 @@ def _generate(args: argparse.Namespace) -> int:
         models = run_models(args.checkpoint, ema=True)
     else:
         models = load_fluxflow(args.checkpoint)
-    missing = [name for name in ("text_encoder", "flow_processor", "expander")
+    missing = [name for name in needed_networks(models.config)
                if getattr(models, name) is None]
     if missing:
         raise _Usage(f"{args.checkpoint} lacks the {' and '.join(missing)}, which generation "

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fluxflow_jax.evaluation.evaluate import available_parts
 from fluxflow_jax.interop import FluxFlowModels, load_fluxflow, save_fluxflow
 from fluxflow_jax.models import flow_noise
 from fluxflow_jax.models import FluxFlowConfig
@@ -75,8 +76,15 @@ def test_generation_starts_from_the_noise_the_flow_trained_against():
         generate(models, IDS, MASK, height=32, width=32, key=key, num_steps=2),
         generate(models, IDS, MASK, height=32, width=32, noise=start, num_steps=2))
     models.compressor = None
-    with pytest.raises(ValueError, match="encoded noise images.*needs the compressor"):
+    with pytest.raises(ValueError, match="generation needs the compressor"):
         generate(models, IDS, MASK, height=32, width=32, key=key, num_steps=2)
+
+
+def test_evaluation_generates_only_with_the_networks_the_start_needs():
+    parts = ("text_encoder", "flow_processor", "expander")
+    assert "text_to_image" in available_parts(FluxFlowModels.create(TINY, nnx.Rngs(0), parts))
+    assert "text_to_image" not in available_parts(
+        FluxFlowModels.create(ENCODED, nnx.Rngs(0), parts))
 
 
 def test_checkpoints_record_it_and_older_ones_read_as_gaussian(tmp_path):

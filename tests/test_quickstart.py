@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,8 +28,8 @@ import torch_reference as ref
 from fluxflow_jax import cli
 from fluxflow_jax.data.tokenizer import Tokenizer
 from fluxflow_jax.interop import load_fluxflow
-from fluxflow_jax.models import FluxFlowConfig
-from fluxflow_jax.sampling import generate
+from fluxflow_jax.models import FluxFlowConfig, flow_noise
+from fluxflow_jax.sampling import generate, starting_noise
 from pipeline_helpers import records
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy use
@@ -137,7 +138,11 @@ def test_pytorch_loads_the_quickstart_and_makes_the_same_images(quickstart):
     assert ref.relative_error(actual, expected) <= ref.FLOAT32_CHAIN_TOL
 
     ids, mask = Tokenizer.load().encode([PROMPT, "a small green square"], max_length=16)
-    noise = rng.normal(size=(2, h * w, config.latent_width)).astype(np.float32)
+    # Where the quickstart's flow starts: its compressor's tokens of noise images, as
+    # PyTorch's FluxFlowPipeline starts (tests/test_generate_torch.py).
+    assert config.flow_noise == "encoded_noise_image"
+    draws = flow_noise.draw(config, jax.random.key(0), 2, (h, w))
+    noise = np.array(starting_noise(models, draws))
     expected = ref.sample(pipeline, encoder, torch.from_numpy(ids).long(),
                           torch.from_numpy(mask).long(), torch.from_numpy(noise), 3.0, STEPS,
                           size, config)

@@ -9,8 +9,11 @@ a token its place is global or at the sequence's ends: the context mixed from th
 four tokens and added to all, the side branch that updates the first four, and the ends
 of the sequence, where a token has neighbours on one side only. A flow that uses none of
 these predicts for shifted input tokens the shifted prediction:
-f(roll(x, k)) = roll(f(x), k) away from the ends. Generation starts from pure noise, so
-such a flow cannot put a shape where the caption says: what it draws moves with the noise.
+f(roll(x, k)) = roll(f(x), k) away from the ends. Generation from Gaussian noise tokens
+gives such a flow nothing that says where a token lies, so it cannot put a shape where the
+caption says: what it draws moves with the noise. A flow trained against encoded noise
+images (``model.flow_noise``) gets positions from its noise, and its shift error shows
+whether it learnt to use them.
 
 The probe feeds Gaussian noise tokens on an 8x8 latent grid at timesteps 1.0 / 0.7 / 0.4
 and prints, for shifts of 1 and 9 tokens (one cell right; one cell right and one down),

@@ -22,19 +22,27 @@ from fluxflow_jax.evaluation import autoencoder, demo_scorer, flow_loss, text_to
 from fluxflow_jax.evaluation.held_out import HeldOut
 from fluxflow_jax.evaluation.networks import eval_networks
 from fluxflow_jax.models.bundle import FluxFlowModels
-from fluxflow_jax.sampling import to_uint8
+from fluxflow_jax.models.config import FluxFlowConfig
+from fluxflow_jax.sampling import needed_networks, to_uint8
 from fluxflow_jax.training.lpips import LPIPS
 
-PARTS = {"autoencoder": ("compressor", "expander"),
-         "flow": ("compressor", "text_encoder", "flow_processor"),
-         "text_to_image": ("text_encoder", "flow_processor", "expander")}
+PARTS = ("autoencoder", "flow", "text_to_image")
 BATCH_SIZE = 8
+
+
+def part_networks(part: str, config: FluxFlowConfig) -> tuple[str, ...]:
+    """The networks a part runs (generation's depend on where its flow starts)."""
+    if part == "text_to_image":
+        return needed_networks(config)
+    return {"autoencoder": ("compressor", "expander"),
+            "flow": ("compressor", "text_encoder", "flow_processor")}[part]
 
 
 def available_parts(models: FluxFlowModels) -> tuple[str, ...]:
     """The parts whose networks ``models`` holds."""
     present = models.present()
-    return tuple(part for part, names in PARTS.items() if all(n in present for n in names))
+    return tuple(part for part in PARTS
+                 if all(n in present for n in part_networks(part, models.config)))
 
 
 def metric_names(parts: Sequence[str], with_lpips: bool) -> tuple[str, ...]:
@@ -81,7 +89,7 @@ def evaluate(models: FluxFlowModels, held: HeldOut, *, parts: Sequence[str] | No
         else None
     batch_size = min(batch_size, len(held))
     pending: list[tuple[int, dict[str, jax.Array]]] = []
-    graphs = {part: eval_networks(models, PARTS[part], *(
+    graphs = {part: eval_networks(models, part_networks(part, models.config), *(
         [lpips] if part == "autoencoder" and lpips is not None else []))
         for part in parts if part != "text_to_image"}
     for count, batch in _batches(held, batch_size):

@@ -132,7 +132,7 @@ class FluxFlowConfig:
         "`gaussian` tokens (PyTorch's trainer), or `encoded_noise_image`, the compressor's "
         "tokens of a random image, where PyTorch's `FluxFlowPipeline` starts; those carry the "
         "latent grid's positions, which the flow has no other way to know (docs/learning.md, "
-        "2.1). Checkpoints that do not record it were trained on `gaussian`")
+        "2.2). Checkpoints that do not record it were trained on `gaussian`")
     # Text encoder (DistilBERT + output head)
     text_vocab_size: int = setting(30522, None, "text encoder vocabulary; must equal the "
                                    "tokenizer's for flow steps" + _FIXED)

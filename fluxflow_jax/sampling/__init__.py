@@ -3,7 +3,9 @@
 from fluxflow_jax.sampling.dpm_solver import (SolverSchedule, dpm_solver_timesteps,
                                               euler_sample, sample, solver_schedule,
                                               trajectory)
-from fluxflow_jax.sampling.generate import generate, latent_grid, starting_noise, to_uint8
+from fluxflow_jax.sampling.generate import (generate, latent_grid, needed_networks,
+                                            starting_noise, to_uint8)
 
 __all__ = ["SolverSchedule", "dpm_solver_timesteps", "euler_sample", "generate", "latent_grid",
-           "sample", "solver_schedule", "starting_noise", "to_uint8", "trajectory"]
+           "needed_networks", "sample", "solver_schedule", "starting_noise", "to_uint8",
+           "trajectory"]

@@ -35,6 +35,13 @@ _NETWORKS = ("text_encoder", "flow_processor", "expander")
 _EXECUTABLES: dict[tuple, jax.stages.Compiled] = {}  # see _executable
 
 
+def needed_networks(config: FluxFlowConfig) -> tuple[str, ...]:
+    """The components generation runs: the compressor too where the flow starts from its
+    tokens of noise images."""
+    encodes = config.flow_noise == flow_noise.ENCODED_NOISE_IMAGE
+    return ("compressor", *_NETWORKS) if encodes else _NETWORKS
+
+
 def latent_grid(config: FluxFlowConfig, height: int, width: int) -> tuple[int, int]:
     """The latent grid (h, w) of an image size; each side must be a multiple of
     2^downscales (what the compressor's ``latent_shape`` maps exactly)."""
@@ -97,9 +104,7 @@ def starting_noise(models: FluxFlowModels, draws: flow_noise.Draws) -> jax.Array
     if "noise" in draws:
         return draws["noise"]
     if models.compressor is None:
-        raise ValueError("the flow starts from encoded noise images (flow_noise "
-                         f"{models.config.flow_noise!r}), which needs the compressor; the "
-                         "models lack it")
+        raise ValueError("encoded noise images need the compressor; the models lack it")
     return _encoded_noise(*nnx.split(models.compressor), dict(draws))
 
 
@@ -142,7 +147,8 @@ def generate(models: FluxFlowModels, input_ids: jax.Array, attention_mask: jax.A
         raise ValueError(f"null must be one of {NULLS}, got {null!r}")
     if (null == "empty") != (empty_ids is not None):
         raise ValueError('pass empty_ids (the tokenised empty prompt) exactly when null="empty"')
-    missing = [name for name in _NETWORKS if getattr(models, name) is None]
+    missing = [name for name in needed_networks(models.config)
+               if getattr(models, name) is None]
     if missing:
         raise ValueError(f"generation needs the {', '.join(missing)}; the models lack it")
     if empty_ids is not None and empty_mask is None:

@@ -1,11 +1,12 @@
 """The flow update: v-prediction on the frozen compressor's latent tokens, text-conditioned.
 
 Latents are sampled (not the mean) from the compressor, hw token included; the timestep is
-drawn from the cos^2 weights over the timestep window, the token noised on the VP schedule,
-and the flow processor (given t's place in the window as a float, t/999 by default) predicts
-v = alpha * eps - sigma * x0 for the image tokens. The text encoder trains with it (dropout
-on) unless frozen, in which case it runs in eval mode and is not differentiated; with only
-its language model frozen, it runs in eval mode too (the head it trains has no dropout).
+drawn from the cos^2 weights over the timestep window, the token noised on the VP schedule
+with the model's ``flow_noise`` (``models/flow_noise.py``), and the flow processor (given
+t's place in the window as a float, t/999 by default) predicts v = alpha * eps - sigma * x0
+for the image tokens. The text encoder trains with it (dropout on) unless frozen, in which
+case it runs in eval mode and is not differentiated; with only its language model frozen,
+it runs in eval mode too (the head it trains has no dropout).
 The images may come as their cached posterior instead (``POSTERIOR_KEYS``): the tokens are
 then sampled from it, as the compressor samples them. The captions may come as their frozen
 language model's cached features (``TEXT_FEATURES``): only the text encoder's head runs.
