@@ -75,7 +75,9 @@ def test_trainer_yaml_parses_into_the_same_pipeline(tool, parse_pipeline_config,
     ours_steps = read_config(ours).training.pipeline.steps
     assert [s.name for s in pipeline.steps] == [s.name for s in ours_steps]
     assert [s.n_epochs for s in pipeline.steps] == [s.n_epochs for s in ours_steps] \
-        == [10, 1, 2]
+        == [5, 1, 2]
+    assert [s.dataset for s in ours_steps] == [None] * 3  # both read batches of 4
+    assert read_config(ours).model_config().flow_noise == "gaussian"
     assert [s.max_steps for s in pipeline.steps] == [None, 16, None]
     assert all(s.batch_size == 4 and s.workers == 0 and s.lr == 2e-3 and not s.use_lpips
                for s in pipeline.steps)

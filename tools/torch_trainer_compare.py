@@ -170,12 +170,16 @@ def trainer_config(document: dict[str, Any], *, images: Path, captions: Path,
 
 def comparable(document: dict[str, Any]) -> dict[str, Any]:
     """``document`` as both sides can run it: no LPIPS (the trainer's needs downloaded
-    VGG16 weights), steps that end after their epochs, no samples or diagrams."""
-    steps = [{k: v for k, v in step.items() if k not in ("use_lpips", "transition_on")}
+    VGG16 weights), steps that end after their epochs and read the data section's batches
+    (``trainer_config`` translates no named dataset), the flow against Gaussian noise (the
+    trainer's only kind), no samples or diagrams."""
+    steps = [{k: v for k, v in step.items()
+              if k not in ("use_lpips", "transition_on", "dataset")}
              for step in document["training"]["pipeline"]["steps"]]
+    pipeline = {k: v for k, v in document["training"]["pipeline"].items() if k != "datasets"}
     return {**document,
-            "training": {**document["training"],
-                         "pipeline": {**document["training"]["pipeline"], "steps": steps}},
+            "model": {**document.get("model", {}), "flow_noise": "gaussian"},
+            "training": {**document["training"], "pipeline": {**pipeline, "steps": steps}},
             "output": {**document.get("output", {}), "no_samples": True,
                        "generate_diagrams": False, "checkpoint_save_interval": 100000}}
 
