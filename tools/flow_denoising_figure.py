@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
 DEFAULT_TIMESTEPS = "200,500,800,950"
 
 
-def clean_estimate(noised: "jax.Array", velocity: "jax.Array", t: int) -> "jax.Array":
+def clean_estimate(noised: jax.Array, velocity: jax.Array, t: int) -> jax.Array:
     """The clean tokens a v-prediction implies: sqrt(a_t) x_t - sqrt(1 - a_t) v."""
     from fluxflow_jax.training.diffusion import alphas_cumprod
 
