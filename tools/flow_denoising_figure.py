@@ -17,7 +17,6 @@ error against the clean tokens and what the demo scorer reads in the decoded est
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,30 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from demo_samples_figure import tiled
+    from flow_position_probe import run_and_held_out
     from fluxflow_jax.evaluation import demo_scorer
-    from fluxflow_jax.evaluation.checkpoint import recorded_data
     from fluxflow_jax.evaluation.fixed_noise import per_sample_keys
-    from fluxflow_jax.evaluation.held_out import held_out
     from fluxflow_jax.evaluation.text_to_image import NOISE_SEED
     from fluxflow_jax.models import flow_noise
-    from fluxflow_jax.pipeline.export import run_models
-    from fluxflow_jax.pipeline.setup import load_tokenizer
     from fluxflow_jax.sampling import latent_grid, starting_noise, to_uint8
     from fluxflow_jax.training.diffusion import add_noise, model_time
 
-    data = recorded_data(args.run)
-    if data is None:
-        print(f"{args.run} records no data section: give the output directory of a "
-              "finished fluxflow-jax run", file=sys.stderr)
-        return 2
-    first = 0 if args.training else data.demo_samples
-    held = held_out(dataclasses.replace(data, demo_samples=first), load_tokenizer(data),
-                    args.samples)
-    models = run_models(args.run).eval()
+    models, held = run_and_held_out(args.run, args.samples, training=args.training)
+    models.eval()
     grid = latent_grid(models.config, *held.images.shape[1:3])
     encoded = models.compressor.encode(jnp.asarray(held.images), key=jax.random.key(0)).packed
     clean, hw = encoded[:, :-1], encoded[:, -1:]
-    indices = jnp.arange(first, first + args.samples)
+    indices = jnp.arange(args.samples)  # evaluate's noise: by place in the samples
     noise = starting_noise(models, flow_noise.per_sample_draws(
         models.config, per_sample_keys(NOISE_SEED, indices), grid))
     text = models.text_encoder(jnp.asarray(held.input_ids), jnp.asarray(held.attention_mask))

@@ -81,15 +81,25 @@ def reference_flow(vae_dim: int = 16, flow_dim: int = 32, embed: int = 32) -> Fl
     return run
 
 
-def run_and_held_out(run_dir: Path, samples: int) -> tuple[FluxFlowModels, HeldOut]:
-    """A fluxflow-jax run's newest models and ``samples`` of its held-out data."""
+def run_and_held_out(run_dir: Path, samples: int, *, training: bool = False
+                     ) -> tuple[FluxFlowModels, HeldOut]:
+    """A fluxflow-jax run's newest models and ``samples`` of its held-out data (of its
+    first training samples with ``training``); exits with status 2 for a directory that
+    records no data section."""
+    import dataclasses
+
     from fluxflow_jax.evaluation.checkpoint import recorded_data
     from fluxflow_jax.evaluation.held_out import held_out
     from fluxflow_jax.pipeline.export import run_models
     from fluxflow_jax.pipeline.setup import load_tokenizer
 
     data = recorded_data(run_dir)
-    return run_models(run_dir), held_out(data, load_tokenizer(data), samples)
+    if data is None:
+        print(f"{run_dir} records no data section: give the output directory of a finished "
+              "fluxflow-jax run", file=sys.stderr)
+        raise SystemExit(2)
+    source = dataclasses.replace(data, demo_samples=0) if training else data
+    return run_models(run_dir), held_out(source, load_tokenizer(data), samples)
 
 
 def trained_flow(models: FluxFlowModels, held: HeldOut) -> tuple[Flow, int]:
