@@ -233,7 +233,6 @@ class RunCheckpoints:
                 raise DamagedCheckpoint(step, "its state metadata is missing")
         return metadata
 
-
     def restore_arrays(self, step: int | None = None) -> dict[str, Any]:
         """Checkpoint ``step``'s state (default: the latest) as nested dicts of host arrays,
         without knowing the run's configuration (e.g. to export its weights)."""
@@ -249,11 +248,15 @@ class RunCheckpoints:
                 state=ocp.args.StandardRestore(target)))
         return jax.tree.map(np.asarray, restored.state)
 
+    def wait(self) -> None:
+        """Block until every pending save is on disk and its writer thread has ended."""
+        with _writing(self.directory):
+            self._manager.wait_until_finished()
+
     def close(self) -> None:
         """Wait for pending saves to be on disk, then release the writer threads."""
         try:
-            with _writing(self.directory):
-                self._manager.wait_until_finished()
+            self.wait()
         finally:
             self._manager.close()
 

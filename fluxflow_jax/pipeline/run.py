@@ -102,7 +102,8 @@ class Run:
         checkpoint = Checkpoint(self.checkpoints, self.stages, self.data, self.models.config)
         validation = self.validation
         hooks = [
-            output.profile_steps and Profiler(self.output, output.profile_steps, echo),
+            output.profile_steps and Profiler(self.output, output.profile_steps, echo,
+                                              self.checkpoints.wait),
             console,
             validation and Validate(validation, self.models, echo),
             Transitions(echo, self.data),

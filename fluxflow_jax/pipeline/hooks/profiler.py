@@ -5,6 +5,10 @@
 ``A:B`` reads as a Python slice of the run's steps counted from 0: the trace starts once
 global step A is done and ends once step B is (steps A+1 to B, 1-based as the console
 counts them).
+
+Tracing switches Python's profiling on and off in every thread; CPython can crash when a
+thread starts or ends at that moment, so the trace starts and stops only once the run's
+checkpoint writer threads have finished (``settle``).
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ from fluxflow_jax.training.state import PackedState
 
 
 class Profiler(Hook):
-    def __init__(self, output: Path, steps: str, echo: Callable[[str], None]):
+    def __init__(self, output: Path, steps: str, echo: Callable[[str], None],
+                 settle: Callable[[], None]):
         self.first, self.last = map(int, steps.split(":"))  # checked by the config
-        self.directory, self.echo = output / "profile", echo
+        self.directory, self.echo, self.settle = output / "profile", echo, settle
         self.tracing, self.traced = False, 0  # the newest global step traced
 
     def _start_if_due(self, global_step: int) -> None:
         if global_step == self.first and not self.tracing:
+            self.settle()
             jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
             self.tracing = True
 
@@ -42,6 +48,7 @@ class Profiler(Hook):
         self._start_if_due(info.global_step)
 
     def _stop(self) -> None:
+        self.settle()
         jax.profiler.stop_trace()
         self.tracing = False
         self.echo(f"Profile of global steps {self.first + 1}-{self.traced} written to "
