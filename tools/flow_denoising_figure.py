@@ -55,10 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     from demo_samples_figure import tiled
     from flow_position_probe import run_and_held_out
     from fluxflow_jax.evaluation import demo_scorer
-    from fluxflow_jax.evaluation.fixed_noise import per_sample_keys
-    from fluxflow_jax.evaluation.text_to_image import NOISE_SEED
-    from fluxflow_jax.models import flow_noise
-    from fluxflow_jax.sampling import latent_grid, starting_noise, to_uint8
+    from fluxflow_jax.evaluation.text_to_image import fixed_starting_noise
+    from fluxflow_jax.sampling import latent_grid, to_uint8
     from fluxflow_jax.training.diffusion import add_noise, model_time
 
     models, held = run_and_held_out(args.run, args.samples, training=args.training)
@@ -66,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = latent_grid(models.config, *held.images.shape[1:3])
     encoded = models.compressor.encode(jnp.asarray(held.images), key=jax.random.key(0)).packed
     clean, hw = encoded[:, :-1], encoded[:, -1:]
-    indices = jnp.arange(args.samples)  # evaluate's noise: by place in the samples
-    noise = starting_noise(models, flow_noise.per_sample_draws(
-        models.config, per_sample_keys(NOISE_SEED, indices), grid))
+    noise = fixed_starting_noise(models, jnp.arange(args.samples), grid)  # evaluate's, by place
     text = models.text_encoder(jnp.asarray(held.input_ids), jnp.asarray(held.attention_mask))
 
     def decoded(tokens: jax.Array) -> jax.Array:
