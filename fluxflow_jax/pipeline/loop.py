@@ -8,6 +8,7 @@ stop signal) is a hook (``fluxflow_jax.pipeline.hooks``), called after every bat
 
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from collections.abc import Callable, Sequence
@@ -99,11 +100,12 @@ def _train_batch(run: Run, step: TrainStep, stage: Stage, state: PackedState,
                  ) -> PackedState:
     """Dispatch one batch's updates (each repeat, each image scale); random keys are folded
     from the seed and the global step, so a resumed run draws the same ones."""
-    key = jax.random.fold_in(run.base_key, global_step)
+    keys = iter(call_keys(run.base_key, global_step,
+                          run.config.training.training_steps * len(device_inputs)))
     flops: float | None = 0.0
-    for repeat in range(run.config.training.training_steps):
-        for scale, inputs in enumerate(device_inputs):
-            call_key = jax.random.fold_in(key, repeat * len(device_inputs) + scale)
+    for _ in range(run.config.training.training_steps):
+        for inputs in device_inputs:
+            call_key = next(keys)
             if not step.compiled_for(inputs):
                 _compile(run, step, stage, state, inputs, call_key, speed)
             state, metrics = step(state, inputs, call_key)
@@ -112,6 +114,16 @@ def _train_batch(run: Run, step: TrainStep, stage: Stage, state: PackedState,
             flops = None if cost is None or flops is None else flops + cost
     speed.batch(stage.feed.batch_size * stage.config.gradient_accumulation_steps, flops)
     return state
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def call_keys(base_key: jax.Array, global_step: int | jax.Array, count: int
+              ) -> tuple[jax.Array, ...]:
+    """The keys of a batch's ``count`` step calls: the seed's key folded with the global
+    step, then with each call's index. One dispatch for all of them rather than one per
+    fold: for a small model the host's dispatches are a noticeable share of a step."""
+    key = jax.random.fold_in(base_key, global_step)
+    return tuple(jax.random.fold_in(key, i) for i in range(count))
 
 
 def _compile(run: Run, step: TrainStep, stage: Stage, state: PackedState, inputs: dict,
