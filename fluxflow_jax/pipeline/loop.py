@@ -100,18 +100,15 @@ def _train_batch(run: Run, step: TrainStep, stage: Stage, state: PackedState,
                  ) -> PackedState:
     """Dispatch one batch's updates (each repeat, each image scale); random keys are folded
     from the seed and the global step, so a resumed run draws the same ones."""
-    keys = iter(call_keys(run.base_key, global_step,
-                          run.config.training.training_steps * len(device_inputs)))
+    calls = device_inputs * run.config.training.training_steps  # each repeat, each scale
     flops: float | None = 0.0
-    for _ in range(run.config.training.training_steps):
-        for inputs in device_inputs:
-            call_key = next(keys)
-            if not step.compiled_for(inputs):
-                _compile(run, step, stage, state, inputs, call_key, speed)
-            state, metrics = step(state, inputs, call_key)
-            pending.append(metrics)
-            cost = step.cost(inputs).flops
-            flops = None if cost is None or flops is None else flops + cost
+    for inputs, call_key in zip(calls, call_keys(run.base_key, global_step, len(calls))):
+        if not step.compiled_for(inputs):
+            _compile(run, step, stage, state, inputs, call_key, speed)
+        state, metrics = step(state, inputs, call_key)
+        pending.append(metrics)
+        cost = step.cost(inputs).flops
+        flops = None if cost is None or flops is None else flops + cost
     speed.batch(stage.feed.batch_size * stage.config.gradient_accumulation_steps, flops)
     return state
 
