@@ -1,0 +1,92 @@
+"""tools/flow_conditioning_probe.py: its oracle spells each caption out, its DiT control
+starts as the identity in every block and learns, and both flows run end to end."""
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from fluxflow_jax.data.demo import COLOURS, POSITIONS, SHAPES, DemoSource
+from fluxflow_jax.interop import FluxFlowModels, save_fluxflow
+from tiny import TINY
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import flow_conditioning_probe as probe  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*PyTorch fluxflow cannot rebuild")
+CONFIG = TINY.replace(text_vocab_size=30522, text_embed_dim=probe.ORACLE_WIDTH)
+
+
+def test_oracle_vector_spells_out_the_scene():
+    source = DemoSource(64, 32, seed=42)
+    two_tone = next(s for s in map(source.scene, range(64)) if len(s.background) == 2)
+    vector = probe.oracle_vector(two_tone, 40)
+    colours, positions = list(COLOURS), list(POSITIONS)
+    assert vector.shape == (40,) and not vector[32:].any()
+    assert np.flatnonzero(vector[:12]).tolist() == [colours.index(two_tone.colour)]
+    assert np.flatnonzero(vector[12:21]).tolist() == [positions.index(two_tone.position)]
+    top = np.asarray(COLOURS[two_tone.background[0]]) / 127.5 - 1
+    bottom = np.asarray(COLOURS[two_tone.background[1]]) / 127.5 - 1
+    np.testing.assert_allclose(vector[21:27], np.r_[top, bottom], atol=1e-6)
+    assert np.flatnonzero(vector[27:32]).tolist() == [SHAPES.index(two_tone.shape)]
+
+
+def test_dit_control_starts_as_identity_blocks_that_know_positions():
+    import jax
+    import jax.numpy as jnp
+
+    flow = probe.DiTControl(16, 4, 8, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 16, 4))
+    t = jnp.array([0.2, 0.9])
+    a = flow(x, jnp.zeros((2, 8)), t)
+    b = flow(x, jnp.ones((2, 8)), t[::-1])
+    np.testing.assert_allclose(a, b, atol=1e-6)  # zero gates: neither caption nor time yet
+    shifted = flow(jnp.roll(x, 1, axis=1), jnp.zeros((2, 8)), t)
+    assert float(jnp.abs(shifted - jnp.roll(a, 1, axis=1)).max()) > 1e-3  # position table
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    save_fluxflow(root / "model", FluxFlowModels.create(CONFIG, nnx.Rngs(0)))
+    config = root / "config.yaml"
+    config.write_text("data:\n  use_demo: true\n  demo_samples: 8\n  img_size: 32\n"
+                      "  max_length: 32\n")
+    return root / "model", config
+
+
+def _run(setup, capsys, *args: str) -> tuple[str, str]:
+    checkpoint, config = setup
+    code = probe.main([str(checkpoint), "--config", str(config), "--held-out", "4", *args])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out, out.err
+
+
+def test_dit_with_the_oracle_learns(setup, capsys):
+    out, err = _run(setup, capsys, "--flow", "dit", "--caption", "oracle", "--updates", "300")
+    losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", err)]
+    assert len(losses) == 2 and losses[1] < 0.5 * losses[0]
+    for name in ("background", "shape_colour", "position"):
+        assert re.search(rf"^{name} +\d+\.\d%  \(chance \d+\.\d%\)$", out, re.M)
+
+
+@pytest.mark.parametrize("version, caption", [(None, "text_encoder"), ("0.8.0", "oracle")])
+def test_fluxflow_flows_run(setup, capsys, version, caption):
+    """The checkpoint's own v060 flow, and v080's on its tokens padded to v080's width."""
+    chosen = ["--flow-version", version] if version else []
+    out, _ = _run(setup, capsys, "--flow", "fluxflow", *chosen, "--caption", caption,
+                  "--updates", "2")
+    assert f"flow fluxflow v{version or '0.6.0'}, caption {caption}, 2 updates" in out
+
+
+def test_checkpoint_without_text_encoder_is_refused(setup, tmp_path, capsys):
+    bare = FluxFlowModels.create(CONFIG, nnx.Rngs(0))
+    bare.text_encoder = None
+    save_fluxflow(tmp_path / "bare", bare)
+    assert probe.main([str(tmp_path / "bare"), "--flow", "dit", "--caption", "oracle",
+                       "--config", str(setup[1])]) == 2
+    assert "holds no text encoder" in capsys.readouterr().err

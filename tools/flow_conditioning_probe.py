@@ -1,0 +1,271 @@
+"""What keeps the demo's flow from drawing the caption's shape: the flow, or the caption
+vector it gets? One controlled training loop, with either part swapped.
+
+    python tools/flow_conditioning_probe.py CHECKPOINT --flow {fluxflow,dit}
+        --caption {oracle,text_encoder} [--flow-version V] [--config configs/demo.yaml]
+        [--updates 20480] [--text-lr 2e-4] [--freeze-language-model] [--no-text-dropout]
+        [--held-out 256]
+
+CHECKPOINT holds a trained autoencoder and a text encoder, e.g. what ``fluxflow-jax export
+OUT RUN --step vae`` writes after the demo's autoencoder step (its text encoder is still
+as initialised, as at the start of the demo's flow step). The compressor encodes the
+config's demo images once (mean latents); a freshly initialised flow then trains on them
+for ``--updates`` batches of 4: the checkpoint's kind of flow noise (``model.flow_noise``;
+encoded noise images for the demo), uniform timesteps, v-prediction, MSE, AdamW at 2e-3,
+one caption in ten dropped (zero vector) as for guidance. Then it generates from the
+held-out captions (DPM-Solver++, 20 steps, no guidance), the expander decodes, and the
+demo scorer reads background, shape colour and position, as ``evaluate`` does.
+
+- ``--flow fluxflow``: the checkpoint's own flow architecture (PyTorch fluxflow's
+  ``FluxFlowProcessor`` for v060), freshly initialised; ``--flow-version 0.8.0`` builds
+  that version's flow instead (v080's FiLM-modulated pillars), its wider tokens the
+  checkpoint's padded with zeros: a diagnostic, as PyTorch pairs each flow with its own
+  version's autoencoder.
+- ``--flow dit``: a control that is not a fluxflow architecture: two pre-norm transformer
+  blocks of width 64 with a learned absolute position table and adaLN-Zero conditioning
+  (DiT's): every block scales and shifts its normalised tokens by the caption and time.
+- ``--caption oracle``: a fixed vector that spells the caption out (one-hot shape colour,
+  one-hot position, the two background halves' RGB, one-hot shape), zero-padded to the
+  text embedding's width; nothing about it has to be learnt.
+- ``--caption text_encoder``: the checkpoint's text encoder, trained along with the flow
+  (AdamW at ``--text-lr``, betas (0.9, 0.99), weight decay 0.01, dropout on), as the
+  pipeline's flow step trains it; ``--freeze-language-model`` trains its head only.
+
+docs/learning.md (section 2.4) records the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+BATCH, FLOW_LR, SOLVER_STEPS, KEEP_CAPTION = 4, 2e-3, 20, 0.9
+ORACLE_WIDTH = 32  # 12 shape colours, 9 positions, 2 x 3 background RGB, 5 shapes
+
+
+def oracle_vector(scene, width: int) -> np.ndarray:
+    """The caption's attributes spelt out as a fixed vector of ``width`` (>= 32)."""
+    from fluxflow_jax.data.demo import COLOURS, POSITIONS, SHAPES
+
+    colours = list(COLOURS)
+    rgb = lambda name: np.asarray(COLOURS[name], np.float32) / 127.5 - 1  # noqa: E731
+    parts = [np.eye(len(colours))[colours.index(scene.colour)],
+             np.eye(len(POSITIONS))[list(POSITIONS).index(scene.position)],
+             rgb(scene.background[0]), rgb(scene.background[-1]),
+             np.eye(len(SHAPES))[SHAPES.index(scene.shape)]]
+    vector = np.concatenate(parts).astype(np.float32)
+    return np.pad(vector, (0, width - len(vector)))
+
+
+def timestep_features(t: jax.Array, width: int) -> jax.Array:
+    """Sinusoidal features [B, width] of float times t in [0, 1]."""
+    half = width // 2
+    frequencies = jnp.exp(-jnp.log(10000.0) * jnp.arange(half) / half)
+    angles = t[:, None] * 1000.0 * frequencies[None]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+class AdaLNBlock(nnx.Module):
+    """A pre-norm transformer block whose norms the conditioning scales, shifts and gates
+    (adaLN-Zero: the gates start at zero, so the block starts as the identity)."""
+
+    def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs):
+        self.modulation = nnx.Linear(width, 6 * width, kernel_init=nnx.initializers.zeros,
+                                     rngs=rngs)
+        self.norm1 = nnx.LayerNorm(width, use_scale=False, use_bias=False, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(width, use_scale=False, use_bias=False, rngs=rngs)
+        self.attention = nnx.MultiHeadAttention(heads, width, decode=False, rngs=rngs)
+        self.hidden = nnx.Linear(width, 4 * width, rngs=rngs)
+        self.out = nnx.Linear(4 * width, width, rngs=rngs)
+
+    def __call__(self, x: jax.Array, condition: jax.Array) -> jax.Array:
+        modulation = self.modulation(jax.nn.silu(condition))[:, None]
+        scale1, shift1, gate1, scale2, shift2, gate2 = jnp.split(modulation, 6, axis=-1)
+        x = x + gate1 * self.attention(self.norm1(x) * (1 + scale1) + shift1)
+        h = self.norm2(x) * (1 + scale2) + shift2
+        return x + gate2 * self.out(jax.nn.gelu(self.hidden(h)))
+
+
+class DiTControl(nnx.Module):
+    """The control flow: v-prediction [B, T, D] for noisy tokens, caption vector, time."""
+
+    def __init__(self, tokens: int, latent_width: int, caption_width: int, *,
+                 width: int = 64, blocks: int = 2, heads: int = 4, rngs: nnx.Rngs):
+        self.width = width
+        self.embed = nnx.Linear(latent_width, width, rngs=rngs)
+        self.positions = nnx.Param(0.02 * jax.random.normal(rngs.params(), (tokens, width)))
+        self.caption = nnx.Linear(caption_width, width, rngs=rngs)
+        self.time = nnx.Linear(width, width, rngs=rngs)
+        self.blocks = nnx.List([AdaLNBlock(width, heads, rngs=rngs) for _ in range(blocks)])
+        self.unembed = nnx.Linear(width, latent_width, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, caption: jax.Array, t: jax.Array) -> jax.Array:
+        x = self.embed(tokens) + self.positions[...][None]
+        condition = self.caption(caption) + self.time(
+            jax.nn.silu(timestep_features(t, self.width)))
+        for block in self.blocks:
+            x = block(x, condition)
+        return self.unembed(x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--flow", choices=("fluxflow", "dit"), required=True)
+    parser.add_argument("--caption", choices=("oracle", "text_encoder"), required=True)
+    parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"),
+                        help="the config whose demo data to train on and hold out")
+    parser.add_argument("--flow-version", default=None,
+                        help="with --flow fluxflow: this model_version's flow architecture")
+    parser.add_argument("--updates", type=int, default=20480)
+    parser.add_argument("--held-out", type=int, default=256)
+    parser.add_argument("--text-lr", type=float, default=2e-4)
+    parser.add_argument("--freeze-language-model", action="store_true")
+    parser.add_argument("--no-text-dropout", action="store_true")
+    args = parser.parse_args(argv)
+
+    from PIL import Image
+
+    from fluxflow_jax.data.demo import DemoSource, render
+    from fluxflow_jax.data.images import to_array
+    from fluxflow_jax.evaluation import demo_scorer
+    from fluxflow_jax.interop.checkpoint import load_fluxflow
+    from fluxflow_jax.models import flow_noise
+    from fluxflow_jax.models.bundle import flow_processor
+    from fluxflow_jax.pipeline.config import load_config
+    from fluxflow_jax.pipeline.setup import load_tokenizer
+    from fluxflow_jax.sampling import dpm_solver, to_uint8
+    from fluxflow_jax.training import diffusion
+
+    data = load_config(args.config).data
+    models = load_fluxflow(args.checkpoint)
+    compressor, expander, encoder = models.compressor, models.expander, models.text_encoder
+    if encoder is None:
+        print(f"{args.checkpoint} holds no text encoder", file=sys.stderr)
+        return 2
+    trained, held = data.demo_samples, args.held_out
+    source = DemoSource(trained + held, data.img_size, seed=data.seed)
+    scenes = [source.scene(i) for i in range(trained + held)]
+    images = np.stack([to_array(Image.fromarray(render(scene))) for scene in scenes])
+    ids, mask = (jnp.asarray(a) for a in load_tokenizer(data).encode(
+        tuple(scene.caption for scene in scenes), data.max_length))
+    mask = mask.astype(bool)
+    caption_width = models.config.text_embed_dim
+    oracle = jnp.asarray(np.stack([oracle_vector(s, max(ORACLE_WIDTH, caption_width))
+                                   for s in scenes]))
+
+    grid = compressor.latent_shape(data.img_size, data.img_size)
+    encode = jax.jit(lambda x: compressor.encode(
+        x, noise=jnp.zeros((x.shape[0], *grid, compressor.config.latent_width))).packed)
+    packed = jnp.concatenate([encode(jnp.asarray(images[i:i + 256]))
+                              for i in range(0, len(images), 256)])
+    latents, hw_token = packed[:, :-1], packed[:1, -1:]
+    tokens, latent_width = latents.shape[1:]
+
+    if args.flow == "dit":
+        flow = DiTControl(tokens, latent_width, oracle.shape[1] if args.caption == "oracle"
+                          else caption_width, rngs=nnx.Rngs(0))
+        predict = lambda f, x, c, t: f(x, c, t)  # noqa: E731
+    else:
+        if args.caption == "oracle" and oracle.shape[1] != caption_width:
+            print(f"the oracle needs text_embed_dim >= {ORACLE_WIDTH}", file=sys.stderr)
+            return 2
+        flow_config = models.config.replace(
+            model_version=args.flow_version or models.config.model_version)
+        flow = flow_processor(flow_config, rngs=nnx.Rngs(0))
+        padding = [(0, 0), (0, 0), (0, flow_config.latent_width - latent_width)]
+
+        def predict(f, x, c, t):
+            hw = jnp.broadcast_to(hw_token, (x.shape[0], 1, latent_width))
+            packed = jnp.pad(jnp.concatenate([x, hw], axis=1), padding)
+            return f(packed, c, t, hw=grid)[:, :-1, :latent_width]
+
+    def noise_tokens(key, rows):
+        return flow_noise.tokens(flow_noise.draw(models.config, key, rows, grid), compressor)
+
+    flow_optimizer = nnx.Optimizer(flow, optax.adamw(FLOW_LR, weight_decay=0.0), wrt=nnx.Param)
+    train_text = args.caption == "text_encoder"
+    if args.no_text_dropout:
+        encoder.eval()
+    else:
+        encoder.train()
+    text_optimizer = nnx.Optimizer(encoder, optax.adamw(
+        args.text_lr, b2=0.99, weight_decay=0.0 if args.freeze_language_model else 0.01),
+        wrt=nnx.Param)
+
+    def caption_vectors(enc, rows, rngs):
+        if not train_text:
+            return oracle[rows]
+        if args.freeze_language_model:
+            features = jax.lax.stop_gradient(enc.features(ids[rows], mask[rows], rngs=rngs))
+            return enc.project(features)
+        return enc(ids[rows], mask[rows], rngs=rngs)
+
+    @nnx.jit
+    def update(flow, flow_optimizer, enc, text_optimizer, key):
+        k_rows, k_time, k_noise, k_keep, k_dropout = jax.random.split(key, 5)
+        rows = jax.random.randint(k_rows, (BATCH,), 0, trained)
+        t = jax.random.randint(k_time, (BATCH,), 0, diffusion.NUM_TIMESTEPS)
+        noise = noise_tokens(k_noise, BATCH)
+        x0 = latents[rows]
+        noisy = diffusion.add_noise(x0, noise, t, diffusion.NUM_TIMESTEPS)
+        target = diffusion.v_target(x0, noise, t, diffusion.NUM_TIMESTEPS)
+        keep = jax.random.bernoulli(k_keep, KEEP_CAPTION, (BATCH, 1))
+
+        def loss(flow, enc):
+            rngs = None if args.no_text_dropout else nnx.Rngs(dropout=k_dropout)
+            captions = jnp.where(keep, caption_vectors(enc, rows, rngs), 0.0)
+            v = predict(flow, noisy, captions, diffusion.model_time(t))
+            return jnp.mean((v - target) ** 2)
+
+        value, (flow_grads, text_grads) = nnx.value_and_grad(loss, argnums=(0, 1))(flow, enc)
+        flow_optimizer.update(flow, flow_grads)
+        if train_text:
+            text_optimizer.update(enc, text_grads)
+        return value
+
+    start, key = time.perf_counter(), jax.random.key(1)
+    for i in range(args.updates):
+        loss = update(flow, flow_optimizer, encoder, text_optimizer, jax.random.fold_in(key, i))
+        if i % 2048 == 0 or i == args.updates - 1:
+            print(f"update {i + 1}: loss {float(loss):.4f}", file=sys.stderr)
+    train_seconds = time.perf_counter() - start
+
+    encoder.eval()
+
+    @nnx.jit
+    def generate(flow, enc, rows, noise):
+        captions = caption_vectors(enc, rows, None)
+
+        def velocity(x, t):
+            return predict(flow, x, captions, jnp.broadcast_to(diffusion.model_time(t),
+                                                                (x.shape[0],)))
+
+        x0 = dpm_solver.sample(velocity, noise, SOLVER_STEPS)
+        hw = jnp.broadcast_to(hw_token, (x0.shape[0], 1, latent_width))
+        return jnp.clip(expander(jnp.concatenate([x0, hw], axis=1), hw=grid), -1, 1)
+
+    noise = jax.jit(noise_tokens, static_argnums=1)(jax.random.key(2026), held)
+    generated = np.concatenate([
+        to_uint8(generate(flow, encoder, jnp.arange(trained + i, trained + min(i + 64, held)),
+                          noise[i:i + 64])) for i in range(0, held, 64)])
+    accuracy = demo_scorer.accuracy(list(generated), scenes[trained:])
+    chance = demo_scorer.chance(scenes[trained:])
+    name = args.flow if args.flow == "dit" else f"fluxflow v{flow_config.model_version}"
+    print(f"flow {name}, caption {args.caption}, {args.updates} updates "
+          f"({train_seconds:.0f} s), {held} held-out captions")
+    for name in demo_scorer.ATTRIBUTES:
+        print(f"{name:<14} {accuracy[name]:6.1%}  (chance {chance[name]:.1%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
