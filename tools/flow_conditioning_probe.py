@@ -259,11 +259,11 @@ def main(argv: list[str] | None = None) -> int:
                           noise[i:i + 64])) for i in range(0, held, 64)])
     accuracy = demo_scorer.accuracy(list(generated), scenes[trained:])
     chance = demo_scorer.chance(scenes[trained:])
-    name = args.flow if args.flow == "dit" else f"fluxflow v{flow_config.model_version}"
-    print(f"flow {name}, caption {args.caption}, {args.updates} updates "
+    flow_name = args.flow if args.flow == "dit" else f"fluxflow v{flow_config.model_version}"
+    print(f"flow {flow_name}, caption {args.caption}, {args.updates} updates "
           f"({train_seconds:.0f} s), {held} held-out captions")
-    for name in demo_scorer.ATTRIBUTES:
-        print(f"{name:<14} {accuracy[name]:6.1%}  (chance {chance[name]:.1%})")
+    for attribute in demo_scorer.ATTRIBUTES:
+        print(f"{attribute:<14} {accuracy[attribute]:6.1%}  (chance {chance[attribute]:.1%})")
     return 0
 
 
