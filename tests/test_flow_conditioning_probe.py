@@ -1,5 +1,6 @@
 """tools/flow_conditioning_probe.py: its oracle spells each caption out, its DiT control
-starts as the identity in every block and learns, and both flows run end to end."""
+starts as the identity in every block and learns, a text encoder pretrained on its own
+learns its objective, and every flow and caption runs end to end."""
 
 import re
 import sys
@@ -32,6 +33,39 @@ def test_oracle_vector_spells_out_the_scene():
     bottom = np.asarray(COLOURS[two_tone.background[1]]) / 127.5 - 1
     np.testing.assert_allclose(vector[21:27], np.r_[top, bottom], atol=1e-6)
     assert np.flatnonzero(vector[27:32]).tolist() == [SHAPES.index(two_tone.shape)]
+
+
+def test_ngram_targets_mark_words_and_neighbouring_pairs_not_padding():
+    import jax.numpy as jnp
+
+    ids = jnp.array([[101, 2417, 4418, 102, 0, 0], [101, 4418, 2417, 102, 0, 0]])
+    mask = ids != 0
+    targets = np.asarray(probe.ngram_targets(ids, mask, buckets=4096))
+    assert targets.shape == (2, 4096) and set(np.unique(targets)) == {0.0, 1.0}
+    assert targets.sum(axis=1).tolist() == [7, 7]  # 4 words, 3 pairs; no padding
+    words = {101 % 4096, 2417, 4418 % 4096, 102}
+    assert words <= set(np.flatnonzero(targets[0])) and words <= set(np.flatnonzero(targets[1]))
+    assert (targets[0] != targets[1]).any()  # the same words in another order: other pairs
+
+
+def test_normalisations_and_rotation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 6)) @ rng.normal(size=(6, 6)) * [10, 1, 0.1, 1, 1, 3] + 5
+    mean, matrix = probe.normalisation(x, "none")
+    np.testing.assert_array_equal((x - mean) @ matrix, x)
+    mean, matrix = probe.normalisation(x, "scale")
+    scaled = (x - mean) @ matrix
+    np.testing.assert_allclose(scaled.mean(axis=0), 0, atol=1e-6)
+    np.testing.assert_allclose(np.trace(np.cov(scaled, rowvar=False)), 6, rtol=1e-4)
+    np.testing.assert_allclose(np.corrcoef(scaled, rowvar=False), np.corrcoef(x, rowvar=False),
+                               atol=1e-6)  # the same shape, one scale
+    mean, matrix = probe.normalisation(x, "whiten")
+    white = (x - mean) @ matrix
+    np.testing.assert_allclose(white.mean(axis=0), 0, atol=1e-4)
+    np.testing.assert_allclose(np.cov(white, rowvar=False), np.eye(6), atol=1e-2)
+    q = probe.rotation(6)
+    np.testing.assert_allclose(q @ q.T, np.eye(6), atol=1e-5)
+    assert np.abs(q).max() < 0.99  # spread: no component left on its own axis
 
 
 def test_dit_control_starts_as_identity_blocks_that_know_positions():
@@ -71,7 +105,8 @@ def test_dit_with_the_oracle_learns(setup, capsys):
     losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", err)]
     assert len(losses) == 2 and losses[1] < 0.5 * losses[0]
     for name in ("background", "shape_colour", "position"):
-        assert re.search(rf"^{name} +\d+\.\d%  \(chance \d+\.\d%\)$", out, re.M)
+        assert re.search(rf"^{name} +\d+\.\d% / +\d+\.\d%  \(chance \d+\.\d%\)$", out,
+                         re.M)
 
 
 @pytest.mark.parametrize("version, caption", [(None, "text_encoder"), ("0.8.0", "oracle")])
@@ -81,6 +116,19 @@ def test_fluxflow_flows_run(setup, capsys, version, caption):
     out, _ = _run(setup, capsys, "--flow", "fluxflow", *chosen, "--caption", caption,
                   "--updates", "2")
     assert f"flow fluxflow v{version or '0.6.0'}, caption {caption}, 2 updates" in out
+
+
+@pytest.mark.parametrize("objective", probe.PRETRAIN_OBJECTIVES)
+def test_pretrained_text_encoder_learns_its_objective_then_conditions_the_flow(
+        setup, capsys, objective):
+    out, err = _run(setup, capsys, "--flow", "dit", "--caption", "pretrained_text_encoder",
+                    "--pretrain-objective", objective, "--pretrain-updates", "200",
+                    "--text-lr", "2e-3", "--no-text-dropout", "--normalise", "whiten", "--updates", "2")
+    losses = [float(v) for v in re.findall(r"pretraining \d+: loss (\d+\.\d+)", err)]
+    assert len(losses) == 2 and losses[1] < 0.7 * losses[0]
+    assert "caption pretrained_text_encoder, 2 updates" in out
+    assert re.search(r"^linear probe of the caption vectors: background \d+\.\d%, colour",
+                     out, re.M)
 
 
 def test_checkpoint_without_text_encoder_is_refused(setup, tmp_path, capsys):

@@ -2,19 +2,26 @@
 vector it gets? One controlled training loop, with either part swapped.
 
     python tools/flow_conditioning_probe.py CHECKPOINT --flow {fluxflow,dit}
-        --caption {oracle,text_encoder} [--flow-version V] [--config configs/demo.yaml]
-        [--updates 20480] [--text-lr 2e-4] [--freeze-language-model] [--no-text-dropout]
+        --caption {oracle,text_encoder,pretrained_text_encoder} [--flow-version V]
+        [--config configs/demo.yaml] [--trained N] [--updates 20480] [--text-lr 2e-4]
+        [--freeze-language-model] [--no-text-dropout] [--rotate-oracle]
+        [--pretrain-objective {ngrams,latents,oracle}] [--pretrain-updates 8192]
+        [--normalise {none,scale,whiten}]
         [--held-out 256]
 
 CHECKPOINT holds a trained autoencoder and a text encoder, e.g. what ``fluxflow-jax export
 OUT RUN --step vae`` writes after the demo's autoencoder step (its text encoder is still
 as initialised, as at the start of the demo's flow step). The compressor encodes the
-config's demo images once (mean latents); a freshly initialised flow then trains on them
-for ``--updates`` batches of 4: the checkpoint's kind of flow noise (``model.flow_noise``;
-encoded noise images for the demo), uniform timesteps, v-prediction, MSE, AdamW at 2e-3,
-one caption in ten dropped (zero vector) as for guidance. Then it generates from the
-held-out captions (DPM-Solver++, 20 steps, no guidance), the expander decodes, and the
-demo scorer reads background, shape colour and position, as ``evaluate`` does.
+config's demo images (``--trained``, by default its ``demo_samples``) once (mean latents);
+a freshly initialised flow then trains on them for ``--updates`` batches of 4: the
+checkpoint's kind of flow noise (``model.flow_noise``; encoded noise images for the demo),
+uniform timesteps, v-prediction, MSE, AdamW at 2e-3, one caption in ten dropped (zero
+vector) as for guidance. Then it generates from the held-out captions (DPM-Solver++, 20
+steps, no guidance), the expander decodes, and the demo scorer reads background, shape
+colour and position, as ``evaluate`` does; the same for as many trained captions, to
+tell a flow that memorised its captions from one that learnt nothing. Last, a linear probe
+of the caption vectors the flow got (``tools/text_embedding_probe.py``'s ridge regression,
+fitted on the trained captions, scored on the held-out ones) says what they hold.
 
 - ``--flow fluxflow``: the checkpoint's own flow architecture (PyTorch fluxflow's
   ``FluxFlowProcessor`` for v060), freshly initialised; ``--flow-version 0.8.0`` builds
@@ -26,12 +33,22 @@ demo scorer reads background, shape colour and position, as ``evaluate`` does.
   (DiT's): every block scales and shifts its normalised tokens by the caption and time.
 - ``--caption oracle``: a fixed vector that spells the caption out (one-hot shape colour,
   one-hot position, the two background halves' RGB, one-hot shape), zero-padded to the
-  text embedding's width; nothing about it has to be learnt.
+  text embedding's width; nothing about it has to be learnt. ``--rotate-oracle`` turns
+  it by a fixed random rotation: the same content, spread over every component.
 - ``--caption text_encoder``: the checkpoint's text encoder, trained along with the flow
   (AdamW at ``--text-lr``, betas (0.9, 0.99), weight decay 0.01, dropout on), as the
   pipeline's flow step trains it; ``--freeze-language-model`` trains its head only.
+- ``--caption pretrained_text_encoder``: the text encoder is first trained alone for
+  ``--pretrain-updates`` batches of 4 (same optimizer), through a linear read-out that
+  is discarded afterwards, then frozen while the flow trains. Its objective
+  (``--pretrain-objective``): ``ngrams``, to name the caption's words and word pairs
+  (hashed into ``NGRAM_BUCKETS``, sigmoid cross-entropy); ``latents``, to predict the
+  image's latent tokens (MSE); or, as a check of what the encoder can carry, ``oracle``,
+  to predict the oracle vector (MSE). ``--normalise`` centres the frozen embeddings over
+  the trained captions and either scales them to an average variance of 1 (``scale``)
+  or whitens them (``whiten``: identity covariance) before the flow gets them.
 
-docs/learning.md (section 2.4) records the numbers.
+docs/learning.md (sections 2.4 and 2.5) records the numbers.
 """
 
 from __future__ import annotations
@@ -49,6 +66,10 @@ from flax import nnx
 
 BATCH, FLOW_LR, SOLVER_STEPS, KEEP_CAPTION = 4, 2e-3, 20, 0.9
 ORACLE_WIDTH = 32  # 12 shape colours, 9 positions, 2 x 3 background RGB, 5 shapes
+NGRAM_BUCKETS = 1024
+CAPTIONS = ("oracle", "text_encoder", "pretrained_text_encoder")
+PRETRAIN_OBJECTIVES = ("ngrams", "latents", "oracle")
+NORMALISATIONS = ("none", "scale", "whiten")
 
 
 def oracle_vector(scene, width: int) -> np.ndarray:
@@ -63,6 +84,87 @@ def oracle_vector(scene, width: int) -> np.ndarray:
              np.eye(len(SHAPES))[SHAPES.index(scene.shape)]]
     vector = np.concatenate(parts).astype(np.float32)
     return np.pad(vector, (0, width - len(vector)))
+
+
+def rotation(width: int, seed: int = 0) -> np.ndarray:
+    """A fixed random orthogonal matrix [width, width]."""
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(width, width)))
+    return (q * np.sign(np.diag(r))).astype(np.float32)
+
+
+def normalisation(embeddings: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, matrix) for ``(x - mean) @ matrix`` over ``embeddings`` [N, D]: ``none``
+    leaves them as they are; ``scale`` centres them and scales them to an average variance
+    of 1, keeping their directions' proportions; ``whiten`` centres them and gives them
+    identity covariance (variances floored at 1e-4 of the largest)."""
+    width = embeddings.shape[1]
+    if kind == "none":
+        return np.zeros(width, np.float32), np.eye(width, dtype=np.float32)
+    mean = embeddings.mean(axis=0)
+    covariance = np.cov(embeddings - mean, rowvar=False)
+    if kind == "scale":
+        return mean, np.eye(width, dtype=np.float32) / np.sqrt(np.trace(covariance) / width)
+    variances, directions = np.linalg.eigh(covariance)
+    floor = 1e-4 * variances.max()
+    return mean, (directions / np.sqrt(np.maximum(variances, floor))).astype(np.float32)
+
+
+def ngram_targets(ids: jax.Array, mask: jax.Array, buckets: int = NGRAM_BUCKETS) -> jax.Array:
+    """Which words and neighbouring word pairs each caption holds, hashed into ``buckets``:
+    [B, buckets] of 0/1 from token ids and their mask [B, L]."""
+    ids = ids.astype(jnp.uint32)
+    pairs = (ids[:, :-1] * jnp.uint32(65599) + ids[:, 1:]) % buckets
+    hashed = jnp.concatenate([jnp.where(mask, ids % buckets, buckets),
+                              jnp.where(mask[:, :-1] & mask[:, 1:], pairs, buckets)], axis=1)
+    rows = jnp.arange(ids.shape[0])[:, None]
+    return jnp.zeros((ids.shape[0], buckets + 1)).at[rows, hashed].set(1.0)[:, :buckets]
+
+
+def text_adamw(lr: float, weight_decay: float = 0.01) -> optax.GradientTransformation:
+    """The optimizer the pipeline's flow step gives the text encoder by default."""
+    return optax.adamw(lr, b2=0.99, weight_decay=weight_decay)
+
+
+def pretrain_text_encoder(encoder: nnx.Module, ids: jax.Array, mask: jax.Array,
+                          targets: jax.Array | None, trained: int, updates: int, lr: float,
+                          dropout: bool) -> None:
+    """Train ``encoder`` alone on the first ``trained`` captions, through a linear read-out
+    that is then dropped, to predict ``targets`` (one row per caption; MSE), or with None,
+    the caption's n-grams (``ngram_targets``). The encoder is left in eval mode."""
+    outputs = NGRAM_BUCKETS if targets is None else targets[0].size
+    readout = nnx.Linear(encoder.config.text_embed_dim, outputs, rngs=nnx.Rngs(5))
+    text_optimizer = nnx.Optimizer(encoder, text_adamw(lr), wrt=nnx.Param)
+    readout_optimizer = nnx.Optimizer(readout, optax.adamw(FLOW_LR, weight_decay=0.0),
+                                      wrt=nnx.Param)
+    if dropout:
+        encoder.train()
+
+    @nnx.jit
+    def update(encoder, text_optimizer, readout, readout_optimizer, key):
+        k_rows, k_dropout = jax.random.split(key)
+        rows = jax.random.randint(k_rows, (BATCH,), 0, trained)
+
+        def loss(encoder, readout):
+            rngs = nnx.Rngs(dropout=k_dropout) if dropout else None
+            guess = readout(encoder(ids[rows], mask[rows], rngs=rngs))
+            if targets is None:
+                words = ngram_targets(ids[rows], mask[rows])
+                return optax.sigmoid_binary_cross_entropy(guess, words).sum(-1).mean()
+            return jnp.mean((guess - targets[rows].reshape(BATCH, -1)) ** 2)
+
+        value, (text_grads, readout_grads) = nnx.value_and_grad(loss, argnums=(0, 1))(
+            encoder, readout)
+        text_optimizer.update(encoder, text_grads)
+        readout_optimizer.update(readout, readout_grads)
+        return value
+
+    key = jax.random.key(7)
+    for i in range(updates):
+        value = update(encoder, text_optimizer, readout, readout_optimizer,
+                       jax.random.fold_in(key, i))
+        if i % 2048 == 0 or i == updates - 1:
+            print(f"pretraining {i + 1}: loss {float(value):.4f}", file=sys.stderr)
+    encoder.eval()
 
 
 def timestep_features(t: jax.Array, width: int) -> jax.Array:
@@ -120,16 +222,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--flow", choices=("fluxflow", "dit"), required=True)
-    parser.add_argument("--caption", choices=("oracle", "text_encoder"), required=True)
+    parser.add_argument("--caption", choices=CAPTIONS, required=True)
     parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"),
                         help="the config whose demo data to train on and hold out")
     parser.add_argument("--flow-version", default=None,
                         help="with --flow fluxflow: this model_version's flow architecture")
+    parser.add_argument("--trained", type=int, default=None,
+                        help="demo images to train on (default: the config's demo_samples)")
     parser.add_argument("--updates", type=int, default=20480)
     parser.add_argument("--held-out", type=int, default=256)
     parser.add_argument("--text-lr", type=float, default=2e-4)
     parser.add_argument("--freeze-language-model", action="store_true")
     parser.add_argument("--no-text-dropout", action="store_true")
+    parser.add_argument("--rotate-oracle", action="store_true")
+    parser.add_argument("--pretrain-objective", choices=PRETRAIN_OBJECTIVES, default="ngrams")
+    parser.add_argument("--pretrain-updates", type=int, default=8192)
+    parser.add_argument("--normalise", choices=NORMALISATIONS, default="none")
     args = parser.parse_args(argv)
 
     from PIL import Image
@@ -144,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     from fluxflow_jax.pipeline.setup import load_tokenizer
     from fluxflow_jax.sampling import dpm_solver, to_uint8
     from fluxflow_jax.training import diffusion
+    from text_embedding_probe import ATTRIBUTES, probe_accuracy
 
     data = load_config(args.config).data
     models = load_fluxflow(args.checkpoint)
@@ -151,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     if encoder is None:
         print(f"{args.checkpoint} holds no text encoder", file=sys.stderr)
         return 2
-    trained, held = data.demo_samples, args.held_out
+    trained, held = args.trained or data.demo_samples, args.held_out
     source = DemoSource(trained + held, data.img_size, seed=data.seed)
     scenes = [source.scene(i) for i in range(trained + held)]
     images = np.stack([to_array(Image.fromarray(render(scene))) for scene in scenes])
@@ -159,8 +268,6 @@ def main(argv: list[str] | None = None) -> int:
         tuple(scene.caption for scene in scenes), data.max_length))
     mask = mask.astype(bool)
     caption_width = models.config.text_embed_dim
-    oracle = jnp.asarray(np.stack([oracle_vector(s, max(ORACLE_WIDTH, caption_width))
-                                   for s in scenes]))
 
     grid = compressor.latent_shape(data.img_size, data.img_size)
     encode = jax.jit(lambda x: compressor.encode(
@@ -170,12 +277,28 @@ def main(argv: list[str] | None = None) -> int:
     latents, hw_token = packed[:, :-1], packed[:1, -1:]
     tokens, latent_width = latents.shape[1:]
 
+    oracle = jnp.asarray(np.stack([oracle_vector(s, max(ORACLE_WIDTH, caption_width))
+                                   for s in scenes]))
+    # The captions as fixed vectors, one row per scene; None: the text encoder trains along.
+    table = None
+    if args.caption == "oracle":
+        table = oracle @ rotation(oracle.shape[1]) if args.rotate_oracle else oracle
+    elif args.caption == "pretrained_text_encoder":
+        targets = {"ngrams": None, "latents": latents, "oracle": oracle}[args.pretrain_objective]
+        pretrain_text_encoder(encoder, ids, mask, targets, trained, args.pretrain_updates,
+                              args.text_lr, not args.no_text_dropout)
+        table = np.concatenate([encoder(ids[i:i + 256], mask[i:i + 256])
+                                for i in range(0, len(scenes), 256)])
+        mean, matrix = normalisation(table[:trained], args.normalise)
+        table = (table - mean) @ matrix
+    table = None if table is None else jnp.asarray(table, jnp.float32)
+
     if args.flow == "dit":
-        flow = DiTControl(tokens, latent_width, oracle.shape[1] if args.caption == "oracle"
-                          else caption_width, rngs=nnx.Rngs(0))
+        flow = DiTControl(tokens, latent_width, caption_width if table is None
+                          else table.shape[1], rngs=nnx.Rngs(0))
         predict = lambda f, x, c, t: f(x, c, t)  # noqa: E731
     else:
-        if args.caption == "oracle" and oracle.shape[1] != caption_width:
+        if table is not None and table.shape[1] != caption_width:
             print(f"the oracle needs text_embed_dim >= {ORACLE_WIDTH}", file=sys.stderr)
             return 2
         flow_config = models.config.replace(
@@ -193,17 +316,16 @@ def main(argv: list[str] | None = None) -> int:
 
     flow_optimizer = nnx.Optimizer(flow, optax.adamw(FLOW_LR, weight_decay=0.0), wrt=nnx.Param)
     train_text = args.caption == "text_encoder"
-    if args.no_text_dropout:
-        encoder.eval()
-    else:
+    if train_text and not args.no_text_dropout:
         encoder.train()
-    text_optimizer = nnx.Optimizer(encoder, optax.adamw(
-        args.text_lr, b2=0.99, weight_decay=0.0 if args.freeze_language_model else 0.01),
-        wrt=nnx.Param)
+    else:
+        encoder.eval()
+    text_optimizer = nnx.Optimizer(encoder, text_adamw(
+        args.text_lr, 0.0 if args.freeze_language_model else 0.01), wrt=nnx.Param)
 
     def caption_vectors(enc, rows, rngs):
-        if not train_text:
-            return oracle[rows]
+        if table is not None:
+            return table[rows]
         if args.freeze_language_model:
             features = jax.lax.stop_gradient(enc.features(ids[rows], mask[rows], rngs=rngs))
             return enc.project(features)
@@ -254,16 +376,31 @@ def main(argv: list[str] | None = None) -> int:
         return jnp.clip(expander(jnp.concatenate([x0, hw], axis=1), hw=grid), -1, 1)
 
     noise = jax.jit(noise_tokens, static_argnums=1)(jax.random.key(2026), held)
-    generated = np.concatenate([
-        to_uint8(generate(flow, encoder, jnp.arange(trained + i, trained + min(i + 64, held)),
-                          noise[i:i + 64])) for i in range(0, held, 64)])
-    accuracy = demo_scorer.accuracy(list(generated), scenes[trained:])
+
+    def accuracy(first: int, count: int) -> dict[str, float]:
+        """The demo scorer's accuracy on generations from captions first..first+count-1."""
+        generated = np.concatenate([
+            to_uint8(generate(flow, encoder, jnp.arange(first + i, first + min(i + 64, count)),
+                              noise[i:i + 64])) for i in range(0, count, 64)])
+        return demo_scorer.accuracy(list(generated), scenes[first:first + count])
+
+    held_out, memorised = accuracy(trained, held), accuracy(0, min(held, trained))
+    vectors = np.concatenate([caption_vectors(encoder, jnp.arange(i, min(i + 256, len(scenes))),
+                                              None) for i in range(0, len(scenes), 256)])
+    readable = {}  # how well a linear map reads each attribute off the caption vectors
+    for attribute in ATTRIBUTES:
+        labels = [str(getattr(scene, attribute)) for scene in scenes]
+        readable[attribute] = probe_accuracy(vectors[:trained], labels[:trained],
+                                             vectors[trained:], labels[trained:])
     chance = demo_scorer.chance(scenes[trained:])
     flow_name = args.flow if args.flow == "dit" else f"fluxflow v{flow_config.model_version}"
     print(f"flow {flow_name}, caption {args.caption}, {args.updates} updates "
-          f"({train_seconds:.0f} s), {held} held-out captions")
+          f"({train_seconds:.0f} s), {held} held-out captions (trained captions after /)")
     for attribute in demo_scorer.ATTRIBUTES:
-        print(f"{attribute:<14} {accuracy[attribute]:6.1%}  (chance {chance[attribute]:.1%})")
+        print(f"{attribute:<14} {held_out[attribute]:6.1%} / {memorised[attribute]:6.1%}  "
+              f"(chance {chance[attribute]:.1%})")
+    print("linear probe of the caption vectors: " + ", ".join(
+        f"{attribute} {value:.1%}" for attribute, value in readable.items()))
     return 0
 
 
