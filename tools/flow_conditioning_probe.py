@@ -385,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         return demo_scorer.accuracy(list(generated), scenes[first:first + count])
 
     held_out, memorised = accuracy(trained, held), accuracy(0, min(held, trained))
-    vectors = np.concatenate([caption_vectors(encoder, jnp.arange(i, min(i + 256, len(scenes))),
-                                              None) for i in range(0, len(scenes), 256)])
+    vectors = table if table is not None else np.concatenate([
+        encoder(ids[i:i + 256], mask[i:i + 256]) for i in range(0, len(scenes), 256)])
     readable = {}  # how well a linear map reads each attribute off the caption vectors
     for attribute in ATTRIBUTES:
         labels = [str(getattr(scene, attribute)) for scene in scenes]
