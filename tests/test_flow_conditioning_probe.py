@@ -48,6 +48,18 @@ def test_ngram_targets_mark_words_and_neighbouring_pairs_not_padding():
     assert (targets[0] != targets[1]).any()  # the same words in another order: other pairs
 
 
+def test_contrastive_loss_asks_each_caption_to_pick_out_its_own_image():
+    import jax.numpy as jnp
+
+    x = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
+    sharp = jnp.log(100.0)
+    assert float(probe.contrastive_loss(x, x, sharp)) < 0.05
+    assert float(probe.contrastive_loss(x, x[::-1], sharp)) > 5
+    alike = np.ones((8, 16), np.float32)  # nothing tells the images apart: chance, log 8
+    np.testing.assert_allclose(probe.contrastive_loss(alike, alike, sharp), np.log(8),
+                               rtol=1e-5)
+
+
 def test_normalisations_and_rotation():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4000, 6)) @ rng.normal(size=(6, 6)) * [10, 1, 0.1, 1, 1, 3] + 5
@@ -109,6 +121,12 @@ def test_dit_with_the_oracle_learns(setup, capsys):
                          re.M)
 
 
+def test_seed_draws_other_weights_and_batches(setup, capsys):
+    first = [_run(setup, capsys, "--flow", "dit", "--caption", "oracle", "--updates", "1",
+                  "--seed", seed)[1] for seed in ("0", "0", "1")]
+    assert first[0] == first[1] != first[2]
+
+
 @pytest.mark.parametrize("version, caption", [(None, "text_encoder"), ("0.8.0", "oracle")])
 def test_fluxflow_flows_run(setup, capsys, version, caption):
     """The checkpoint's own v060 flow, and v080's on its tokens padded to v080's width."""
@@ -123,7 +141,8 @@ def test_pretrained_text_encoder_learns_its_objective_then_conditions_the_flow(
         setup, capsys, objective):
     out, err = _run(setup, capsys, "--flow", "dit", "--caption", "pretrained_text_encoder",
                     "--pretrain-objective", objective, "--pretrain-updates", "200",
-                    "--text-lr", "2e-3", "--no-text-dropout", "--normalise", "whiten", "--updates", "2")
+                    "--text-lr", "2e-3", "--no-text-dropout", "--normalise", "whiten",
+                    "--updates", "2")
     losses = [float(v) for v in re.findall(r"pretraining \d+: loss (\d+\.\d+)", err)]
     assert len(losses) == 2 and losses[1] < 0.7 * losses[0]
     assert "caption pretrained_text_encoder, 2 updates" in out

@@ -5,8 +5,9 @@ vector it gets? One controlled training loop, with either part swapped.
         --caption {oracle,text_encoder,pretrained_text_encoder} [--flow-version V]
         [--config configs/demo.yaml] [--trained N] [--updates 20480] [--text-lr 2e-4]
         [--freeze-language-model] [--no-text-dropout] [--rotate-oracle]
-        [--pretrain-objective {ngrams,latents,oracle}] [--pretrain-updates 8192]
-        [--normalise {none,scale,whiten}]
+        [--pretrain-objective {ngrams,latents,contrastive,oracle}] [--pretrain-updates 8192]
+        [--contrastive-batch 64]
+        [--normalise {none,scale,whiten}] [--seed 0]
         [--held-out 256]
 
 CHECKPOINT holds a trained autoencoder and a text encoder, e.g. what ``fluxflow-jax export
@@ -39,16 +40,22 @@ fitted on the trained captions, scored on the held-out ones) says what they hold
   (AdamW at ``--text-lr``, betas (0.9, 0.99), weight decay 0.01, dropout on), as the
   pipeline's flow step trains it; ``--freeze-language-model`` trains its head only.
 - ``--caption pretrained_text_encoder``: the text encoder is first trained alone for
-  ``--pretrain-updates`` batches of 4 (same optimizer), through a linear read-out that
-  is discarded afterwards, then frozen while the flow trains. Its objective
-  (``--pretrain-objective``): ``ngrams``, to name the caption's words and word pairs
-  (hashed into ``NGRAM_BUCKETS``, sigmoid cross-entropy); ``latents``, to predict the
-  image's latent tokens (MSE); or, as a check of what the encoder can carry, ``oracle``,
-  to predict the oracle vector (MSE). ``--normalise`` centres the frozen embeddings over
-  the trained captions and either scales them to an average variance of 1 (``scale``)
-  or whitens them (``whiten``: identity covariance) before the flow gets them.
+  ``--pretrain-updates`` batches (same optimizer) through a head that is discarded
+  afterwards, then frozen while the flow trains. Its objective (``--pretrain-objective``):
+  - ``ngrams``: a linear read-out names the caption's words and word pairs (hashed into
+    ``NGRAM_BUCKETS``, sigmoid cross-entropy), batches of 4;
+  - ``latents``: a linear read-out predicts the image's latent tokens (MSE), batches of 4;
+  - ``contrastive``: CLIP's objective: in a batch of ``--contrastive-batch`` captions,
+    each must pick out its own image's latent tokens (``LatentTower``,
+    ``contrastive_loss``);
+  - ``oracle``, a check of what the encoder can carry: a linear read-out predicts the
+    oracle vector (MSE), batches of 4.
+- ``--normalise``, for a fixed caption vector (the oracle or a pretrained encoder's):
+  centre the vectors over the trained captions and either scale them to an average
+  variance of 1 (``scale``) or whiten them (``whiten``: identity covariance) before the
+  flow gets them.
 
-docs/learning.md (sections 2.4 and 2.5) records the numbers.
+docs/learning.md (sections 2.4 to 2.6) records the numbers.
 """
 
 from __future__ import annotations
@@ -68,7 +75,8 @@ BATCH, FLOW_LR, SOLVER_STEPS, KEEP_CAPTION = 4, 2e-3, 20, 0.9
 ORACLE_WIDTH = 32  # 12 shape colours, 9 positions, 2 x 3 background RGB, 5 shapes
 NGRAM_BUCKETS = 1024
 CAPTIONS = ("oracle", "text_encoder", "pretrained_text_encoder")
-PRETRAIN_OBJECTIVES = ("ngrams", "latents", "oracle")
+PRETRAIN_OBJECTIVES = ("ngrams", "latents", "contrastive", "oracle")
+CONTRASTIVE_BATCH = 64
 NORMALISATIONS = ("none", "scale", "whiten")
 
 
@@ -125,42 +133,92 @@ def text_adamw(lr: float, weight_decay: float = 0.01) -> optax.GradientTransform
     return optax.adamw(lr, b2=0.99, weight_decay=weight_decay)
 
 
+class LatentTower(nnx.Module):
+    """The image side of the contrastive objective: an image's latent tokens, flattened
+    and standardised, through a two-layer MLP to the text embedding's width, and a learnt
+    logit scale."""
+
+    def __init__(self, inputs: int, width: int, hidden: int = 256, *, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(inputs, hidden, rngs=rngs)
+        self.out = nnx.Linear(hidden, width, rngs=rngs)
+        self.log_scale = nnx.Param(jnp.log(jnp.asarray(1 / 0.07)))
+
+    def __call__(self, latents: jax.Array) -> jax.Array:
+        return self.out(jax.nn.gelu(self.hidden(latents)))
+
+
+def contrastive_loss(text: jax.Array, image: jax.Array, log_scale: jax.Array) -> jax.Array:
+    """CLIP's symmetric cross-entropy: each caption must pick out its own image among the
+    batch's, and each image its caption, by the cosine similarity of their embeddings."""
+    text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+    image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
+    logits = jnp.exp(log_scale) * text @ image.T
+    labels = jnp.arange(len(text))
+    return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                  + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+
+
 def pretrain_text_encoder(encoder: nnx.Module, ids: jax.Array, mask: jax.Array,
-                          targets: jax.Array | None, trained: int, updates: int, lr: float,
-                          dropout: bool) -> None:
-    """Train ``encoder`` alone on the first ``trained`` captions, through a linear read-out
-    that is then dropped, to predict ``targets`` (one row per caption; MSE), or with None,
-    the caption's n-grams (``ngram_targets``). The encoder is left in eval mode."""
-    outputs = NGRAM_BUCKETS if targets is None else targets[0].size
-    readout = nnx.Linear(encoder.config.text_embed_dim, outputs, rngs=nnx.Rngs(5))
+                          objective: str, targets: jax.Array | None, trained: int,
+                          updates: int, lr: float, dropout: bool,
+                          contrastive_batch: int = CONTRASTIVE_BATCH, seed: int = 0) -> None:
+    """Train ``encoder`` alone on the first ``trained`` captions for ``objective`` (one of
+    ``PRETRAIN_OBJECTIVES``) through a head that is then dropped, and leave it in eval mode.
+
+    ``ngrams``: a linear read-out names the caption's n-grams (``ngram_targets``);
+    ``targets`` is unused. ``latents`` and ``oracle``: a linear read-out predicts the
+    caption's row of ``targets`` (MSE). ``contrastive``: a ``LatentTower`` embeds the
+    caption's row of ``targets`` (its image's latent tokens, each feature standardised over
+    the trained images so that none is too faint to tell images apart by), and each of a
+    batch of ``contrastive_batch`` distinct captions must pick out its own image
+    (``contrastive_loss``). ``seed`` draws other initial head weights and batches.
+    """
+    width = encoder.config.text_embed_dim
+    rngs = nnx.Rngs(5 + seed)
+    if objective == "contrastive":
+        batch = min(contrastive_batch, trained)
+        features = targets.reshape(len(targets), -1)
+        mean, std = features[:trained].mean(axis=0), features[:trained].std(axis=0)
+        targets = (features - mean) / (std + 1e-6)
+        head = LatentTower(targets.shape[1], width, rngs=rngs)
+    else:
+        batch = BATCH
+        head = nnx.Linear(width, NGRAM_BUCKETS if objective == "ngrams" else targets[0].size,
+                          rngs=rngs)
     text_optimizer = nnx.Optimizer(encoder, text_adamw(lr), wrt=nnx.Param)
-    readout_optimizer = nnx.Optimizer(readout, optax.adamw(FLOW_LR, weight_decay=0.0),
-                                      wrt=nnx.Param)
+    head_optimizer = nnx.Optimizer(head, optax.adamw(FLOW_LR, weight_decay=0.0), wrt=nnx.Param)
     if dropout:
         encoder.train()
 
+    def head_loss(head, embeddings, rows):
+        if objective == "contrastive":
+            return contrastive_loss(embeddings, head(targets[rows]), head.log_scale[...])
+        guess = head(embeddings)
+        if objective == "ngrams":
+            words = ngram_targets(ids[rows], mask[rows])
+            return optax.sigmoid_binary_cross_entropy(guess, words).sum(-1).mean()
+        return jnp.mean((guess - targets[rows].reshape(batch, -1)) ** 2)
+
     @nnx.jit
-    def update(encoder, text_optimizer, readout, readout_optimizer, key):
+    def update(encoder, text_optimizer, head, head_optimizer, key):
         k_rows, k_dropout = jax.random.split(key)
-        rows = jax.random.randint(k_rows, (BATCH,), 0, trained)
+        # Distinct captions for the contrastive batch: a repeated one has two right images.
+        rows = (jax.random.choice(k_rows, trained, (batch,), replace=False)
+                if objective == "contrastive" else jax.random.randint(k_rows, (batch,), 0, trained))
 
-        def loss(encoder, readout):
+        def loss(encoder, head):
             rngs = nnx.Rngs(dropout=k_dropout) if dropout else None
-            guess = readout(encoder(ids[rows], mask[rows], rngs=rngs))
-            if targets is None:
-                words = ngram_targets(ids[rows], mask[rows])
-                return optax.sigmoid_binary_cross_entropy(guess, words).sum(-1).mean()
-            return jnp.mean((guess - targets[rows].reshape(BATCH, -1)) ** 2)
+            return head_loss(head, encoder(ids[rows], mask[rows], rngs=rngs), rows)
 
-        value, (text_grads, readout_grads) = nnx.value_and_grad(loss, argnums=(0, 1))(
-            encoder, readout)
+        value, (text_grads, head_grads) = nnx.value_and_grad(loss, argnums=(0, 1))(
+            encoder, head)
         text_optimizer.update(encoder, text_grads)
-        readout_optimizer.update(readout, readout_grads)
+        head_optimizer.update(head, head_grads)
         return value
 
-    key = jax.random.key(7)
+    key = jax.random.key(7 + seed)
     for i in range(updates):
-        value = update(encoder, text_optimizer, readout, readout_optimizer,
+        value = update(encoder, text_optimizer, head, head_optimizer,
                        jax.random.fold_in(key, i))
         if i % 2048 == 0 or i == updates - 1:
             print(f"pretraining {i + 1}: loss {float(value):.4f}", file=sys.stderr)
@@ -237,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rotate-oracle", action="store_true")
     parser.add_argument("--pretrain-objective", choices=PRETRAIN_OBJECTIVES, default="ngrams")
     parser.add_argument("--pretrain-updates", type=int, default=8192)
+    parser.add_argument("--contrastive-batch", type=int, default=CONTRASTIVE_BATCH)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="another draw of the initial weights and the batches (the "
+                             "generations' noise stays)")
     parser.add_argument("--normalise", choices=NORMALISATIONS, default="none")
     args = parser.parse_args(argv)
 
@@ -284,18 +346,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.caption == "oracle":
         table = oracle @ rotation(oracle.shape[1]) if args.rotate_oracle else oracle
     elif args.caption == "pretrained_text_encoder":
-        targets = {"ngrams": None, "latents": latents, "oracle": oracle}[args.pretrain_objective]
-        pretrain_text_encoder(encoder, ids, mask, targets, trained, args.pretrain_updates,
-                              args.text_lr, not args.no_text_dropout)
+        targets = {"ngrams": None, "latents": latents, "contrastive": latents,
+                   "oracle": oracle}[args.pretrain_objective]
+        pretrain_text_encoder(encoder, ids, mask, args.pretrain_objective, targets, trained,
+                              args.pretrain_updates, args.text_lr, not args.no_text_dropout,
+                              args.contrastive_batch, args.seed)
         table = np.concatenate([encoder(ids[i:i + 256], mask[i:i + 256])
                                 for i in range(0, len(scenes), 256)])
-        mean, matrix = normalisation(table[:trained], args.normalise)
-        table = (table - mean) @ matrix
-    table = None if table is None else jnp.asarray(table, jnp.float32)
+    if table is not None:
+        mean, matrix = normalisation(np.asarray(table[:trained]), args.normalise)
+        table = jnp.asarray((table - mean) @ matrix, jnp.float32)
 
     if args.flow == "dit":
         flow = DiTControl(tokens, latent_width, caption_width if table is None
-                          else table.shape[1], rngs=nnx.Rngs(0))
+                          else table.shape[1], rngs=nnx.Rngs(args.seed))
         predict = lambda f, x, c, t: f(x, c, t)  # noqa: E731
     else:
         if table is not None and table.shape[1] != caption_width:
@@ -303,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         flow_config = models.config.replace(
             model_version=args.flow_version or models.config.model_version)
-        flow = flow_processor(flow_config, rngs=nnx.Rngs(0))
+        flow = flow_processor(flow_config, rngs=nnx.Rngs(args.seed))
         padding = [(0, 0), (0, 0), (0, flow_config.latent_width - latent_width)]
 
         def predict(f, x, c, t):
@@ -354,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             text_optimizer.update(enc, text_grads)
         return value
 
-    start, key = time.perf_counter(), jax.random.key(1)
+    start, key = time.perf_counter(), jax.random.key(1 + args.seed)
     for i in range(args.updates):
         loss = update(flow, flow_optimizer, encoder, text_optimizer, jax.random.fold_in(key, i))
         if i % 2048 == 0 or i == args.updates - 1:
