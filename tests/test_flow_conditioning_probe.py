@@ -148,6 +148,8 @@ def test_pretrained_text_encoder_learns_its_objective_then_conditions_the_flow(
     assert "caption pretrained_text_encoder, 2 updates" in out
     assert re.search(r"^linear probe of the caption vectors: background \d+\.\d%, colour",
                      out, re.M)
+    assert re.search(r"^their variances along their principal directions, before --normalise: "
+                     r"min \S+, median \S+, max \S+$", out, re.M)
 
 
 def test_checkpoint_without_text_encoder_is_refused(setup, tmp_path, capsys):

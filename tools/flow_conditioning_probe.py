@@ -353,9 +353,10 @@ def main(argv: list[str] | None = None) -> int:
                               args.contrastive_batch, args.seed)
         table = np.concatenate([encoder(ids[i:i + 256], mask[i:i + 256])
                                 for i in range(0, len(scenes), 256)])
+    unnormalised = None if table is None else np.asarray(table)
     if table is not None:
-        mean, matrix = normalisation(np.asarray(table[:trained]), args.normalise)
-        table = jnp.asarray((table - mean) @ matrix, jnp.float32)
+        mean, matrix = normalisation(unnormalised[:trained], args.normalise)
+        table = jnp.asarray((unnormalised - mean) @ matrix, jnp.float32)
 
     if args.flow == "dit":
         flow = DiTControl(tokens, latent_width, caption_width if table is None
@@ -465,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
               f"(chance {chance[attribute]:.1%})")
     print("linear probe of the caption vectors: " + ", ".join(
         f"{attribute} {value:.1%}" for attribute, value in readable.items()))
+    raw = np.asarray(vectors if unnormalised is None else unnormalised)[:trained]
+    spread = np.linalg.eigvalsh(np.cov(raw, rowvar=False))
+    print(f"their variances along their principal directions, before --normalise: min "
+          f"{spread.min():.3g}, median {np.median(spread):.3g}, max {spread.max():.3g}")
     return 0
 
 
