@@ -152,6 +152,17 @@ def test_pretrained_text_encoder_learns_its_objective_then_conditions_the_flow(
                      r"min \S+, median \S+, max \S+$", out, re.M)
 
 
+def test_a_v080_checkpoint_trains_its_own_flow_on_its_wider_tokens(tmp_path, setup, capsys):
+    """v070's and v080's compressors add context channels after sampling the latent."""
+    save_fluxflow(tmp_path / "v080", FluxFlowModels.create(
+        CONFIG.replace(model_version="0.8.0"), nnx.Rngs(0)))
+    code = probe.main([str(tmp_path / "v080"), "--config", str(setup[1]), "--held-out", "4",
+                       "--flow", "fluxflow", "--caption", "oracle", "--updates", "2"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "flow fluxflow v0.8.0, caption oracle, 2 updates" in out.out
+
+
 def test_checkpoint_without_text_encoder_is_refused(setup, tmp_path, capsys):
     bare = FluxFlowModels.create(CONFIG, nnx.Rngs(0))
     bare.text_encoder = None

@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     grid = compressor.latent_shape(data.img_size, data.img_size)
     encode = jax.jit(lambda x: compressor.encode(
-        x, noise=jnp.zeros((x.shape[0], *grid, compressor.config.latent_width))).packed)
+        x, noise=jnp.zeros((x.shape[0], *grid, compressor.config.vae_dim))).packed)
     packed = jnp.concatenate([encode(jnp.asarray(images[i:i + 256]))
                               for i in range(0, len(images), 256)])
     latents, hw_token = packed[:, :-1], packed[:1, -1:]
