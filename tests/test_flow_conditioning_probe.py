@@ -170,3 +170,31 @@ def test_checkpoint_without_text_encoder_is_refused(setup, tmp_path, capsys):
     assert probe.main([str(tmp_path / "bare"), "--flow", "dit", "--caption", "oracle",
                        "--config", str(setup[1])]) == 2
     assert "holds no text encoder" in capsys.readouterr().err
+
+
+def test_zero_film_start_leaves_v080_pillars_unmodulated_by_the_caption():
+    import jax
+    import jax.numpy as jnp
+
+    from fluxflow_jax.models.bundle import flow_processor
+
+    config = CONFIG.replace(model_version="0.8.0")
+    flow = flow_processor(config, rngs=nnx.Rngs(0))
+    assert probe.zero_film(flow) == 4 * config.flow_transformer_layers
+    gate = jax.random.uniform(jax.random.key(0), (2, 5, config.flow_dim))
+    film = flow.transformer_blocks[0].films[0]
+    conditioning = jax.random.normal(jax.random.key(1), (2, config.flow_dim))
+    np.testing.assert_array_equal(film(gate, conditioning), gate)
+    assert probe.zero_film(flow_processor(CONFIG, rngs=nnx.Rngs(0))) == 0  # v060: no FiLM
+
+
+def test_zero_film_start_trains_v080_and_is_refused_without_film(setup, capsys):
+    out, _ = _run(setup, capsys, "--flow", "fluxflow", "--flow-version", "0.8.0",
+                  "--caption", "oracle", "--film-start", "zero", "--flow-lr", "1e-3",
+                  "--updates", "2")
+    assert "flow fluxflow v0.8.0, caption oracle, 2 updates" in out
+    checkpoint, config = setup
+    assert probe.main([str(checkpoint), "--config", str(config), "--flow", "fluxflow",
+                       "--caption", "oracle", "--film-start", "zero"]) == 2
+    assert "--film-start zero needs a flow with FiLM-modulated pillars" in \
+        capsys.readouterr().err

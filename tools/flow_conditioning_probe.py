@@ -7,7 +7,8 @@ vector it gets? One controlled training loop, with either part swapped.
         [--freeze-language-model] [--no-text-dropout] [--rotate-oracle]
         [--pretrain-objective {ngrams,latents,contrastive,oracle}] [--pretrain-updates 8192]
         [--contrastive-batch 64]
-        [--normalise {none,scale,whiten}] [--seed 0]
+        [--normalise {none,scale,whiten}] [--seed 0] [--flow-lr 2e-3]
+        [--film-start {random,zero}]
         [--held-out 256]
 
 CHECKPOINT holds a trained autoencoder and a text encoder, e.g. what ``fluxflow-jax export
@@ -16,7 +17,7 @@ as initialised, as at the start of the demo's flow step). The compressor encodes
 config's demo images (``--trained``, by default its ``demo_samples``) once (mean latents);
 a freshly initialised flow then trains on them for ``--updates`` batches of 4: the
 checkpoint's kind of flow noise (``model.flow_noise``; encoded noise images for the demo),
-uniform timesteps, v-prediction, MSE, AdamW at 2e-3, one caption in ten dropped (zero
+uniform timesteps, v-prediction, MSE, AdamW at ``--flow-lr`` (2e-3), one caption in ten dropped (zero
 vector) as for guidance. Then it generates from the held-out captions (DPM-Solver++, 20
 steps, no guidance), the expander decodes, and the demo scorer reads background, shape
 colour and position, as ``evaluate`` does; the same for as many trained captions, to
@@ -28,7 +29,9 @@ fitted on the trained captions, scored on the held-out ones) says what they hold
   ``FluxFlowProcessor`` for v060), freshly initialised; ``--flow-version 0.8.0`` builds
   that version's flow instead (v080's FiLM-modulated pillars), its wider tokens the
   checkpoint's padded with zeros: a diagnostic, as PyTorch pairs each flow with its own
-  version's autoencoder.
+  version's autoencoder. ``--film-start zero`` starts its FiLM projections at zero, so each
+  pillar starts unmodulated and learns how the caption scales and shifts it (as DiT's
+  adaLN-Zero does); ``random`` keeps PyTorch's initialisation.
 - ``--flow dit``: a control that is not a fluxflow architecture: two pre-norm transformer
   blocks of width 64 with a learned absolute position table and adaLN-Zero conditioning
   (DiT's): every block scales and shifts its normalised tokens by the caption and time.
@@ -78,6 +81,7 @@ CAPTIONS = ("oracle", "text_encoder", "pretrained_text_encoder")
 PRETRAIN_OBJECTIVES = ("ngrams", "latents", "contrastive", "oracle")
 CONTRASTIVE_BATCH = 64
 NORMALISATIONS = ("none", "scale", "whiten")
+FILM_STARTS = ("random", "zero")
 
 
 def oracle_vector(scene, width: int) -> np.ndarray:
@@ -225,6 +229,16 @@ def pretrain_text_encoder(encoder: nnx.Module, ids: jax.Array, mask: jax.Array,
     encoder.eval()
 
 
+def zero_film(flow: nnx.Module) -> int:
+    """Start every FiLM projection of a v080 flow at zero, so its pillars start
+    unmodulated; returns how many there are (none before v080)."""
+    films = [film for block in flow.transformer_blocks for film in getattr(block, "films", ())]
+    for film in films:
+        film.proj.kernel[...] = jnp.zeros_like(film.proj.kernel[...])
+        film.proj.bias[...] = jnp.zeros_like(film.proj.bias[...])
+    return len(films)
+
+
 def timestep_features(t: jax.Array, width: int) -> jax.Array:
     """Sinusoidal features [B, width] of float times t in [0, 1]."""
     half = width // 2
@@ -300,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="another draw of the initial weights and the batches (the "
                              "generations' noise stays)")
     parser.add_argument("--normalise", choices=NORMALISATIONS, default="none")
+    parser.add_argument("--flow-lr", type=float, default=FLOW_LR)
+    parser.add_argument("--film-start", choices=FILM_STARTS, default="random")
     args = parser.parse_args(argv)
 
     from PIL import Image
@@ -369,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         flow_config = models.config.replace(
             model_version=args.flow_version or models.config.model_version)
         flow = flow_processor(flow_config, rngs=nnx.Rngs(args.seed))
+        if args.film_start == "zero" and not zero_film(flow):
+            print("--film-start zero needs a flow with FiLM-modulated pillars: "
+                  "--flow-version 0.8.0", file=sys.stderr)
+            return 2
         padding = [(0, 0), (0, 0), (0, flow_config.latent_width - latent_width)]
 
         def predict(f, x, c, t):
@@ -379,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     def noise_tokens(key, rows):
         return flow_noise.tokens(flow_noise.draw(models.config, key, rows, grid), compressor)
 
-    flow_optimizer = nnx.Optimizer(flow, optax.adamw(FLOW_LR, weight_decay=0.0), wrt=nnx.Param)
+    flow_optimizer = nnx.Optimizer(flow, optax.adamw(args.flow_lr, weight_decay=0.0),
+                                   wrt=nnx.Param)
     train_text = args.caption == "text_encoder"
     if train_text and not args.no_text_dropout:
         encoder.train()
