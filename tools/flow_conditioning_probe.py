@@ -8,22 +8,24 @@ vector it gets? One controlled training loop, with either part swapped.
         [--pretrain-objective {ngrams,latents,contrastive,oracle}] [--pretrain-updates 8192]
         [--contrastive-batch 64]
         [--normalise {none,scale,whiten}] [--seed 0] [--flow-lr 2e-3]
-        [--film-start {random,zero}]
+        [--film-start {random,zero}] [--score-at N [N ...]]
         [--held-out 256]
 
 CHECKPOINT holds a trained autoencoder and a text encoder, e.g. what ``fluxflow-jax export
-OUT RUN --step vae`` writes after the demo's autoencoder step (its text encoder is still
+RUN OUT --step vae`` writes after the demo's autoencoder step (its text encoder is still
 as initialised, as at the start of the demo's flow step). The compressor encodes the
 config's demo images (``--trained``, by default its ``demo_samples``) once (mean latents);
 a freshly initialised flow then trains on them for ``--updates`` batches of 4: the
 checkpoint's kind of flow noise (``model.flow_noise``; encoded noise images for the demo),
-uniform timesteps, v-prediction, MSE, AdamW at ``--flow-lr`` (2e-3), one caption in ten dropped (zero
-vector) as for guidance. Then it generates from the held-out captions (DPM-Solver++, 20
-steps, no guidance), the expander decodes, and the demo scorer reads background, shape
-colour and position, as ``evaluate`` does; the same for as many trained captions, to
-tell a flow that memorised its captions from one that learnt nothing. Last, a linear probe
-of the caption vectors the flow got (``tools/text_embedding_probe.py``'s ridge regression,
-fitted on the trained captions, scored on the held-out ones) says what they hold.
+uniform timesteps, v-prediction, MSE, AdamW at ``--flow-lr`` (2e-3), one caption in ten
+dropped (zero vector) as for guidance. Then it generates from the held-out captions
+(DPM-Solver++, 20 steps, no guidance), the expander decodes, and the demo scorer reads
+background, shape colour and position, as ``evaluate`` does; the same for as many trained
+captions, to tell a flow that memorised its captions from one that learnt nothing
+(``--score-at``: also after those updates, to follow when shapes appear). Last, a linear
+probe of the caption vectors the flow got (``tools/text_embedding_probe.py``'s ridge
+regression, fitted on the trained captions, scored on the held-out ones) says what they
+hold.
 
 - ``--flow fluxflow``: the checkpoint's own flow architecture (PyTorch fluxflow's
   ``FluxFlowProcessor`` for v060), freshly initialised; ``--flow-version 0.8.0`` builds
@@ -316,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--normalise", choices=NORMALISATIONS, default="none")
     parser.add_argument("--flow-lr", type=float, default=FLOW_LR)
     parser.add_argument("--film-start", choices=FILM_STARTS, default="random")
+    parser.add_argument("--score-at", type=int, nargs="*", default=[],
+                        help="also score the generations after these updates")
     args = parser.parse_args(argv)
 
     from PIL import Image
@@ -440,15 +444,6 @@ def main(argv: list[str] | None = None) -> int:
             text_optimizer.update(enc, text_grads)
         return value
 
-    start, key = time.perf_counter(), jax.random.key(1 + args.seed)
-    for i in range(args.updates):
-        loss = update(flow, flow_optimizer, encoder, text_optimizer, jax.random.fold_in(key, i))
-        if i % 2048 == 0 or i == args.updates - 1:
-            print(f"update {i + 1}: loss {float(loss):.4f}", file=sys.stderr)
-    train_seconds = time.perf_counter() - start
-
-    encoder.eval()
-
     @nnx.jit
     def generate(flow, enc, rows, noise):
         captions = caption_vectors(enc, rows, None)
@@ -470,7 +465,28 @@ def main(argv: list[str] | None = None) -> int:
                               noise[i:i + 64])) for i in range(0, count, 64)])
         return demo_scorer.accuracy(list(generated), scenes[first:first + count])
 
-    held_out, memorised = accuracy(trained, held), accuracy(0, min(held, trained))
+    def score() -> tuple[dict[str, float], dict[str, float]]:
+        """Held-out and trained captions' accuracies, the text encoder in eval mode."""
+        encoder.eval()
+        return accuracy(trained, held), accuracy(0, min(held, trained))
+
+    start, key, scoring_seconds = time.perf_counter(), jax.random.key(1 + args.seed), 0.0
+    for i in range(args.updates):
+        loss = update(flow, flow_optimizer, encoder, text_optimizer, jax.random.fold_in(key, i))
+        if i % 2048 == 0 or i == args.updates - 1:
+            print(f"update {i + 1}: loss {float(loss):.4f}", file=sys.stderr)
+        if i + 1 in args.score_at and i + 1 < args.updates:
+            scoring_start = time.perf_counter()
+            held_out, memorised = score()
+            print(f"after {i + 1} updates: " + ", ".join(
+                f"{a} {held_out[a]:.1%} / {memorised[a]:.1%}" for a in demo_scorer.ATTRIBUTES),
+                flush=True)
+            if train_text and not args.no_text_dropout:
+                encoder.train()
+            scoring_seconds += time.perf_counter() - scoring_start
+    train_seconds = time.perf_counter() - start - scoring_seconds
+
+    held_out, memorised = score()
     vectors = table if table is not None else np.concatenate([
         encoder(ids[i:i + 256], mask[i:i + 256]) for i in range(0, len(scenes), 256)])
     readable = {}  # how well a linear map reads each attribute off the caption vectors
