@@ -118,8 +118,9 @@ def test_dit_with_the_oracle_learns(setup, capsys):
     losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", err)]
     assert len(losses) == 2 and losses[1] < 0.5 * losses[0]
     # scored midway too; the last update's score is the final report
-    assert re.findall(r"^after (\d+) updates: background \d+\.\d% / \d+\.\d%, shape_colour "
-                      r"\d+\.\d% / \d+\.\d%, position \d+\.\d% / \d+\.\d%$", out, re.M) == ["150"]
+    scored = r"\d+\.\d% / \d+\.\d%"
+    assert re.findall(rf"^after (\d+) updates: background {scored}, shape_colour {scored}, "
+                      rf"position {scored}$", out, re.M) == ["150"]
     for name in ("background", "shape_colour", "position"):
         assert re.search(rf"^{name} +\d+\.\d% / +\d+\.\d%  \(chance \d+\.\d%\)$", out,
                          re.M)
