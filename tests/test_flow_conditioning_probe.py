@@ -71,6 +71,11 @@ def test_normalisations_and_rotation():
     np.testing.assert_allclose(np.trace(np.cov(scaled, rowvar=False)), 6, rtol=1e-4)
     np.testing.assert_allclose(np.corrcoef(scaled, rowvar=False), np.corrcoef(x, rowvar=False),
                                atol=1e-6)  # the same shape, one scale
+    mean, matrix = probe.normalisation(x, "standardise")
+    standard = (x - mean) @ matrix
+    np.testing.assert_allclose(np.diag(matrix) ** -2, x.var(axis=0, ddof=1), rtol=1e-4)
+    assert np.count_nonzero(matrix - np.diag(np.diag(matrix))) == 0  # one scale per component
+    np.testing.assert_allclose(np.cov(standard, rowvar=False).diagonal(), 1, rtol=1e-4)
     mean, matrix = probe.normalisation(x, "whiten")
     white = (x - mean) @ matrix
     np.testing.assert_allclose(white.mean(axis=0), 0, atol=1e-4)

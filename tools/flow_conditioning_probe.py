@@ -7,7 +7,7 @@ vector it gets? One controlled training loop, with either part swapped.
         [--freeze-language-model] [--no-text-dropout] [--rotate-oracle]
         [--pretrain-objective {ngrams,latents,contrastive,oracle}] [--pretrain-updates 8192]
         [--contrastive-batch 64]
-        [--normalise {none,scale,whiten}] [--seed 0] [--flow-lr 2e-3]
+        [--normalise {none,scale,standardise,whiten}] [--seed 0] [--flow-lr 2e-3]
         [--film-start {random,zero}] [--score-at N [N ...]]
         [--held-out 256]
 
@@ -57,8 +57,8 @@ hold.
     oracle vector (MSE), batches of 4.
 - ``--normalise``, for a fixed caption vector (the oracle or a pretrained encoder's):
   centre the vectors over the trained captions and either scale them to an average
-  variance of 1 (``scale``) or whiten them (``whiten``: identity covariance) before the
-  flow gets them.
+  variance of 1 (``scale``), scale each component to variance 1 (``standardise``) or
+  whiten them (``whiten``: identity covariance) before the flow gets them.
 
 docs/learning.md (sections 2.4 to 2.6) records the numbers.
 """
@@ -82,7 +82,7 @@ NGRAM_BUCKETS = 1024
 CAPTIONS = ("oracle", "text_encoder", "pretrained_text_encoder")
 PRETRAIN_OBJECTIVES = ("ngrams", "latents", "contrastive", "oracle")
 CONTRASTIVE_BATCH = 64
-NORMALISATIONS = ("none", "scale", "whiten")
+NORMALISATIONS = ("none", "scale", "standardise", "whiten")
 FILM_STARTS = ("random", "zero")
 
 
@@ -109,8 +109,10 @@ def rotation(width: int, seed: int = 0) -> np.ndarray:
 def normalisation(embeddings: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """(mean, matrix) for ``(x - mean) @ matrix`` over ``embeddings`` [N, D]: ``none``
     leaves them as they are; ``scale`` centres them and scales them to an average variance
-    of 1, keeping their directions' proportions; ``whiten`` centres them and gives them
-    identity covariance (variances floored at 1e-4 of the largest)."""
+    of 1, keeping their directions' proportions; ``standardise`` centres them and scales
+    each component to variance 1 (a per-channel affine map, which the text encoder's last
+    layer could absorb); ``whiten`` centres them and gives them identity covariance
+    (both floor variances at 1e-4 of the largest)."""
     width = embeddings.shape[1]
     if kind == "none":
         return np.zeros(width, np.float32), np.eye(width, dtype=np.float32)
@@ -118,6 +120,10 @@ def normalisation(embeddings: np.ndarray, kind: str) -> tuple[np.ndarray, np.nda
     covariance = np.cov(embeddings - mean, rowvar=False)
     if kind == "scale":
         return mean, np.eye(width, dtype=np.float32) / np.sqrt(np.trace(covariance) / width)
+    if kind == "standardise":
+        variances = np.diag(covariance)
+        floor = 1e-4 * variances.max()
+        return mean, np.diag(1 / np.sqrt(np.maximum(variances, floor))).astype(np.float32)
     variances, directions = np.linalg.eigh(covariance)
     floor = 1e-4 * variances.max()
     return mean, (directions / np.sqrt(np.maximum(variances, floor))).astype(np.float32)
