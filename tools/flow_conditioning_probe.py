@@ -60,7 +60,7 @@ hold.
   variance of 1 (``scale``), scale each component to variance 1 (``standardise``) or
   whiten them (``whiten``: identity covariance) before the flow gets them.
 
-docs/learning.md (sections 2.4 to 2.6) records the numbers.
+docs/learning.md (sections 2.4 to 2.7) records the numbers.
 """
 
 from __future__ import annotations
