@@ -204,7 +204,8 @@ def test_zero_film_start_trains_v080_and_is_refused_without_film(setup, capsys):
                   "--updates", "2")
     assert "flow fluxflow v0.8.0, caption oracle, 2 updates" in out
     checkpoint, config = setup
-    assert probe.main([str(checkpoint), "--config", str(config), "--flow", "fluxflow",
-                       "--caption", "oracle", "--film-start", "zero"]) == 2
-    assert "--film-start zero needs a flow with FiLM-modulated pillars" in \
-        capsys.readouterr().err
+    for flow in ("fluxflow", "dit"):  # v060's flow and the DiT have no FiLM
+        assert probe.main([str(checkpoint), "--config", str(config), "--flow", flow,
+                           "--caption", "oracle", "--film-start", "zero"]) == 2
+        assert "--film-start zero needs v080's FiLM-modulated pillars" in \
+            capsys.readouterr().err

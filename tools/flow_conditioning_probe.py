@@ -395,16 +395,17 @@ def main(argv: list[str] | None = None) -> int:
         flow_config = models.config.replace(
             model_version=args.flow_version or models.config.model_version)
         flow = flow_processor(flow_config, rngs=nnx.Rngs(args.seed))
-        if args.film_start == "zero" and not zero_film(flow):
-            print("--film-start zero needs a flow with FiLM-modulated pillars: "
-                  "--flow-version 0.8.0", file=sys.stderr)
-            return 2
         padding = [(0, 0), (0, 0), (0, flow_config.latent_width - latent_width)]
 
         def predict(f, x, c, t):
             hw = jnp.broadcast_to(hw_token, (x.shape[0], 1, latent_width))
             packed = jnp.pad(jnp.concatenate([x, hw], axis=1), padding)
             return f(packed, c, t, hw=grid)[:, :-1, :latent_width]
+
+    if args.film_start == "zero" and (args.flow == "dit" or not zero_film(flow)):
+        print("--film-start zero needs v080's FiLM-modulated pillars: --flow fluxflow "
+              "--flow-version 0.8.0", file=sys.stderr)
+        return 2
 
     def noise_tokens(key, rows):
         return flow_noise.tokens(flow_noise.draw(models.config, key, rows, grid), compressor)
