@@ -112,7 +112,7 @@ def normalisation(embeddings: np.ndarray, kind: str) -> tuple[np.ndarray, np.nda
     of 1, keeping their directions' proportions; ``standardise`` centres them and scales
     each component to variance 1 (a per-channel affine map, which the text encoder's last
     layer could absorb); ``whiten`` centres them and gives them identity covariance
-    (both floor variances at 1e-4 of the largest)."""
+    (both floor tiny variances: ``_inverse_std``)."""
     width = embeddings.shape[1]
     if kind == "none":
         return np.zeros(width, np.float32), np.eye(width, dtype=np.float32)
@@ -121,12 +121,14 @@ def normalisation(embeddings: np.ndarray, kind: str) -> tuple[np.ndarray, np.nda
     if kind == "scale":
         return mean, np.eye(width, dtype=np.float32) / np.sqrt(np.trace(covariance) / width)
     if kind == "standardise":
-        variances = np.diag(covariance)
-        floor = 1e-4 * variances.max()
-        return mean, np.diag(1 / np.sqrt(np.maximum(variances, floor))).astype(np.float32)
+        return mean, np.diag(_inverse_std(np.diag(covariance))).astype(np.float32)
     variances, directions = np.linalg.eigh(covariance)
-    floor = 1e-4 * variances.max()
-    return mean, (directions / np.sqrt(np.maximum(variances, floor))).astype(np.float32)
+    return mean, (directions * _inverse_std(variances)).astype(np.float32)
+
+
+def _inverse_std(variances: np.ndarray) -> np.ndarray:
+    """1 / sqrt(variance), the variances floored at 1e-4 of the largest."""
+    return 1 / np.sqrt(np.maximum(variances, 1e-4 * variances.max()))
 
 
 def ngram_targets(ids: jax.Array, mask: jax.Array, buckets: int = NGRAM_BUCKETS) -> jax.Array:
@@ -413,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     flow_optimizer = nnx.Optimizer(flow, optax.adamw(args.flow_lr, weight_decay=0.0),
                                    wrt=nnx.Param)
     train_text = args.caption == "text_encoder"
-    if train_text and not args.no_text_dropout:
+    text_dropout = train_text and not args.no_text_dropout
+    if text_dropout:
         encoder.train()
     else:
         encoder.eval()
@@ -488,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"after {i + 1} updates: " + ", ".join(
                 f"{a} {held_out[a]:.1%} / {memorised[a]:.1%}" for a in demo_scorer.ATTRIBUTES),
                 flush=True)
-            if train_text and not args.no_text_dropout:
+            if text_dropout:
                 encoder.train()
             scoring_seconds += time.perf_counter() - scoring_start
     train_seconds = time.perf_counter() - start - scoring_seconds
